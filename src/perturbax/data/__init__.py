@@ -1,6 +1,8 @@
 """Data layer: AnnData in, arrays out (and back). The only layer that touches AnnData."""
 
 from perturbax.data.core import PerturbationData, check_counts, from_anndata
+from perturbax.data.datasets import find_data_file, load_norman19
+from perturbax.data.io import cells_by_condition, predictions_to_anndata
 from perturbax.data.labels import PerturbationRegistry, format_label, parse_label
 from perturbax.data.simulate import (
     AdditiveShiftTruth,
@@ -10,8 +12,26 @@ from perturbax.data.simulate import (
     simulate_additive_shift,
     simulate_latent_dynamics,
 )
+from perturbax.data.splits import (
+    Split,
+    combo_group,
+    gears_split,
+    holdout_split,
+    norman_doubles_folds,
+    split_from_column,
+)
 
 __all__ = [
+    "Split",
+    "cells_by_condition",
+    "combo_group",
+    "find_data_file",
+    "gears_split",
+    "holdout_split",
+    "load_norman19",
+    "norman_doubles_folds",
+    "predictions_to_anndata",
+    "split_from_column",
     "AdditiveShiftTruth",
     "LatentDynamicsTruth",
     "PerturbationData",

@@ -1,0 +1,250 @@
+"""``perturbax evaluate``: score predicted cells (h5ad) against measured cells (h5ad)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+import numpy as np
+import pandas as pd
+
+__all__ = ["evaluate", "evaluate_files", "markdown_table", "summary_table", "text_table"]
+
+_ID_COLUMNS = ("method", "fold", "group", "condition", "n_pred", "n_true")
+
+
+# ------------------------------------------------------------------------------- formatting
+def _fmt(value, floatfmt: str = ".4g") -> str:
+    if isinstance(value, (float, np.floating)):
+        if math.isnan(value):
+            return "nan"
+        return format(float(value), floatfmt)
+    if value is None:
+        return ""
+    return str(value)
+
+
+def metric_columns(df: pd.DataFrame) -> list[str]:
+    """Numeric metric columns of an evaluation table (not ids or cell counts)."""
+    return [c for c in df.columns if c not in _ID_COLUMNS and pd.api.types.is_numeric_dtype(df[c])]
+
+
+def summary_table(df: pd.DataFrame, by: Sequence[str] = ("method",), stat: str = "mean") -> pd.DataFrame:
+    """One row per group of ``by``: ``n`` (conditions) and the ``stat`` ("mean" or "median") of
+    every metric (NaNs skipped), groups in order of first appearance."""
+    by = [b for b in by if b in df.columns]
+    metrics = metric_columns(df)
+    if not by:
+        agg = getattr(df[metrics], stat)().to_frame().T
+        agg.insert(0, "n", len(df))
+        return agg.reset_index(drop=True)
+    grouped = df.groupby(list(by), sort=False)
+    agg = getattr(grouped[metrics], stat)()
+    agg.insert(0, "n", grouped.size())
+    return agg.reset_index()
+
+
+def with_summary_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The per-condition table followed by ``mean`` and ``median`` rows over all conditions."""
+    metrics = metric_columns(df)
+    rows = []
+    for stat in ("mean", "median"):
+        row = {c: "" for c in df.columns}
+        row["condition"] = stat.upper()
+        for c in metrics:
+            row[c] = getattr(df[c], stat)()
+        rows.append(row)
+    out = df.astype(object).copy()
+    return pd.concat([out, pd.DataFrame(rows, columns=df.columns)], ignore_index=True)
+
+
+def _is_numeric_column(col: pd.Series) -> bool:
+    if pd.api.types.is_numeric_dtype(col):
+        return True
+    vals = [v for v in col if not (isinstance(v, str) and v == "")]
+    return bool(vals) and all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in vals)
+
+
+def text_table(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
+    """A plain-text table with aligned columns."""
+    cols = [str(c) for c in df.columns]
+    body = [[_fmt(v, floatfmt) for v in row] for row in df.itertuples(index=False)]
+    widths = [max([len(c)] + [len(r[i]) for r in body]) for i, c in enumerate(cols)]
+    numeric = [_is_numeric_column(df[c]) for c in df.columns]
+
+    def line(cells):
+        return "  ".join(
+            (s.rjust(w) if num else s.ljust(w)) for s, w, num in zip(cells, widths, numeric)
+        ).rstrip()
+
+    return "\n".join([line(cols), line(["-" * w for w in widths]), *(line(r) for r in body)])
+
+
+def markdown_table(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
+    """A GitHub-flavoured markdown table."""
+    cols = [str(c) for c in df.columns]
+    numeric = [_is_numeric_column(df[c]) for c in df.columns]
+    head = "| " + " | ".join(cols) + " |"
+    sep = "|" + "|".join("---:" if num else "---" for num in numeric) + "|"
+    body = [
+        "| " + " | ".join(_fmt(v, floatfmt).replace("|", "\\|") for v in row) + " |"
+        for row in df.itertuples(index=False)
+    ]
+    return "\n".join([head, sep, *body])
+
+
+# ------------------------------------------------------------------------------------- API
+def evaluate_files(
+    pred_path,
+    truth_path,
+    *,
+    perturbation_key: str,
+    control: str,
+    reference_path=None,
+    n_pcs: int = 50,
+    top_k: int = 20,
+    energy_form: str = "U",
+    layer: str | None = None,
+    pred_layer: str | None = None,
+    pred_perturbation_key: str | None = None,
+    sep: str = "+",
+    method: str | None = None,
+) -> tuple[pd.DataFrame, list[str]]:
+    """Score the conditions of a predictions file against a truth file.
+
+    Every perturbed condition of the predictions must be measured in the truth (labels are
+    compared in canonical form, so ``"B+A"`` matches ``"A+B"``). The control cells come from
+    the truth (or, if it has none, from the reference); the PCA is fit on the reference cells
+    (default: the truth's control and evaluated cells). Genes are matched by name.
+
+    Returns the per-condition table and a list of notes (e.g. truth conditions not predicted).
+    """
+    import anndata as ad
+
+    from perturbax.data.io import cells_by_condition
+    from perturbax.metrics import evaluate_conditions
+
+    notes: list[str] = []
+    truth_ad = ad.read_h5ad(truth_path)
+    pred_ad = ad.read_h5ad(pred_path)
+    genes = [str(g) for g in truth_ad.var_names]
+    truth = cells_by_condition(truth_ad, perturbation_key, control, layer, sep=sep)
+    try:
+        pred = cells_by_condition(
+            pred_ad, pred_perturbation_key or perturbation_key, control, pred_layer, sep=sep, genes=genes
+        )
+    except KeyError as err:
+        raise ValueError(f"Predictions {pred_path}: {err.args[0] if err.args else err}") from None
+
+    reference = None
+    ref_cells: dict[str, np.ndarray] = {}
+    if reference_path is not None:
+        ref_ad = ad.read_h5ad(reference_path)
+        try:
+            ref_cells = cells_by_condition(ref_ad, perturbation_key, control, layer, sep=sep, genes=genes)
+        except KeyError as err:
+            raise ValueError(f"Reference {reference_path}: {err.args[0] if err.args else err}") from None
+        reference = np.concatenate(list(ref_cells.values()), axis=0)
+
+    if control in truth:
+        control_cells = truth[control]
+    elif control in ref_cells:
+        control_cells = ref_cells[control]
+        notes.append(f"TRUTH has no {control!r} cells; using the {control!r} cells of the reference.")
+    else:
+        raise ValueError(
+            f"No control cells ({control!r} in obs[{perturbation_key!r}]) in TRUTH"
+            + (" or the reference" if reference_path is not None else "")
+            + ". Metrics are deltas from control: add control cells to TRUTH or pass --reference "
+            "TRAIN.h5ad with control cells (or fix --control)."
+        )
+
+    pred_conditions = [c for c in pred if c != control]
+    if not pred_conditions:
+        raise ValueError(
+            f"The predictions contain no perturbed condition (only {list(pred)}); check "
+            f"--perturbation-key and --control."
+        )
+    unknown = [c for c in pred_conditions if c not in truth]
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} predicted condition(s) are not measured in TRUTH: {unknown[:10]}. "
+            f"Measured: {[c for c in truth if c != control][:10]}. Remove them from the predictions, "
+            f"or check --sep / the label spelling."
+        )
+    not_predicted = [c for c in truth if c != control and c not in pred]
+    if not_predicted:
+        notes.append(f"{len(not_predicted)} TRUTH condition(s) not predicted, skipped: {not_predicted[:10]}")
+    truth_eval = {c: truth[c] for c in truth if c in pred and c != control}
+    pred_eval = {c: pred[c] for c in truth_eval}
+
+    G = len(genes)
+    if n_pcs > G:
+        notes.append(f"--n-pcs {n_pcs} is more than the {G} genes; using {G}.")
+        n_pcs = G
+    if top_k > G:
+        notes.append(f"--top-k {top_k} is more than the {G} genes; using all {G}.")
+        top_k = G
+    table = evaluate_conditions(
+        pred_eval,
+        truth_eval,
+        control_cells,
+        reference=reference,
+        n_pcs=n_pcs,
+        top_k=top_k,
+        energy_form=energy_form,
+        method=method or Path(pred_path).stem,
+    )
+    return table, notes
+
+
+# ------------------------------------------------------------------------------------- CLI
+@click.command("evaluate")
+@click.argument("pred", type=click.Path(exists=True, dir_okay=False))
+@click.argument("truth", type=click.Path(exists=True, dir_okay=False))
+@click.option("--perturbation-key", "-k", required=True, help="obs column with perturbation labels.")
+@click.option("--control", required=True, help="Label of control (unperturbed) cells.")
+@click.option(
+    "--reference",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Training cells (h5ad): the PCA is fit on them (default: TRUTH's control + evaluated cells); "
+    "their control cells are used if TRUTH has none.",
+)
+@click.option("--n-pcs", default=50, show_default=True, type=click.IntRange(min=1), help="PCs for energy/MMD.")
+@click.option("--top-k", default=20, show_default=True, type=click.IntRange(min=1), help="Top DE genes.")
+@click.option(
+    "--energy-form", default="U", show_default=True, type=click.Choice(["U", "V"]),
+    help="U: unbiased (noise floor ~0); V: biased, always >= 0.",
+)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the per-condition table as CSV.")
+@click.option("--layer", default=None, help="Layer of TRUTH/REFERENCE with expression (default X).")
+@click.option("--pred-layer", default=None, help="Layer of PRED with expression (default X).")
+@click.option("--pred-perturbation-key", default=None, help="obs column of PRED if it differs.")
+@click.option("--sep", default="+", show_default=True, help="Separator of combined perturbations.")
+@click.option("--method", default=None, help="Name in the method column (default: PRED's file stem).")
+def evaluate(pred, truth, perturbation_key, control, reference, n_pcs, top_k, energy_form, out, layer,
+             pred_layer, pred_perturbation_key, sep, method):
+    """Score predicted cells PRED.h5ad against measured cells TRUTH.h5ad, per condition.
+
+    Metrics: energy distance and RBF MMD in a PCA space, mean L2, Pearson delta (all genes and
+    top-k DE genes), R^2 and MSE of the means on the top-k DE genes. Prints the table with
+    mean/median rows; --out writes the per-condition rows as CSV.
+    """
+    try:
+        table, notes = evaluate_files(
+            pred, truth, perturbation_key=perturbation_key, control=control, reference_path=reference,
+            n_pcs=n_pcs, top_k=top_k, energy_form=energy_form, layer=layer, pred_layer=pred_layer,
+            pred_perturbation_key=pred_perturbation_key, sep=sep, method=method,
+        )
+    except (ValueError, KeyError) as err:
+        raise click.ClickException(str(err.args[0]) if err.args else str(err)) from None
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(text_table(with_summary_rows(table)))
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out, index=False)
+        click.echo(f"\nWrote {len(table)} rows to {out}")

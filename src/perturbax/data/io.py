@@ -1,0 +1,163 @@
+"""AnnData of predicted cells, and cells grouped by condition out of an AnnData.
+
+These two functions are how the layers above :mod:`perturbax.data` (baselines, metrics, the CLI,
+inference) hand cells to and take cells from AnnData.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["predictions_to_anndata", "cells_by_condition"]
+
+
+def _as_cells(name: str, x, n_genes: int | None) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim == 1 and n_genes is not None and a.size == n_genes:
+        a = a[None, :]
+    if a.ndim != 2:
+        raise ValueError(f"Predicted cells of {name} must be a 2-D array (cells x genes), got shape {a.shape}.")
+    if not np.issubdtype(a.dtype, np.number):
+        raise TypeError(f"Predicted cells of {name} must be numeric, got dtype {a.dtype}.")
+    return a
+
+
+def predictions_to_anndata(
+    cells: Mapping[str, np.ndarray] | np.ndarray,
+    labels: Sequence[str] | None = None,
+    *,
+    gene_names: Sequence[str],
+    perturbation_key: str = "perturbation",
+    obs: pd.DataFrame | Mapping[str, Sequence] | None = None,
+    uns: Mapping | None = None,
+    varm: Mapping[str, np.ndarray] | None = None,
+):
+    """Build the AnnData of predicted cells.
+
+    Parameters
+    ----------
+    cells
+        ``{label: array (n_cells_label, n_genes)}``, or one array ``(n_cells, n_genes)`` together
+        with ``labels`` (one per row).
+    labels
+        Perturbation label of each row when ``cells`` is an array; must be ``None`` for a mapping.
+    gene_names
+        Names of the columns (become ``var_names``; must be unique).
+    perturbation_key
+        ``obs`` column receiving the labels (categorical, categories in order of first appearance).
+    obs
+        Extra per-cell columns (a DataFrame or mapping of equal-length columns), in row order.
+    uns, varm
+        Copied into ``adata.uns`` / ``adata.varm`` (``varm`` arrays need ``n_genes`` rows).
+
+    Returns
+    -------
+    AnnData with float32 ``X`` and obs names ``pred_0, pred_1, ...``.
+    """
+    import anndata as ad
+
+    gene_names = [str(g) for g in gene_names]
+    G = len(gene_names)
+    if len(set(gene_names)) != G:
+        dup = pd.Index(gene_names)
+        raise ValueError(
+            f"gene_names has duplicates ({dup[dup.duplicated()].unique().tolist()[:5]}); pass unique names."
+        )
+    if isinstance(cells, Mapping):
+        if labels is not None:
+            raise ValueError(
+                "labels must be None when cells is a mapping {label: cells}: the keys are the labels."
+            )
+        if not cells:
+            raise ValueError("cells is an empty mapping; give at least one {label: array}.")
+        blocks, per_cell = [], []
+        for lab, x in cells.items():
+            a = _as_cells(repr(lab), x, G)
+            blocks.append(a)
+            per_cell.extend([str(lab)] * a.shape[0])
+        X = np.concatenate([b.astype(np.float32, copy=False) for b in blocks], axis=0)
+        order = list(dict.fromkeys(str(k) for k in cells))
+    else:
+        X = _as_cells("the array", cells, None).astype(np.float32, copy=False)
+        if labels is None:
+            raise ValueError(
+                "cells is an array, so labels is required: one perturbation label per row "
+                "(or pass a mapping {label: cells})."
+            )
+        per_cell = [str(lab) for lab in labels]
+        if len(per_cell) != X.shape[0]:
+            raise ValueError(f"labels has {len(per_cell)} entries but cells has {X.shape[0]} rows; give one per row.")
+        order = list(dict.fromkeys(per_cell))
+    if X.shape[1] != G:
+        raise ValueError(
+            f"Predicted cells have {X.shape[1]} genes (columns) but gene_names has {G}; they must match."
+        )
+    bad = ~np.isfinite(X)
+    if bad.any():
+        rows = np.unique(np.nonzero(bad)[0])
+        labs = sorted({per_cell[r] for r in rows})
+        raise ValueError(
+            f"Predicted cells contain {int(bad.sum())} NaN/Inf value(s) in {rows.size} cell(s) of "
+            f"condition(s) {labs[:5]}; fix the prediction (e.g. a diverged fit) before saving."
+        )
+    n = X.shape[0]
+    obs_df = pd.DataFrame(index=pd.Index([f"pred_{i}" for i in range(n)]))
+    if obs is not None:
+        extra = obs.reset_index(drop=True) if isinstance(obs, pd.DataFrame) else pd.DataFrame(dict(obs))
+        if len(extra) != n:
+            raise ValueError(f"obs has {len(extra)} rows but there are {n} predicted cells; give one row per cell.")
+        if perturbation_key in extra.columns:
+            raise ValueError(
+                f"obs already has a column {perturbation_key!r}, which would be overwritten by the labels; "
+                f"rename it or pass another perturbation_key."
+            )
+        extra.index = obs_df.index
+        obs_df = pd.concat([obs_df, extra], axis=1)
+    obs_df.insert(0, perturbation_key, pd.Categorical(per_cell, categories=order))
+    var = pd.DataFrame(index=pd.Index(gene_names))
+    adata = ad.AnnData(X=X, obs=obs_df, var=var)
+    if uns:
+        adata.uns.update(dict(uns))
+    if varm:
+        for key, arr in varm.items():
+            arr = np.asarray(arr)
+            if arr.shape[0] != G:
+                raise ValueError(f"varm[{key!r}] has {arr.shape[0]} rows but there are {G} genes.")
+            adata.varm[key] = arr
+    return adata
+
+
+def cells_by_condition(
+    adata,
+    perturbation_key: str,
+    control: str,
+    layer: str | None = None,
+    *,
+    sep: str = "+",
+    genes: Sequence[str] | None = None,
+    require_control: bool = False,
+) -> dict[str, np.ndarray]:
+    """``{canonical label: dense float32 cells}`` of every condition in ``adata``.
+
+    Labels are canonical (``"B+A"`` and ``"A+B"`` both become ``"A+B"``; components in sorted
+    name order), so the keys of two files can be matched directly. ``genes`` selects and orders
+    the columns by name (an error names genes that are missing). Control cells appear under
+    ``control`` if present; pass ``require_control=True`` to insist on them.
+    """
+    from perturbax.data.core import from_anndata
+
+    if genes is not None:
+        genes = [str(g) for g in genes]
+        have = pd.Index(adata.var_names.astype(str))
+        missing = [g for g in genes if g not in have]
+        if missing:
+            raise KeyError(
+                f"{len(missing)} requested gene(s) are not in this AnnData's var_names (e.g. {missing[:5]}). "
+                f"Subset the other file to the shared genes, e.g. `truth[:, pred.var_names]`."
+            )
+        adata = adata[:, have.get_indexer(genes)]
+    data = from_anndata(adata, perturbation_key, control, sep=sep, layer=layer, require_control=require_control)
+    return data.cells_by_condition()

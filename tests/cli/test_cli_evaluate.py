@@ -1,0 +1,147 @@
+"""``perturbax evaluate`` and ``perturbax demo`` through click's CliRunner."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from perturbax.baselines import AdditiveBaseline
+from perturbax.cli import main
+from perturbax.data.io import predictions_to_anndata
+from perturbax.data.simulate import simulate_additive_shift
+from perturbax.data.splits import split_from_column
+from perturbax.metrics import evaluate_conditions
+
+KEY = "perturbation"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    adata, _ = simulate_additive_shift(seed=2, n_cells=30, n_genes=12, decoder_hidden=8)
+    split = split_from_column(adata, KEY, "control")
+    model = AdditiveBaseline(unmeasured="zero").fit(split.train)
+    labels = [lab for lab in split.test_labels if "+" in lab and ":" not in lab][:3]
+    pred = model.predict(labels)
+    test_cells = split.test.cells_by_condition()
+    ctrl = split.train.dense(split.train.cells_of("control"))
+    genes = split.train.gene_names
+    # reversed component order in the predictions file: matched canonically
+    flipped = {"+".join(reversed(lab.split("+"))): x for lab, x in pred.items()}
+    paths = {
+        "pred": tmp / "pred.h5ad",
+        "truth": tmp / "truth.h5ad",
+        "perfect": tmp / "perfect.h5ad",
+        "train": tmp / "train.h5ad",
+        "truth_noctrl": tmp / "truth_noctrl.h5ad",
+    }
+    predictions_to_anndata(flipped, gene_names=genes).write_h5ad(paths["pred"])
+    truth = {"control": ctrl, **{lab: test_cells[lab] for lab in labels}}
+    predictions_to_anndata(truth, gene_names=genes).write_h5ad(paths["truth"])
+    predictions_to_anndata({lab: test_cells[lab] for lab in labels}, gene_names=genes).write_h5ad(
+        paths["truth_noctrl"])
+    # columns in another order in the perfect predictions: genes are matched by name
+    order = np.arange(len(genes))[::-1]
+    predictions_to_anndata({lab: test_cells[lab][:, order] for lab in labels},
+                           gene_names=[genes[i] for i in order]).write_h5ad(paths["perfect"])
+    split.train.to_anndata().write_h5ad(paths["train"])
+    return {"paths": paths, "labels": labels, "pred": pred, "truth": truth, "ctrl": ctrl,
+            "train": split.train.dense()}
+
+
+def _run(args):
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def test_help_lists_commands():
+    res = _run(["--help"])
+    assert res.exit_code == 0
+    assert "evaluate" in res.output and "demo" in res.output
+
+
+def test_evaluate_matches_the_api(files, tmp_path):
+    p = files["paths"]
+    out = tmp_path / "sub" / "table.csv"
+    res = _run(["evaluate", str(p["pred"]), str(p["truth"]), "--perturbation-key", KEY, "--control",
+                "control", "--reference", str(p["train"]), "--n-pcs", "5", "--top-k", "4", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "MEAN" in res.output and "MEDIAN" in res.output
+    table = pd.read_csv(out)
+    assert list(table["condition"]) == files["labels"]
+    assert (table["method"] == "pred").all()
+    truth = {lab: files["truth"][lab] for lab in files["labels"]}
+    expected = evaluate_conditions(files["pred"], truth, files["ctrl"], reference=files["train"],
+                                   n_pcs=5, top_k=4, method="pred")
+    cols = ["energy_pca", "mmd_pca", "mean_l2", "pearson_delta", "pearson_delta_top4", "r2_top4", "mse_top4"]
+    np.testing.assert_allclose(table[cols].to_numpy(), expected[cols].to_numpy(), rtol=1e-5, atol=1e-7)
+    for lab in files["labels"]:
+        assert lab in res.output
+
+
+def test_evaluate_perfect_prediction(files):
+    p = files["paths"]
+    res = _run(["evaluate", str(p["perfect"]), str(p["truth"]), "-k", KEY, "--control", "control",
+                "--energy-form", "V", "--method", "oracle", "--top-k", "5"])
+    assert res.exit_code == 0, res.output
+    lines = [ln.split() for ln in res.output.splitlines() if ln.startswith("oracle")]
+    assert len(lines) == 3
+    header = next(ln for ln in res.stdout.splitlines() if ln.startswith("method")).split()
+    for row in lines:
+        vals = dict(zip(header, row))
+        assert float(vals["energy_pca"]) == pytest.approx(0.0, abs=1e-8)
+        assert float(vals["mean_l2"]) == pytest.approx(0.0, abs=1e-8)
+        assert float(vals["r2_top5"]) == pytest.approx(1.0)
+        assert float(vals["pearson_delta"]) == pytest.approx(1.0)
+
+
+def test_evaluate_control_from_reference(files):
+    p = files["paths"]
+    res = _run(["evaluate", str(p["pred"]), str(p["truth_noctrl"]), "-k", KEY, "--control", "control",
+                "--reference", str(p["train"]), "--n-pcs", "5"])
+    assert res.exit_code == 0, res.output
+    assert "using the 'control' cells of the reference" in res.output
+    res = _run(["evaluate", str(p["pred"]), str(p["truth_noctrl"]), "-k", KEY, "--control", "control"])
+    assert res.exit_code == 1
+    assert "No control cells ('control' in obs['perturbation']) in TRUTH" in res.output
+    assert "--reference" in res.output
+
+
+def test_evaluate_errors_name_the_problem(files):
+    p = files["paths"]
+    res = _run(["evaluate", str(p["truth"]), str(p["pred"]), "-k", KEY, "--control", "control"])
+    # the "truth" here has no control and the predictions name conditions it lacks
+    assert res.exit_code == 1 and "Error:" in res.output
+    res = _run(["evaluate", str(p["pred"]), str(p["train"]), "-k", KEY, "--control", "control"])
+    assert res.exit_code == 1
+    assert "predicted condition(s) are not measured in TRUTH" in res.output
+    assert files["labels"][0] in res.output
+    res = _run(["evaluate", str(p["pred"]), str(p["truth"]), "-k", "perturbaton", "--control", "control"])
+    assert res.exit_code == 1 and "Did you mean 'perturbation'" in res.output
+    res = _run(["evaluate", str(p["pred"]), str(p["truth"]), "-k", KEY])
+    assert res.exit_code == 2 and "--control" in res.output
+
+
+def test_demo_fast(tmp_path):
+    out = tmp_path / "demo"
+    res = _run(["demo", "--out", str(out), "--seed", "0", "--fast"])
+    assert res.exit_code == 0, res.output
+    table = pd.read_csv(out / "evaluation.csv")
+    summary = pd.read_csv(out / "summary.csv")
+    md = (out / "evaluation.md").read_text()
+    assert set(table["method"]) == {"control", "pooled_mean", "additive", "linear", "noise_floor"}
+    assert "| method | group |" in md and "perturbax demo --seed 0 --fast" in md
+    # every method scored on the same held-out conditions; out-of-span ones are skipped and listed
+    per_method = table.groupby("method")["condition"].apply(frozenset)
+    assert per_method.nunique() == 1
+    assert "out-of-span" not in set(table["group"])
+    assert "Skipped" in res.output and "appears in no training condition" in res.output
+    means = table.groupby("method")["energy_pca"].mean()
+    # behaviour on additive-latent-shift data: using the single effects beats ignoring them
+    assert means["additive"] < 0.5 * means["control"]
+    assert means["linear"] < 0.5 * means["control"]
+    assert abs(means["noise_floor"]) < 0.25 * means["control"]
+    assert len(summary) == summary[["method", "group"]].drop_duplicates().shape[0]
+    # same seed, same numbers
+    res2 = _run(["demo", "--out", str(tmp_path / "again"), "--seed", "0", "--fast"])
+    assert res2.exit_code == 0
+    pd.testing.assert_frame_equal(table, pd.read_csv(tmp_path / "again" / "evaluation.csv"))
