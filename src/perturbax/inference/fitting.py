@@ -1,0 +1,353 @@
+"""``fit``: stochastic variational inference for perturbax models (ELBO or energy score).
+
+The loop is functional: a jitted ``lax.scan`` runs ``eval_every`` SVI steps at a time, drawing
+each minibatch inside the scan from device-resident data, then the host checks for NaN/Inf,
+evaluates the held-out loss for early stopping, and updates the progress bar.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from numpyro.infer import SVI, Trace_ELBO
+from numpyro.optim import optax_to_numpyro
+from tqdm.auto import tqdm
+
+from perturbax.data.core import PerturbationData, check_counts
+from perturbax.inference.energy import EnergyOptions, EnergyScore
+from perturbax.inference.guides import make_guide
+from perturbax.inference.result import FitResult
+from perturbax.models.additive_shift import additive_shift_model
+from perturbax.models.batch import Batch
+from perturbax.models.config import AdditiveShiftConfig
+
+__all__ = ["fit", "BUILTIN_MODELS", "DeviceData"]
+
+BUILTIN_MODELS: dict[str, tuple[Callable, type]] = {
+    "additive_shift": (additive_shift_model, AdditiveShiftConfig),
+}
+
+OBJECTIVES = ("elbo", "energy")
+
+
+class DeviceData(NamedTuple):
+    """Training cells on the device (float32) plus the per-condition index table."""
+
+    x: jax.Array  # (N, G)
+    l: jax.Array  # (N, K)
+    c: jax.Array | None  # (N, C)
+    library: jax.Array  # (N,)
+    table: jax.Array  # (E, max_cells) cell indices per condition (padded)
+    counts: jax.Array  # (E,) cells per condition
+
+    def batch(self, idx: jax.Array) -> Batch:
+        return Batch(
+            x=self.x[idx],
+            l=self.l[idx],
+            c=None if self.c is None else self.c[idx],
+            library=self.library[idx],
+        )
+
+
+def _device_data(data: PerturbationData, cells: np.ndarray) -> DeviceData:
+    sub = data.subset(cells)
+    C, _ = sub.covariate_design()
+    env = np.asarray(sub.env)
+    E = sub.n_conditions
+    counts = np.bincount(env, minlength=E)
+    table = np.zeros((E, int(counts.max())), dtype=np.int32)
+    for e in range(E):
+        members = np.flatnonzero(env == e)
+        table[e, : members.size] = members
+    return DeviceData(
+        x=jnp.asarray(sub.dense()),
+        l=jnp.asarray(sub.L, dtype=jnp.float32),
+        c=jnp.asarray(C) if C.shape[1] else None,
+        library=jnp.asarray(sub.library_size),
+        table=jnp.asarray(table),
+        counts=jnp.asarray(counts, dtype=jnp.int32),
+    )
+
+
+def _validation_split(data: PerturbationData, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified split of cell indices; conditions with < 10 cells stay in training."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for e in range(data.n_conditions):
+        members = np.flatnonzero(data.env == e)
+        n_val = int(math.floor(fraction * members.size)) if members.size >= 10 else 0
+        perm = rng.permutation(members)
+        val.append(perm[:n_val])
+        train.append(perm[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def _resolve_model(model, config, data: PerturbationData):
+    n_cov = data.covariate_design()[0].shape[1]
+    if isinstance(model, str):
+        if model not in BUILTIN_MODELS:
+            raise ValueError(f"Unknown model {model!r}; built-in models are {sorted(BUILTIN_MODELS)}, or pass a function.")
+        fn, cfg_cls = BUILTIN_MODELS[model]
+        name = model
+        if config is None:
+            config = cfg_cls(n_genes=data.n_genes, n_perturbations=data.K, n_covariates=n_cov)
+    elif callable(model):
+        fn = model
+        name = next((k for k, (f, _) in BUILTIN_MODELS.items() if f is model), None)
+        if config is None:
+            if name is None:
+                raise ValueError(
+                    "A custom model needs config= (any object with n_genes, n_perturbations, latent_dim; "
+                    "e.g. perturbax.models.AdditiveShiftConfig)."
+                )
+            config = BUILTIN_MODELS[name][1](n_genes=data.n_genes, n_perturbations=data.K, n_covariates=n_cov)
+    else:
+        raise TypeError(f"model must be a built-in name or a NumPyro model function, got {type(model).__name__}.")
+    for attr, want in (("n_genes", data.n_genes), ("n_perturbations", data.K)):
+        got = getattr(config, attr, None)
+        if got != want:
+            raise ValueError(
+                f"config.{attr}={got} but the data has {want}. Build the config from the data you fit "
+                f"(n_genes=data.n_genes, n_perturbations=data.K)."
+            )
+    if getattr(config, "n_covariates", 0) != n_cov:
+        raise ValueError(f"config.n_covariates={getattr(config, 'n_covariates', 0)} but the data has {n_cov} covariate columns.")
+    return name or getattr(fn, "__name__", "custom"), fn, config
+
+
+def fit(
+    model: str | Callable,
+    data: PerturbationData,
+    *,
+    config: Any = None,
+    objective: str = "elbo",
+    steps: int = 2000,
+    batch_size: int = 256,
+    learning_rate: float = 5e-3,
+    seed: int = 0,
+    guide: Callable | None = None,
+    global_guide: str = "lowrank",
+    energy: EnergyOptions | None = None,
+    validation_fraction: float = 0.1,
+    eval_every: int = 100,
+    patience: int | None = 10,
+    progress: bool = True,
+) -> FitResult:
+    """Fit a model to perturbed cells by stochastic variational inference.
+
+    Parameters
+    ----------
+    model
+        ``"additive_shift"`` or a NumPyro model function ``model(batch, *, config, n_cells)``
+        following the site conventions of :mod:`perturbax.models.blocks`.
+    data
+        Training cells (:func:`perturbax.data.from_anndata`).
+    config
+        Model configuration (default: :class:`~perturbax.models.AdditiveShiftConfig` sized to
+        ``data``).
+    objective
+        ``"elbo"`` (amortised encoder q(z_base | x, l) + a posterior over the global sites) or
+        ``"energy"`` (PDAE's energy score with a generalised-Bayes posterior over the globals).
+    steps, batch_size, learning_rate
+        Optimiser steps (Adam with gradient clipping), cells per step, and the initial step size
+        (cosine-decayed to 5% over ``steps``).
+    guide
+        A custom guide with the model's signature (default: :func:`make_guide`).
+    global_guide
+        Posterior family of the global sites, see :func:`~perturbax.inference.guides.make_guide`.
+    energy
+        :class:`EnergyOptions` for ``objective="energy"``.
+    validation_fraction, eval_every, patience
+        Held-out cells per condition; the held-out loss is computed every ``eval_every`` steps and
+        training stops after ``patience`` evaluations without improvement (``None``: never); the
+        best parameters are returned.
+    progress
+        Show a progress bar with the running loss.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r} is not supported; choose one of {OBJECTIVES}.")
+    if not isinstance(data, PerturbationData):
+        raise TypeError("fit expects a PerturbationData; build one with perturbax.data.from_anndata(adata, ...).")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}.")
+    name, model_fn, config = _resolve_model(model, config, data)
+    likelihood = getattr(config, "likelihood", "gaussian")
+    if likelihood == "negative_binomial":
+        check_counts(data.X, "the training expression")
+    if objective == "energy" and likelihood == "negative_binomial":
+        raise ValueError(
+            "objective='energy' needs a likelihood that can be sampled differentiably ('gaussian' or "
+            "'implicit'); fit negative_binomial counts with objective='elbo'."
+        )
+    if objective == "elbo" and likelihood == "implicit":
+        raise ValueError("The implicit likelihood has no density; fit it with objective='energy'.")
+    if data.control_index is None:
+        raise ValueError(f"The training data have no control cells ({data.control!r}); predictions start from them.")
+
+    train_idx, val_idx = _validation_split(data, validation_fraction if patience is not None else 0.0, seed)
+    n_train = train_idx.size
+    if batch_size > n_train:
+        raise ValueError(
+            f"batch_size={batch_size} is larger than the {n_train} training cells; use batch_size <= {n_train}."
+        )
+    train = _device_data(data, train_idx)
+    val = _device_data(data, val_idx) if val_idx.size else None
+    n_cond = int(train.counts.shape[0])
+
+    if objective == "energy":
+        opts = energy or EnergyOptions()
+        m = int(opts.cells_per_condition)
+        n_groups = opts.conditions_per_step or max(1, batch_size // m)
+        n_groups = min(n_groups, n_cond)
+        step_size = n_groups * m
+    else:
+        opts, m, n_groups, step_size = None, None, None, batch_size
+
+    def draw_batch(dev: DeviceData, key) -> Batch:
+        if objective == "elbo":
+            idx = jax.random.randint(key, (batch_size,), 0, dev.x.shape[0])
+            return dev.batch(idx)
+        k1, k2 = jax.random.split(key)
+        E = dev.counts.shape[0]
+        groups = jax.random.permutation(k1, E)[:n_groups] if n_groups < E else jnp.arange(E)
+        pos = jax.random.randint(k2, (groups.shape[0], m), 0, dev.counts[groups][:, None])
+        return dev.batch(dev.table[groups[:, None], pos].reshape(-1))
+
+    model_kwargs = {"config": config, "n_cells": n_train}
+    key = jax.random.PRNGKey(seed)
+    k_init, k_data, k_val = jax.random.split(key, 3)
+    init_batch = draw_batch(train, k_data)
+    if guide is None:
+        guide, global_names = make_guide(
+            model_fn,
+            init_batch,
+            model_kwargs,
+            global_guide=global_guide,
+            amortized="delta" if objective == "energy" else "normal",
+        )
+    else:
+        from perturbax.inference.guides import global_sites
+
+        global_names = global_sites(model_fn, init_batch, model_kwargs)
+
+    if objective == "energy":
+        loss = EnergyScore(
+            n_groups=n_groups, cells_per_group=m, global_names=global_names, n_cells=n_train, options=opts
+        )
+    else:
+        loss = Trace_ELBO()
+    schedule = optax.cosine_decay_schedule(learning_rate, decay_steps=steps, alpha=0.05)
+    optim = optax_to_numpyro(optax.chain(optax.clip_by_global_norm(10.0), optax.adam(schedule)))
+    svi = SVI(model_fn, guide, optim, loss, **model_kwargs)
+    state = jax.jit(svi.init)(k_init, init_batch)
+    per_cell = 1.0 / n_train if objective == "elbo" else 1.0
+
+    @jax.jit
+    def run_chunk(state, keys):
+        def body(st, k):
+            st, value = svi.update(st, draw_batch(train, k))
+            return st, value * per_cell
+
+        return jax.lax.scan(body, state, keys)
+
+    n_val_batches = 4
+    val_keys = jax.random.split(k_val, n_val_batches)
+
+    @jax.jit
+    def val_loss(state):
+        if val is None:
+            return jnp.nan
+        vals = [svi.evaluate(state, draw_batch(val, k)) for k in val_keys]
+        return jnp.mean(jnp.stack(vals)) * per_cell
+
+    history_loss, val_steps, val_losses = [], [], []
+    best = (math.inf, state, 0)
+    bad_evals = 0
+    stop_reason = "steps"
+    step = 0
+    t0 = time.perf_counter()
+    keys_all = jax.random.split(k_data, steps)
+    bar = tqdm(total=steps, disable=not progress, desc=f"fit {name} ({objective})", unit="step", leave=False)
+    try:
+        while step < steps:
+            n = min(eval_every, steps - step)
+            new_state, losses = run_chunk(state, keys_all[step : step + n])
+            losses = np.asarray(losses)
+            if not np.all(np.isfinite(losses)):
+                first = int(np.flatnonzero(~np.isfinite(losses))[0])
+                stop_reason = "nan"
+                warnings.warn(
+                    f"The loss became {losses[first]} at step {step + first + 1}; training stopped and the "
+                    f"parameters of step {step} (the last finite state) are returned. Try a smaller "
+                    f"learning_rate (now {learning_rate}), a larger batch_size, or check the data for "
+                    f"extreme values.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                history_loss.extend(losses[:first].tolist())
+                break
+            state = new_state
+            step += n
+            history_loss.extend(losses.tolist())
+            bar.update(n)
+            if val is not None and patience is not None:
+                v = float(val_loss(state))
+                val_steps.append(step)
+                val_losses.append(v)
+                if v < best[0] - 1e-4 * abs(best[0]):
+                    best, bad_evals = (v, state, step), 0
+                else:
+                    bad_evals += 1
+                bar.set_postfix(loss=f"{np.mean(losses[-max(1, n // 4):]):.4g}", val=f"{v:.4g}")
+                if bad_evals >= patience:
+                    stop_reason = "early_stopping"
+                    break
+            else:
+                bar.set_postfix(loss=f"{np.mean(losses[-max(1, n // 4):]):.4g}")
+    finally:
+        bar.close()
+    fit_seconds = time.perf_counter() - t0
+    if val_losses and best[1] is not None and np.isfinite(best[0]) and stop_reason != "nan":
+        final_state = best[1]
+        best_step = best[2]
+    else:
+        final_state = state
+        best_step = step
+    params = {k: v for k, v in svi.get_params(final_state).items()}
+
+    return FitResult.build(
+        model_name=name,
+        model=model_fn,
+        guide=guide,
+        config=config,
+        params=params,
+        global_names=global_names,
+        data=data,
+        train_cells=train_idx,
+        objective=objective,
+        global_guide=global_guide,
+        history={
+            "loss": np.asarray(history_loss, dtype=np.float64),
+            "val_step": np.asarray(val_steps, dtype=np.int64),
+            "val_loss": np.asarray(val_losses, dtype=np.float64),
+        },
+        info={
+            "seed": seed,
+            "steps_run": step,
+            "best_step": best_step,
+            "stop_reason": stop_reason,
+            "fit_seconds": fit_seconds,
+            "batch_size": batch_size,
+            "cells_per_step": step_size,
+            "learning_rate": learning_rate,
+            "energy_options": None if opts is None else opts._asdict(),
+        },
+    )

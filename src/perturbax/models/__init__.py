@@ -1,0 +1,33 @@
+"""NumPyro models and the blocks they are built from (no AnnData here).
+
+A model is a plain function ``model(batch, *, config, n_cells)``; see :class:`Batch` and the
+site conventions in :mod:`perturbax.models.blocks`.
+"""
+
+from perturbax.models.additive_shift import additive_shift_model
+from perturbax.models.batch import Batch
+from perturbax.models.blocks import (
+    CELL_PLATE,
+    MLP,
+    base_distribution,
+    gaussian_likelihood,
+    implicit_likelihood,
+    negative_binomial_likelihood,
+    network,
+    perturbation_effects,
+)
+from perturbax.models.config import AdditiveShiftConfig
+
+__all__ = [
+    "AdditiveShiftConfig",
+    "Batch",
+    "CELL_PLATE",
+    "MLP",
+    "additive_shift_model",
+    "base_distribution",
+    "gaussian_likelihood",
+    "implicit_likelihood",
+    "negative_binomial_likelihood",
+    "network",
+    "perturbation_effects",
+]

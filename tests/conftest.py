@@ -1,0 +1,21 @@
+"""Test-suite settings: CPU only, and a persistent XLA compilation cache so the many small fits
+of the suite reuse compiled programs instead of compiling each again."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    cache = config.cache.mkdir("jax-compilation-cache") if config.cache is not None else None
+    if cache is not None:
+        jax.config.update("jax_compilation_cache_dir", str(cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(autouse=True)
+def _no_display(monkeypatch):
+    monkeypatch.setenv("MPLBACKEND", "Agg")

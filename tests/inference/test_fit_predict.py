@@ -1,0 +1,183 @@
+"""fit / predict / save / load of the additive-shift model on small simulated data."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from perturbax.baselines import AdditiveBaseline
+from perturbax.data import from_anndata, simulate_additive_shift, split_from_column
+from perturbax.inference import EnergyOptions, FitResult, UnseenPerturbationError, fit, predict, to_arviz
+from perturbax.metrics import energy_distance
+from perturbax.models import AdditiveShiftConfig
+
+STEPS = 400
+
+
+@pytest.fixture(scope="module")
+def sim():
+    adata, truth = simulate_additive_shift(
+        n_perturbations=3, latent_dim=2, n_genes=10, n_cells=80, n_out_of_span=1, seed=0
+    )
+    data = from_anndata(adata, "perturbation", "control")
+    return adata, truth, data, split_from_column(adata, "perturbation", "control")
+
+
+def _config(data, **kw):
+    return AdditiveShiftConfig(
+        n_genes=data.n_genes, n_perturbations=data.K, latent_dim=2, decoder_hidden=(32,), encoder_hidden=(32,), **kw
+    )
+
+
+@pytest.fixture(scope="module")
+def energy_fit(sim):
+    _, _, data, split = sim
+    return fit(
+        "additive_shift", split.train, config=_config(data), objective="energy", steps=STEPS,
+        energy=EnergyOptions(cells_per_condition=32), eval_every=100, progress=False, seed=1,
+    )
+
+
+@pytest.fixture(scope="module")
+def elbo_fit(sim):
+    _, _, data, split = sim
+    return fit("additive_shift", split.train, config=_config(data), objective="elbo", steps=STEPS, batch_size=128,
+               eval_every=100, progress=False, seed=1)
+
+
+@pytest.mark.parametrize("which", ["energy_fit", "elbo_fit"])
+def test_loss_decreases(which, request):
+    res = request.getfixturevalue(which)
+    loss = res.history["loss"]
+    assert loss.size == res.info["steps_run"] and np.all(np.isfinite(loss))
+    assert loss[-50:].mean() < loss[:50].mean() - 0.1 * abs(loss[:50].mean())
+
+
+def test_energy_fit_beats_control_on_held_out_doubles(sim, energy_fit):
+    _, _, data, split = sim
+    labels = [lab for lab in split.test_labels if split.test_groups[lab] != "out-of-span"
+              and all(n in energy_fit.seen_elementary for n in data.registry.components(lab))]
+    pred = predict(energy_fit, labels, num_samples=20, n_cells=150, seed=0)
+    ctrl = split.train.dense(split.train.cells_of("control"))
+    add = AdditiveBaseline().fit(split.train).predict(labels)
+    model_ed, ctrl_ed, add_ed = [], [], []
+    for lab in labels:
+        truth = split.test.dense(split.test.cells_of(lab))
+        cells = pred.X[(pred.obs["perturbation"] == lab).to_numpy()]
+        model_ed.append(energy_distance(cells, truth))
+        ctrl_ed.append(energy_distance(ctrl, truth))
+        add_ed.append(energy_distance(add[lab], truth))
+    # A short fit is already far better than predicting no effect.
+    assert np.median(model_ed) < 0.5 * np.median(ctrl_ed)
+
+
+def test_prediction_layout(sim, elbo_fit):
+    _, _, data, _ = sim
+    labels = ["P0+P1", {"P0": 0.5, "P2": 2.0}, "P1"]
+    pred = predict(elbo_fit, labels, n_cells=30, num_samples=10, seed=0)
+    meta = pred.uns["perturbax"]
+    assert meta["labels"] == ["P0+P1", "P0:0.5+P2:2", "P1"]
+    assert list(pred.var_names) == list(data.gene_names)
+    assert pred.n_obs == 90 and set(pred.obs["draw"]) <= set(range(10))
+    assert pred.obs["perturbation"].value_counts().to_dict() == {lab: 30 for lab in meta["labels"]}
+    lo, mid, hi = (pred.varm[k] for k in ("pred_lower", "pred_mean", "pred_upper"))
+    assert lo.shape == (data.n_genes, 3) and np.all(lo <= mid + 1e-6) and np.all(mid <= hi + 1e-6)
+    assert np.all(hi - lo > 0)  # the posterior over W is not a point mass
+    assert pred.uns["mean_draws"].shape == (3, 10, data.n_genes)
+
+
+def test_predict_is_deterministic_by_seed(elbo_fit):
+    a = predict(elbo_fit, ["P0+P1"], n_cells=20, num_samples=5, seed=3)
+    b = predict(elbo_fit, ["P0+P1"], n_cells=20, num_samples=5, seed=3)
+    c = predict(elbo_fit, ["P0+P1"], n_cells=20, num_samples=5, seed=4)
+    np.testing.assert_array_equal(a.X, b.X)
+    assert not np.allclose(a.X, c.X)
+
+
+def test_fit_is_deterministic_by_seed(sim):
+    _, _, data, split = sim
+    kw = dict(config=_config(data), objective="elbo", steps=20, batch_size=64, progress=False, patience=None, seed=5)
+    a = fit("additive_shift", split.train, **kw)
+    b = fit("additive_shift", split.train, **kw)
+    np.testing.assert_array_equal(a.history["loss"], b.history["loss"])
+
+
+def test_unseen_and_unknown_perturbations(sim, elbo_fit):
+    # P3 is the out-of-span perturbation: it is in the registry but never in training.
+    with pytest.raises(UnseenPerturbationError, match="P3"):
+        predict(elbo_fit, ["P0+P3"], num_samples=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pred = predict(elbo_fit, ["P0+P3"], num_samples=2, n_cells=4, allow_unseen=True)
+    assert pred.n_obs == 4
+    with pytest.raises(ValueError, match=r"'P9'.*did you mean"):
+        predict(elbo_fit, ["P0+P9"], num_samples=2)
+
+
+def test_save_load_round_trip(tmp_path, energy_fit):
+    energy_fit.save(tmp_path / "m")
+    loaded = FitResult.load(tmp_path / "m")
+    assert loaded.registry == energy_fit.registry and loaded.gene_names == energy_fit.gene_names
+    a = predict(energy_fit, ["P0+P2"], n_cells=10, num_samples=4, seed=0)
+    b = predict(loaded, ["P0+P2"], n_cells=10, num_samples=4, seed=0)
+    np.testing.assert_allclose(a.X, b.X, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(loaded.history["loss"], energy_fit.history["loss"])
+
+
+def test_load_errors(tmp_path, energy_fit):
+    path = energy_fit.save(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match="not a saved perturbax fit"):
+        FitResult.load(tmp_path)
+    meta = json.loads((path / "meta.json").read_text())
+    meta["format_version"] = 99
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="format version 99"):
+        FitResult.load(path)
+    meta["format_version"] = 1
+    meta["config"]["latent_dim"] = 3  # a different layout than the stored parameters
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="do not match the layout"):
+        FitResult.load(path)
+    (path / "meta.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupted"):
+        FitResult.load(path)
+    energy_fit.save(tmp_path / "n")
+    (tmp_path / "n" / "params.npz").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="corrupted"):
+        FitResult.load(tmp_path / "n")
+
+
+def test_bad_inputs(sim):
+    adata, _, data, split = sim
+    with pytest.raises(ValueError, match="batch_size=100000 is larger"):
+        fit("additive_shift", split.train, config=_config(data), steps=2, batch_size=100000, progress=False)
+    with pytest.raises(ValueError, match="count likelihood needs raw"):
+        fit("additive_shift", split.train, config=_config(data, likelihood="negative_binomial"), steps=2, progress=False)
+    counts_adata, _ = simulate_additive_shift(n_perturbations=2, latent_dim=2, n_genes=6, n_cells=20, counts=True,
+                                              n_out_of_span=0, seed=0)
+    counts = from_anndata(counts_adata, "perturbation", "control", layer="counts", counts=True)
+    nb = AdditiveShiftConfig(n_genes=6, n_perturbations=counts.K, likelihood="negative_binomial")
+    with pytest.raises(ValueError, match="objective='elbo'"):
+        fit("additive_shift", counts, config=nb, objective="energy", steps=2, progress=False)
+    with pytest.raises(ValueError, match="objective='energy'"):
+        fit("additive_shift", split.train, config=_config(data, likelihood="implicit"), objective="elbo", steps=2)
+    with pytest.raises(ValueError, match="config.n_genes"):
+        fit("additive_shift", split.train, config=AdditiveShiftConfig(n_genes=3, n_perturbations=data.K), steps=2)
+
+
+def test_nan_guard_returns_last_finite_state(sim):
+    _, _, data, split = sim
+    with pytest.warns(RuntimeWarning, match="last finite state"):
+        res = fit("additive_shift", split.train, config=_config(data), objective="elbo", steps=400, batch_size=64,
+                  learning_rate=1e6, eval_every=20, patience=None, progress=False)
+    assert res.info["stop_reason"] == "nan"
+    assert all(np.all(np.isfinite(np.asarray(v))) for v in __import__("jax").tree_util.tree_leaves(res.params))
+
+
+def test_arviz_export(elbo_fit):
+    pred = predict(elbo_fit, ["P0+P1", "P2"], n_cells=5, num_samples=8)
+    tree = to_arviz(elbo_fit, pred, num_samples=8)
+    W = tree["posterior"]["W"]
+    assert W.sizes["draw"] == 8 and W.sizes["perturbation"] == elbo_fit.registry.K
+    assert tree["posterior_predictive"]["mean_expression"].sizes["condition"] == 2
