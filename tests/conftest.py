@@ -10,7 +10,8 @@ import pytest  # noqa: E402
 
 
 def pytest_configure(config):
-    cache = config.cache.mkdir("jax-compilation-cache") if config.cache is not None else None
+    cache = getattr(config, "cache", None)
+    cache = cache.mkdir("jax-compilation-cache") if cache is not None else None
     if cache is not None:
         jax.config.update("jax_compilation_cache_dir", str(cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

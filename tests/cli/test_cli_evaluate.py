@@ -1,4 +1,4 @@
-"""``perturbax evaluate`` and ``perturbax demo`` through click's CliRunner."""
+"""``perturbax evaluate`` through click's CliRunner."""
 
 import numpy as np
 import pandas as pd
@@ -119,29 +119,3 @@ def test_evaluate_errors_name_the_problem(files):
     assert res.exit_code == 1 and "Did you mean 'perturbation'" in res.output
     res = _run(["evaluate", str(p["pred"]), str(p["truth"]), "-k", KEY])
     assert res.exit_code == 2 and "--control" in res.output
-
-
-def test_demo_fast(tmp_path):
-    out = tmp_path / "demo"
-    res = _run(["demo", "--out", str(out), "--seed", "0", "--fast"])
-    assert res.exit_code == 0, res.output
-    table = pd.read_csv(out / "evaluation.csv")
-    summary = pd.read_csv(out / "summary.csv")
-    md = (out / "evaluation.md").read_text()
-    assert set(table["method"]) == {"control", "pooled_mean", "additive", "linear", "noise_floor"}
-    assert "| method | group |" in md and "perturbax demo --seed 0 --fast" in md
-    # every method scored on the same held-out conditions; out-of-span ones are skipped and listed
-    per_method = table.groupby("method")["condition"].apply(frozenset)
-    assert per_method.nunique() == 1
-    assert "out-of-span" not in set(table["group"])
-    assert "Skipped" in res.output and "appears in no training condition" in res.output
-    means = table.groupby("method")["energy_pca"].mean()
-    # behaviour on additive-latent-shift data: using the single effects beats ignoring them
-    assert means["additive"] < 0.5 * means["control"]
-    assert means["linear"] < 0.5 * means["control"]
-    assert abs(means["noise_floor"]) < 0.25 * means["control"]
-    assert len(summary) == summary[["method", "group"]].drop_duplicates().shape[0]
-    # same seed, same numbers
-    res2 = _run(["demo", "--out", str(tmp_path / "again"), "--seed", "0", "--fast"])
-    assert res2.exit_code == 0
-    pd.testing.assert_frame_equal(table, pd.read_csv(tmp_path / "again" / "evaluation.csv"))

@@ -14,6 +14,8 @@ __all__ = ["main"]
 _COMMANDS = {
     "demo": ("perturbax.cli.demo", "demo"),
     "evaluate": ("perturbax.cli.evaluate", "evaluate"),
+    "fit": ("perturbax.cli.fit", "fit"),
+    "predict": ("perturbax.cli.predict", "predict"),
 }
 
 

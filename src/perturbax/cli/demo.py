@@ -1,127 +1,54 @@
-"""``perturbax demo``: simulate the ``pdae-sim`` protocol and score the baselines on it."""
+"""``perturbax demo``: the ``pdae-sim`` protocol end to end, with a report."""
 
 from __future__ import annotations
 
-import warnings
+import time
 from pathlib import Path
 
 import click
-import pandas as pd
 
-__all__ = ["demo", "run_demo"]
-
-_FAST = {"n_cells": 60, "decoder_hidden": 16}
-
-
-def run_demo(seed: int = 0, *, fast: bool = False, n_pcs: int = 50, top_k: int = 20) -> dict:
-    """Simulate additive-latent-shift data (:func:`perturbax.data.simulate.simulate_additive_shift`
-    with its default protocol), fit the baselines on the training conditions and score them, and
-    the split-half noise floor, on the held-out conditions every baseline can predict.
-
-    Returns ``{"table": per-condition DataFrame, "summary": per method x group means,
-    "skipped": {label: reason}, "split": Split}``.
-    """
-    from perturbax.baselines import split_half_noise_floor, standard_baselines
-    from perturbax.data.simulate import simulate_additive_shift
-    from perturbax.data.splits import split_from_column
-    from perturbax.metrics import evaluate_conditions
-
-    from perturbax.cli.evaluate import summary_table
-
-    adata, truth = simulate_additive_shift(seed=seed, **(_FAST if fast else {}))
-    split = split_from_column(adata, "perturbation", "control", name=f"pdae-sim/seed{seed}")
-    registry = split.train.registry
-    sim_groups = {registry.canonical(lab): grp for lab, grp in truth.groups.items()}
-
-    models = [m.fit(split.train) for m in standard_baselines()]
-    predictable, skipped = [], {}
-    for label in split.test_labels:
-        reasons = [f"{m.name}: {r}" for m in models if (r := m.why_not(label)) is not None]
-        if reasons:
-            skipped[label] = " | ".join(reasons)
-        else:
-            predictable.append(label)
-    if not predictable:
-        raise RuntimeError("No held-out condition can be predicted by every baseline; nothing to score.")
-
-    test_cells = split.test.cells_by_condition()
-    truth_cells = {c: test_cells[c] for c in predictable}
-    control = split.train.dense(split.train.cells_of(split.train.control))
-    reference = split.train.dense()
-    kw = dict(reference=reference, n_pcs=min(n_pcs, split.train.n_genes), top_k=min(top_k, split.train.n_genes))
-
-    tables = []
-    for m in models:
-        pred = m.predict(predictable)
-        with warnings.catch_warnings():
-            if m.name == "control":  # its delta is zero: Pearson delta is undefined (NaN) by design
-                warnings.filterwarnings("ignore", message="Pearson correlation", category=RuntimeWarning)
-            tables.append(evaluate_conditions(pred, truth_cells, control, method=m.name, **kw))
-    halves = {c: split_half_noise_floor(x, seed=seed) for c, x in truth_cells.items()}
-    tables.append(
-        evaluate_conditions({c: h[0] for c, h in halves.items()}, {c: h[1] for c, h in halves.items()},
-                            control, method="noise_floor", **kw)
-    )
-    table = pd.concat(tables, ignore_index=True)
-    table.insert(2, "group", [sim_groups.get(c, split.test_groups.get(c, "")) for c in table["condition"]])
-    summary = summary_table(table, by=("method", "group"))
-    return {"table": table, "summary": summary, "skipped": skipped, "split": split}
+__all__ = ["demo"]
 
 
 @click.command("demo")
 @click.option("--out", default="perturbax_demo", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for evaluation.csv / summary.csv / evaluation.md.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the simulation.")
-@click.option("--fast", is_flag=True, help="Fewer cells and a smaller simulator network (a quick check).")
-def demo(out, seed, fast):
-    """Simulate perturbation data and score the baselines on held-out perturbations.
+              help="Folder for the report (report.md, evaluation.csv, summary.csv, plots).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the simulation and the fits.")
+@click.option("--steps", default=3000, show_default=True, type=click.IntRange(min=1), help="Optimiser steps per fit.")
+@click.option("--objectives", default="energy", show_default=True,
+              help="Comma-separated objectives to fit: energy, elbo.")
+@click.option("--fast", is_flag=True, help="A quick check: smaller simulation, 200 steps, few draws.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def demo(out, seed, steps, objectives, fast, no_progress):
+    """Simulate perturbation data, fit the additive-shift model, predict held-out perturbations.
 
-    Simulates the pdae-sim protocol (additive latent shifts + a nonlinear decoder; control,
-    singles and some doubles train; other doubles, doses and out-of-span perturbations test),
-    fits the control, pooled-mean, additive and linear baselines, and scores them and the
-    split-half noise floor with energy distance, Pearson delta, R^2 and MSE.
+    Simulates the pdae-sim protocol (additive latent shifts, a nonlinear decoder with noise fed into
+    the network; control, singles and half of the doubles train; the other doubles and doses inside
+    and outside the convex hull of the training labels test, plus a perturbation never seen in
+    training, which the model refuses). Fits the model, predicts the held-out perturbations as cells
+    with 90% credible intervals, scores them next to the control, additive and linear baselines and
+    the split-half noise floor, and writes a report with plots to OUT.
     """
-    from perturbax.cli.evaluate import markdown_table, text_table
+    from perturbax.protocols import run_pdae_sim, write_pdae_sim_report
 
-    res = run_demo(seed, fast=fast)
-    table, summary, skipped, split = res["table"], res["summary"], res["skipped"], res["split"]
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out_dir / "evaluation.csv", index=False)
-    summary.to_csv(out_dir / "summary.csv", index=False)
-
-    head = (
-        f"{split!r}\nScored {table['condition'].nunique()} held-out condition(s) per method; "
-        f"skipped {len(skipped)} that some baseline cannot predict."
-    )
-    click.echo(head)
-    click.echo(
-        "\nMean per method and condition group (energy_pca: U-statistic, 0 = indistinguishable from "
-        "the truth; Pearson delta is undefined (nan) for the control baseline, whose delta is 0):"
-    )
-    click.echo(text_table(summary))
-    if skipped:
-        click.echo("\nSkipped:")
-        for label, why in skipped.items():
-            click.echo(f"  {label}: {why.split('. ')[0]}.")
-
-    md = [
-        "# perturbax demo",
-        "",
-        f"Command: `perturbax demo --seed {seed}{' --fast' if fast else ''}`",
-        "",
-        f"Split: {split!r}",
-        "",
-        "## Mean per method and group",
-        "",
-        markdown_table(summary),
-        "",
-        "## Per condition",
-        "",
-        markdown_table(table),
-        "",
-    ]
-    if skipped:
-        md += ["## Skipped conditions", ""] + [f"- `{lab}`: {why}" for lab, why in skipped.items()] + [""]
-    (out_dir / "evaluation.md").write_text("\n".join(md))
-    click.echo(f"\nWrote {out_dir / 'evaluation.csv'}, {out_dir / 'summary.csv'}, {out_dir / 'evaluation.md'}")
+    objs = tuple(o.strip() for o in objectives.split(",") if o.strip())
+    bad = [o for o in objs if o not in ("energy", "elbo")]
+    if bad or not objs:
+        raise click.BadParameter(f"unknown objective(s) {bad or objectives!r}; use energy and/or elbo.",
+                                 param_hint="--objectives")
+    kwargs = {}
+    if fast:
+        steps = min(steps, 200)
+        kwargs = dict(simulation={"n_cells": 60}, num_samples=20, population_cells=2000)
+    t0 = time.perf_counter()
+    result = run_pdae_sim(seed=seed, objectives=objs, steps=steps, progress=not no_progress, **kwargs)
+    command = f"perturbax demo --seed {seed} --steps {steps} --objectives {','.join(objs)}" + (" --fast" if fast else "")
+    path = write_pdae_sim_report(result, Path(out), command=command)
+    summary = result.summary()
+    click.echo(repr(result.split))
+    click.echo(f"\nHeld-out in-span perturbations ({summary['n'].iloc[0]}); energy = unbiased energy distance "
+               f"(0 = indistinguishable), coverage = fraction of genes whose 90% interval holds the true mean:")
+    click.echo(summary.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if result.refused:
+        click.echo("\nRefused (outside the span of the training labels): " + ", ".join(result.refused))
+    click.echo(f"\nReport: {path / 'report.md'} (took {time.perf_counter() - t0:.0f} s)")

@@ -2,7 +2,7 @@
 
 from perturbax.data.core import PerturbationData, check_counts, from_anndata
 from perturbax.data.datasets import find_data_file, load_norman19
-from perturbax.data.io import cells_by_condition, predictions_to_anndata
+from perturbax.data.io import cells_by_condition, prediction_intervals, prediction_summary, predictions_to_anndata
 from perturbax.data.labels import PerturbationRegistry, format_label, parse_label
 from perturbax.data.simulate import (
     AdditiveShiftTruth,
@@ -30,6 +30,8 @@ __all__ = [
     "holdout_split",
     "load_norman19",
     "norman_doubles_folds",
+    "prediction_intervals",
+    "prediction_summary",
     "predictions_to_anndata",
     "split_from_column",
     "AdditiveShiftTruth",

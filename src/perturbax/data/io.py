@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["predictions_to_anndata", "cells_by_condition"]
+__all__ = ["predictions_to_anndata", "cells_by_condition", "prediction_intervals", "prediction_summary"]
 
 
 def _as_cells(name: str, x, n_genes: int | None) -> np.ndarray:
@@ -161,3 +161,36 @@ def cells_by_condition(
         adata = adata[:, have.get_indexer(genes)]
     data = from_anndata(adata, perturbation_key, control, sep=sep, layer=layer, require_control=require_control)
     return data.cells_by_condition()
+
+
+def prediction_intervals(adata, label) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(mean, lower, upper)`` per gene of one predicted perturbation in an AnnData written by
+    :func:`perturbax.inference.predict` (label in any spelling the prediction used)."""
+    meta = adata.uns.get("perturbax", {})
+    labels = list(meta.get("labels", []))
+    if not labels or "pred_mean" not in adata.varm:
+        raise ValueError("This AnnData has no credible intervals; it was not written by perturbax.inference.predict.")
+    if label not in labels:
+        from perturbax.data.labels import close_matches
+
+        hint = close_matches(str(label), labels)
+        raise KeyError(f"{label!r} was not predicted here.{' Did you mean ' + repr(hint) + '?' if hint else ''} "
+                       f"Predicted: {labels}.")
+    j = labels.index(label)
+    return tuple(np.asarray(adata.varm[k])[:, j] for k in ("pred_mean", "pred_lower", "pred_upper"))
+
+
+def prediction_summary(adata) -> pd.DataFrame:
+    """Tidy per-gene table of a prediction: columns perturbation, gene, mean, lower, upper, plus
+    the interval level (from :func:`perturbax.inference.predict`'s output)."""
+    meta = adata.uns.get("perturbax", {})
+    rows = []
+    for lab in meta.get("labels", []):
+        mean, lower, upper = prediction_intervals(adata, lab)
+        rows.append(pd.DataFrame({"perturbation": lab, "gene": adata.var_names.astype(str), "mean": mean,
+                                  "lower": lower, "upper": upper}))
+    if not rows:
+        raise ValueError("This AnnData has no credible intervals; it was not written by perturbax.inference.predict.")
+    out = pd.concat(rows, ignore_index=True)
+    out["interval"] = float(meta.get("interval", np.nan))
+    return out

@@ -3,8 +3,11 @@
 For each posterior draw of the global sites and each requested label ``l*``, the fitted model is
 run with ``z_base`` fixed to the basal states of the source cells (training control cells by
 default) and the label ``l*``: it shifts them by ``W l*``, decodes, and samples the likelihood.
-The per-gene mean expression of a perturbation is averaged over all source cells for each draw;
-its posterior mean and equal-tailed credible interval come from the draws.
+The per-gene mean expression of a perturbation is averaged over the source cells for each draw,
+with Bayesian-bootstrap weights (the source cells are a finite sample of the basal population);
+its posterior mean and equal-tailed credible interval come from the draws. The intervals thus
+carry the posterior uncertainty of the global sites (W, ...) and of the basal population; they
+do not carry the error of the decoder, which is a point estimate.
 
 Output AnnData (same genes and expression space as the training ``X``):
 
@@ -13,7 +16,8 @@ Output AnnData (same genes and expression space as the training ``X``):
   posterior mean and interval bounds of the mean expression, columns in the order of
   ``uns["perturbax"]["labels"]``;
 - ``uns["perturbax"]``: labels, interval level, number of draws, source, model, objective, and
-  per-label identifiability notes (``coverage``);
+  identifiability notes from the training design (``coverage``: arrays ``covered``,
+  ``in_convex_hull``, ``residual``, ``message`` aligned with ``labels``);
 - ``uns["mean_draws"]``: ``(n_labels, num_samples, n_genes)`` per-draw mean expression.
 
 Use :func:`perturbax.data.prediction_summary` for a tidy table and :func:`to_arviz` for ArviZ.
@@ -88,27 +92,25 @@ def _parse(fit: FitResult, perturbations, allow_unseen: bool) -> tuple[list[str]
     return labels, vecs
 
 
-def _coverage_notes(fit: FitResult, labels: list[str], vecs: np.ndarray) -> dict[str, dict]:
+def _coverage_notes(fit: FitResult, labels: list[str], vecs: np.ndarray) -> dict[str, np.ndarray]:
     """Identifiability of each label from the training design (:func:`perturbax.theory.check_design`);
     warns for labels outside the span of the training labels."""
     from perturbax.theory.design import check_design
 
     report = check_design(fit.train_design, vecs, registry=fit.registry)
-    notes = {}
+    notes = {"covered": [], "in_convex_hull": [], "residual": [], "message": []}
     for lab, t in zip(labels, report.tests):
-        notes[lab] = {
-            "covered": bool(t.covered),
-            "in_convex_hull": "unknown" if t.in_convex_hull is None else bool(t.in_convex_hull),
-            "residual": float(t.residual),
-            "message": t.message,
-        }
+        notes["covered"].append(bool(t.covered))
+        notes["in_convex_hull"].append("unknown" if t.in_convex_hull is None else str(bool(t.in_convex_hull)))
+        notes["residual"].append(float(t.residual))
+        notes["message"].append(t.message)
         if not t.covered:
             warnings.warn(
                 f"{lab!r} is not identified by the training design: {t.message} Its prediction rests on "
                 f"the prior and the decoder's extrapolation, not on data.",
                 stacklevel=3,
             )
-    return notes
+    return {k: np.asarray(v) for k, v in notes.items()}
 
 
 def predict(
@@ -121,6 +123,7 @@ def predict(
     interval: float = 0.9,
     seed: int = 0,
     allow_unseen: bool = False,
+    bootstrap: bool = True,
 ):
     """Predict cells of each perturbation, with posterior credible intervals of the mean.
 
@@ -142,6 +145,9 @@ def predict(
     allow_unseen
         Predict perturbations with an elementary perturbation never seen in training (its shift is
         then a prior draw) instead of refusing.
+    bootstrap
+        Weight the source cells of each draw by a Bayesian bootstrap, so the intervals also carry
+        the uncertainty of estimating a population from finitely many source cells.
 
     Returns
     -------
@@ -191,10 +197,14 @@ def predict(
     def one_label(lvec, key):
         k1, k2, k3 = jax.random.split(key, 3)
         mkeys = jax.random.split(k1, num_samples)
-        # Per-draw population mean over all source cells.
-        means = jax.lax.map(
-            lambda a: run(a[0], z_src, lib_src, c_src, lvec, a[1])[1].mean(0), (draws, mkeys)
-        )
+        # Per-draw population mean over the source cells, weighted by a Bayesian bootstrap
+        # (Dirichlet(1, ..., 1) weights): the source cells are a finite sample of basal states.
+        def draw_mean(a):
+            k_run, k_w = jax.random.split(a[1])
+            w = jax.random.dirichlet(k_w, jnp.ones(n_src)) if bootstrap else jnp.full(n_src, 1.0 / n_src)
+            return w @ run(a[0], z_src, lib_src, c_src, lvec, k_run)[1]
+
+        means = jax.lax.map(draw_mean, (draws, mkeys))
         # Cells: each draw decodes its own subset of the source cells.
         pick = jax.random.permutation(k2, jnp.arange(num_samples * per_draw) % n_src).reshape(num_samples, per_draw)
         ckeys = jax.random.split(k3, num_samples)
@@ -208,7 +218,7 @@ def predict(
         means, cells = one_label(jnp.asarray(v, jnp.float32), jax.random.fold_in(k_cells, i))
         all_means.append(np.asarray(means))
         all_cells.append(np.asarray(cells))
-    mean_draws = np.stack(all_means)  # (P, S, G)
+    mean_draws = np.stack(all_means).astype(np.float64)  # (P, S, G)
     lo_q, hi_q = (1 - interval) / 2, (1 + interval) / 2
     draw_idx = np.repeat(np.arange(num_samples), per_draw)[:n_cells]
     adata = predictions_to_anndata(
@@ -224,7 +234,7 @@ def predict(
                 "source": source,
                 "model": fit.model_name,
                 "objective": fit.objective,
-                "coverage": notes,
+                "coverage": notes,  # lists aligned with "labels"
             },
             "mean_draws": mean_draws.astype(np.float32),
         },

@@ -228,6 +228,8 @@ class FitResult:
             meta = json.loads(meta_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{meta_file} is corrupted (not valid JSON: {err}). Re-save the fit.") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{meta_file} is malformed (expected a JSON object). Re-save the fit.")
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path} holds format {meta.get('format')!r}, not a perturbax fit ({FORMAT!r}).")
         if meta.get("format_version") != FORMAT_VERSION:
@@ -236,6 +238,11 @@ class FitResult:
                 f"{meta.get('perturbax_version')}; this perturbax ({__version__}) reads version {FORMAT_VERSION}. "
                 f"Load it with perturbax=={meta.get('perturbax_version')} or refit."
             )
+        required = ("model_name", "config", "registry", "gene_names", "perturbation_key", "train_conditions",
+                    "train_design", "n_train", "objective", "global_guide")
+        missing = [k for k in required if k not in meta]
+        if missing:
+            raise ValueError(f"{meta_file} is malformed: missing {missing}. Re-save the fit.")
         name = meta["model_name"]
         if model is None:
             if name not in BUILTIN_MODELS:
@@ -314,14 +321,19 @@ def _json_default(o):
 
 
 def _param_template(model, guide, batch, kwargs) -> dict[str, Any]:
-    """The parameter pytree of a model + guide (values at initialisation), found by tracing."""
+    """Shapes of the parameter pytree of a model + guide, found by abstract evaluation (nothing is
+    computed or compiled)."""
     sim = batch._replace(x=None)
-    out = {}
-    for fn in (guide, model):
-        with handlers.block():
-            tr = handlers.trace(handlers.seed(fn, 0)).get_trace(sim if fn is model else batch, **kwargs)
-        out.update({n: s["value"] for n, s in tr.items() if s["type"] == "param"})
-    return out
+
+    def params(b, s):
+        out = {}
+        for fn, arg in ((guide, b), (model, s)):
+            with handlers.block():
+                tr = handlers.trace(handlers.seed(fn, 0)).get_trace(arg, **kwargs)
+            out.update({n: site["value"] for n, site in tr.items() if site["type"] == "param"})
+        return out
+
+    return jax.eval_shape(params, batch, sim)
 
 
 def _encode(model, guide, params, config, data: PerturbationData, cells: np.ndarray, n_train: int, chunk: int = 4096):

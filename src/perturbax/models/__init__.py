@@ -17,9 +17,42 @@ from perturbax.models.blocks import (
     perturbation_effects,
 )
 from perturbax.models.config import AdditiveShiftConfig
+from perturbax.models.dynamics import (
+    CausalMLP,
+    LatentDynamicsConfig,
+    causal_drift_network,
+    causal_weights,
+    check_stable,
+    check_times,
+    equilibrium_shift,
+    latent_dynamics_model,
+    linear_solution,
+    mechanism_changes,
+    mechanism_weights,
+    neural_drift,
+    ou_noise_cov,
+    transition_matrix,
+)
+from perturbax.models.ode import ODESolution, solve
 
 __all__ = [
     "AdditiveShiftConfig",
+    "CausalMLP",
+    "LatentDynamicsConfig",
+    "ODESolution",
+    "causal_drift_network",
+    "causal_weights",
+    "check_stable",
+    "check_times",
+    "equilibrium_shift",
+    "latent_dynamics_model",
+    "linear_solution",
+    "mechanism_changes",
+    "mechanism_weights",
+    "neural_drift",
+    "ou_noise_cov",
+    "solve",
+    "transition_matrix",
     "Batch",
     "CELL_PLATE",
     "MLP",

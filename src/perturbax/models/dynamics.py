@@ -3,8 +3,8 @@
 ``l`` latent programs ``z(t)`` evolve after the perturbation is switched on at ``t = 0``:
 
     z(0) = z_base ~ N(a, Sigma_0)              a = mu (+ V c): the control steady state
-    dz/dt = F(z - a) + S l                     F(0) = 0, Jacobian of F lower triangular
-                                               (under the program order) with diagonal -1
+    dz/dt = F(z - a) + S l                     F(0) = 0; Jacobian of F = -I + entries on the
+                                               causal mask (default: strictly lower triangular)
     x_i ~ likelihood(decoder([z(t_i), s_i]))   each cell a snapshot at its own time t_i
 
 Drift variants (``LatentDynamicsConfig.drift``):
@@ -55,28 +55,28 @@ Time: the model sees ``t_eff = t * rate / time_scale`` (``rate`` a global site w
 
 Sites of :func:`latent_dynamics_model` (``n`` cells in the minibatch, ``l = latent_dim``):
 
-========================== ============ ==================================================
-site                       shape        notes
-========================== ============ ==================================================
-``B_free``                 ``(n_free,)`` free entries of B (``n_free`` = ones in the mask);
-                                        horseshoe adds ``B_free_raw/_tau/_lambda``
-``B``                      ``(l, l)``    deterministic, zero outside the mask
-``S``                      ``(l, K)``    via :func:`perturbation_effects` (normal/horseshoe)
-``B_delta_free``/``B_delta`` ``(m,)``/``(K, l, l)`` mechanism drift only
-``mu``, ``basal_sd``       ``(l,)``      ``basal="learned"``; Sigma_0 = diag(basal_sd^2)
-``V``                      ``(l, C)``    covariates only
-``rate``                   ``()``        ``learn_rate=True`` only
-``diffusion``              ``()``        ``diffusion=True`` only (sigma)
-``drift$params``           param        neural drift only
-``decoder$params``         param
-``z_base``                 ``(n, l)``    plate ``"cells"``: z(0)
-``z_noise``                ``(n, l)``    plate; ``diffusion=True`` only
-``s``                      ``(n, state_dim)`` plate; ``state_dim > 0`` only
-``z``                      ``(n, l)``    plate, deterministic: z(t_i)
-``x``, ``x_mean``, ``eta`` as in the additive shift model
-``ode_failure``            ``(n,)``      plate, factor ``-failure_penalty * failed``
-                                        (``solver="ode"`` only)
-========================== ============ ==================================================
+Global (outside the plate):
+
+- ``B_free`` ``(n_free,)``: the free entries of ``B`` (``n_free`` = number of ones in the mask,
+  row-major); with ``b_prior="horseshoe"`` it is deterministic and ``B_free_raw``,
+  ``B_free_tau``, ``B_free_lambda`` are sampled. ``B`` ``(l, l)``: deterministic, zero outside
+  the mask (linear and mechanism drifts).
+- ``S`` ``(l, K)``: via :func:`perturbation_effects` (``S_raw``/``S_tau``/``S_lambda`` for the
+  horseshoe).
+- ``B_delta_free`` ``(m,)`` and deterministic ``B_delta`` ``(K, l, l)``: mechanism drift only.
+- ``mu``, ``basal_sd`` ``(l,)``: ``basal="learned"`` only; ``Sigma_0 = diag(basal_sd^2)``.
+- ``V`` ``(l, C)``: covariates only. ``rate`` ``()``: ``learn_rate=True`` only. ``diffusion``
+  ``()``: ``diffusion=True`` only (sigma).
+- params ``drift$params`` (neural drift), ``decoder$params``, and the likelihood's params.
+
+Per cell (plate ``"cells"``):
+
+- ``z_base`` ``(n, l)``: ``z(0)``, the sample site the amortised encoder infers;
+- ``z_noise`` ``(n, l)``: ``diffusion=True`` only; ``s`` ``(n, state_dim)``: ``state_dim > 0``
+  only;
+- ``z`` ``(n, l)``: deterministic, ``z(t_i)``;
+- ``x``, ``x_mean``, ``eta``: as in the additive shift model;
+- ``ode_failure`` ``(n,)``: ``solver="ode"`` only, a factor ``-failure_penalty * failed``.
 """
 
 from __future__ import annotations
@@ -446,9 +446,7 @@ class LatentDynamicsConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         extra = set(d) - known
         if extra:
-            raise ValueError(
-                f"Unknown LatentDynamicsConfig fields {sorted(extra)}; was this saved by another version?"
-            )
+            raise ValueError(f"Unknown LatentDynamicsConfig fields {sorted(extra)}; was this saved by another version?")
         d = dict(d)
         for k in ("drift_hidden", "decoder_hidden", "encoder_hidden"):
             if k in d:
@@ -464,15 +462,16 @@ class LatentDynamicsConfig:
 # --------------------------------------------------------------------------------------------
 def equilibrium_shift(B: Float[Array, "l l"], S: Float[Array, "l K"]) -> Float[Array, "l K"]:
     """``W = (I - B)^{-1} S``: the equilibrium shift of the linear drift, i.e. the ``W`` of the
-    additive shift model that the dynamics reach at long times (DESIGN 2.3). NumPy inputs give a
-    float64 NumPy result; JAX inputs (or tracers) a JAX result. ``B`` may be batched
-    ``(..., l, l)`` with matching ``S``."""
-    if not isinstance(B, jax.Array) and not isinstance(S, jax.Array):
-        b = np.asarray(B, dtype=np.float64)
-        return np.linalg.solve(np.eye(b.shape[-1]) - b, np.asarray(S, dtype=np.float64))
-    B = jnp.asarray(B)
-    eye = jnp.eye(B.shape[-1], dtype=B.dtype)
-    return jnp.linalg.solve(eye - B, jnp.asarray(S, dtype=B.dtype))
+    additive shift model that the dynamics reach at long times (DESIGN 2.3).
+
+    The one implementation lives in :func:`perturbax.theory.bs_to_w` (imported lazily, so that
+    importing the models does not import the theory layer): NumPy inputs give a float64 NumPy
+    result (with a clear error if ``I - B`` is singular), JAX inputs or tracers a differentiable
+    JAX result.
+    """
+    from perturbax.theory.dynamics import bs_to_w
+
+    return bs_to_w(B, S)
 
 
 def _powers(B: Float[Array, "l l"]) -> Float[Array, "l l l"]:
@@ -622,9 +621,7 @@ def _vector_prior(name: str, n: int, prior: str, scale: float) -> Float[Array, "
     raise ValueError(f"prior={prior!r} is not supported; choose 'normal' or 'horseshoe'.")
 
 
-def causal_weights(
-    name: str, mask: np.ndarray, *, prior: str = "normal", scale: float = 0.5
-) -> Float[Array, "l l"]:
+def causal_weights(name: str, mask: np.ndarray, *, prior: str = "normal", scale: float = 0.5) -> Float[Array, "l l"]:
     """Causal weights ``B`` (deterministic site ``name``), zero outside ``mask``; only the free
     entries are sampled (site ``name + "_free"``, shape ``(mask.sum(),)``, in row-major order of
     the mask's ones) under a ``"normal"`` or ``"horseshoe"`` prior with median 0."""
@@ -637,9 +634,7 @@ def causal_weights(
     return numpyro.deterministic(name, B)
 
 
-def mechanism_changes(
-    name: str, mask: np.ndarray, targets: np.ndarray, *, scale: float = 0.5
-) -> Float[Array, "K l l"]:
+def mechanism_changes(name: str, mask: np.ndarray, targets: np.ndarray, *, scale: float = 0.5) -> Float[Array, "K l l"]:
     """Per-perturbation changes ``D_k`` of the causal weights (deterministic site ``name``,
     ``(K, l, l)``): entry ``(k, i, j)`` is free iff ``targets[i, k]`` and ``mask[i, j]``; free
     entries ``~ N(0, scale^2)`` (site ``name + "_free"``)."""
@@ -655,9 +650,10 @@ def mechanism_changes(
     return numpyro.deterministic(name, D)
 
 
-def mechanism_weights(B: Float[Array, "l l"], delta: Float[Array, "K l l"], l: Float[Array, "n K"]) -> Array:
-    """Per-cell causal weights ``B_l = B + sum_k l_k D_k``, shape ``(n, l, l)``."""
-    return B[None] + jnp.einsum("nk,kij->nij", l, delta)
+def mechanism_weights(B: Float[Array, "l l"], delta: Float[Array, "K l l"], labels: Float[Array, "n K"]) -> Array:
+    """Per-cell causal weights ``B_l = B + sum_k l_k D_k`` for label vectors ``labels`` (doses as
+    entries), shape ``(n, l, l)``."""
+    return B[None] + jnp.einsum("nk,kij->nij", labels, delta)
 
 
 def linear_drift(t: Any, z: Float[Array, " l"], args: tuple) -> Float[Array, " l"]:
@@ -746,7 +742,7 @@ def latent_dynamics_model(batch: Batch, *, config: LatentDynamicsConfig, n_cells
     ell, K = config.latent_dim, config.n_perturbations
     nilpotent = config.acyclic
     t = _cell_times(batch, config)
-    l = jnp.asarray(batch.l)
+    labels = jnp.asarray(batch.l)
 
     mask = config.mask
     B = None
@@ -780,8 +776,8 @@ def latent_dynamics_model(batch: Batch, *, config: LatentDynamicsConfig, n_cells
             base_mean = base_mean + batch.c @ V.T
         z_base = numpyro.sample("z_base", dist.Normal(base_mean, basal_sd).to_event(1))
         anchor = z_base if config.heterogeneity == "persistent" else base_mean
-        shift = l @ S.T
-        B_cell = mechanism_weights(B, delta, l) if delta is not None else B
+        shift = labels @ S.T
+        B_cell = mechanism_weights(B, delta, labels) if delta is not None else B
 
         if config.solver == "closed_form":
             z_t = linear_solution(z_base, t, B_cell, shift, anchor, nilpotent=nilpotent)
@@ -803,9 +799,7 @@ def latent_dynamics_model(batch: Batch, *, config: LatentDynamicsConfig, n_cells
                     return linear_drift(_t, y, (B, *args))
 
                 args = (anchor, shift)
-            sol = ode.solve(
-                field, z_base, t, args=args, max_steps=config.max_steps, rtol=config.rtol, atol=config.atol
-            )
+            sol = ode.solve(field, z_base, t, args=args, max_steps=config.max_steps, rtol=config.rtol, atol=config.atol)
             z_t = sol.y
             numpyro.factor("ode_failure", -sol.penalty(config.failure_penalty))
 

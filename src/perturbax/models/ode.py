@@ -174,7 +174,9 @@ def _warn_failures(sol: ODESolution, t: Array, max_steps: int) -> None:
     idx = np.flatnonzero(failed)
     times = np.asarray(t)[idx]
     reached = np.asarray(sol.t_reached)[idx]
-    shown = ", ".join(f"cell {i} at t={ti:g} (reached t={ri:g})" for i, ti, ri in zip(idx[:5], times[:5], reached[:5]))
+    shown = ", ".join(
+        f"cell {i} at t={ti:g} (reached t={ri:g})" for i, ti, ri in zip(idx[:5], times[:5], reached[:5], strict=True)
+    )
     more = f" and {idx.size - 5} more" if idx.size > 5 else ""
     warnings.warn(
         f"ODE solve failed for {idx.size} of {failed.size} cells: {shown}{more}. The drift is too stiff "

@@ -1,0 +1,204 @@
+"""``perturbax check-design``: which unseen perturbations a design can predict (no fitting).
+
+A thin shell over :func:`perturbax.theory.check_design`; the JSON it writes is
+``DesignReport.to_dict()`` (schema ``perturbax.check_design/1``, documented in
+:mod:`perturbax.theory.design`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import numpy as np
+
+__all__ = ["check_design", "design_from_csv", "design_from_h5ad", "parse_tests"]
+
+_HELP = """Check which test perturbations a training design covers.
+
+\b
+Give the design either as
+  DATA.h5ad --perturbation-key KEY --control LABEL   (the measured conditions of the cells), or
+  --design DESIGN.csv   one row per measured perturbation, one column per elementary
+                        perturbation (header = names), doses as values; control = all zeros.
+
+\b
+Tests are label strings, comma-separated and/or repeated:
+  --test "A+B,A:0.5+C:2"   (A:0.5 = A at dose 0.5; plain A = dose 1)
+
+A test is covered when its label minus the control lies in the span of the training labels
+minus the control (the affine hull of the design): the model can then predict it from the
+measured perturbations. Covered tests outside the convex hull of the training labels need
+extrapolation (flagged). Uncovered tests name the missing direction and what to add.
+
+\b
+Prints a readable report; --json OUT.json also writes (--json - prints only) a JSON object:
+  schema "perturbax.check_design/1", status ("ok"|"warning"|"fail"), message,
+  elementary [names], reference, control_present, n_rows, n_distinct_rows,
+  rank, full_rank, latent_dim, latent_dim_ok, method, rtol, tolerance, residual_rtol,
+  hull_atol, singular_values, smallest_retained, largest_dropped, n_eliminated, min_pivot,
+  identified_elementary [names], unidentified_elementary [names],
+  elementary_residuals {name: float}, n_tests, n_covered, n_extrapolating,
+  tests: [{label, covered, residual, relative_residual, in_convex_hull (bool|null),
+           coefficients ({training label: float}|null), hull_coefficients,
+           missing_direction {name: float}, suggested_additions [labels], details, message}]
+Coefficients c satisfy  test - control = sum_e c_e (training_e - control)  over the distinct
+training labels (minimum-norm); they are computed for the first --max-details tests.
+
+Exit status 0 when the report was produced (whatever it says); 2 for bad usage or unknown
+perturbation names; 1 for unreadable or invalid input files.
+"""
+
+
+def design_from_csv(path: str | Path, *, control: str = "control", sep: str = "+"):
+    """``(L, registry)`` from a design CSV (header = elementary names, rows = measured
+    perturbations, doses as values). A first non-numeric column (row labels) is ignored."""
+    import pandas as pd
+
+    from perturbax.data.labels import PerturbationRegistry
+
+    try:
+        df = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise click.ClickException(f"{path}: the design CSV is empty.") from None
+    except Exception as err:  # pragma: no cover - pandas parse errors
+        raise click.ClickException(f"{path}: cannot read the design CSV ({err}).") from None
+    if df.shape[1] and not pd.api.types.is_numeric_dtype(df.iloc[:, 0]):
+        df = df.iloc[:, 1:]
+    if df.shape[1] == 0 or df.shape[0] == 0:
+        raise click.ClickException(
+            f"{path}: the design needs a header of elementary perturbation names and one row per "
+            f"measured perturbation (got {df.shape[0]} rows x {df.shape[1]} columns)."
+        )
+    bad = [str(c) for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+    if bad:
+        raise click.ClickException(
+            f"{path}: column(s) {bad} are not numeric. Every column after an optional label column "
+            f"must hold doses (0 = absent)."
+        )
+    L = df.to_numpy(dtype=np.float64)
+    if not np.isfinite(L).all():
+        rows, cols = np.nonzero(~np.isfinite(L))
+        raise click.ClickException(
+            f"{path}: missing or non-finite dose in row {int(rows[0]) + 1}, column "
+            f"{df.columns[cols[0]]!r}; write 0 for an absent perturbation."
+        )
+    try:
+        registry = PerturbationRegistry(tuple(str(c).strip() for c in df.columns), control=control, sep=sep)
+    except ValueError as err:
+        raise click.ClickException(f"{path}: {err}") from None
+    return L, registry
+
+
+def design_from_h5ad(
+    path: str | Path, *, perturbation_key: str, control: str, sep: str = "+", dose_key: str | None = None
+):
+    """``(L, registry)`` of the measured conditions of an h5ad (``obs`` only is read)."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from perturbax.data import from_anndata
+
+    try:
+        backed = ad.read_h5ad(path, backed="r")
+    except Exception as err:
+        raise click.ClickException(f"{path}: cannot read the h5ad file ({err}).") from None
+    try:
+        obs = backed.obs.copy()
+    finally:
+        if getattr(backed, "file", None) is not None:
+            backed.file.close()
+    light = ad.AnnData(X=sp.csr_matrix((obs.shape[0], 1), dtype=np.float32), obs=obs)
+    try:
+        data = from_anndata(light, perturbation_key, control, sep=sep, dose_key=dose_key)
+    except (KeyError, ValueError, TypeError) as err:
+        msg = err.args[0] if err.args else str(err)
+        raise click.ClickException(f"{path}: {msg}") from None
+    return np.asarray(data.design, dtype=np.float64), data.registry
+
+
+def parse_tests(values: tuple[str, ...], registry, sep: str) -> list[str]:
+    """Split ``--test`` values on commas, check every name against the registry."""
+    tests: list[str] = []
+    for value in values:
+        parts = [value] if sep == "," else value.split(",")
+        for part in parts:
+            part = part.strip()
+            if not part:
+                raise click.UsageError(f"Empty test label in --test {value!r}.")
+            tests.append(part)
+    unknown: dict[str, list[str]] = {}
+    for label in tests:
+        try:
+            missing = registry.unknown(label)
+        except ValueError as err:
+            raise click.UsageError(f"--test {label!r}: {err}") from None
+        for name in missing:
+            unknown.setdefault(name, []).append(label)
+    if unknown:
+        listing = "; ".join(f"{n!r} (in {', '.join(repr(x) for x in labs)})" for n, labs in unknown.items())
+        known = ", ".join(registry.names)
+        raise click.UsageError(
+            f"Unknown perturbation name(s) in --test: {listing}. Known elementary perturbations "
+            f"({registry.K}): {known}. The control label is {registry.control!r}."
+        )
+    return tests
+
+
+@click.command("check-design", help=_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("data", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--perturbation-key", "-p", default=None, help="obs column with perturbation labels (with DATA).")
+@click.option("--control", "-c", default=None, help="Control label (required with DATA; names the zero row of a CSV).")
+@click.option("--design", "design_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Design CSV instead of DATA.")
+@click.option("--test", "-t", "tests", multiple=True, help="Test perturbations, comma-separated; repeatable.")
+@click.option("--json", "json_out", default=None, help="Write the JSON report here ('-' for stdout only).")
+@click.option("--latent-dim", "-d", type=click.IntRange(min=1), default=None,
+              help="Requested latent dimension d (rank < d fails).")
+@click.option("--sep", default="+", show_default=True, help="Separator of combined perturbations.")
+@click.option("--dose-key", default=None, help="obs column of doses aligned with the components (with DATA).")
+@click.option("--rtol", type=click.FloatRange(min=0, min_open=True, max=1, max_open=True), default=1e-8,
+              show_default=True, help="Rank tolerance relative to the largest singular value.")
+@click.option("--residual-rtol", type=click.FloatRange(min=0, max=1, max_open=True), default=1e-6,
+              show_default=True, help="A test is covered if its relative residual is at most this.")
+@click.option("--max-details", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Tests (from the first) that get coefficients, hull checks and suggestions.")
+def check_design(data, perturbation_key, control, design_csv, tests, json_out, latent_dim, sep, dose_key,
+                 rtol, residual_rtol, max_details):
+    from perturbax.theory.design import check_design as run_check
+
+    if (data is None) == (design_csv is None):
+        raise click.UsageError(
+            "Give exactly one design: DATA.h5ad (with --perturbation-key and --control) or --design DESIGN.csv."
+        )
+    if data is not None:
+        missing = [o for o, v in (("--perturbation-key", perturbation_key), ("--control", control)) if v is None]
+        if missing:
+            raise click.UsageError(f"DATA.h5ad needs {' and '.join(missing)}.")
+        L, registry = design_from_h5ad(
+            data, perturbation_key=perturbation_key, control=control, sep=sep, dose_key=dose_key
+        )
+    else:
+        if perturbation_key is not None or dose_key is not None:
+            raise click.UsageError("--perturbation-key/--dose-key apply to DATA.h5ad, not to --design.")
+        L, registry = design_from_csv(design_csv, control=control or "control", sep=sep)
+    test_labels = parse_tests(tests, registry, sep)
+    try:
+        report = run_check(
+            L, test_labels or None, registry=registry, latent_dim=latent_dim, rtol=rtol,
+            residual_rtol=residual_rtol, max_details=max_details,
+        )
+    except (KeyError, ValueError) as err:
+        msg = err.args[0] if err.args else str(err)
+        raise click.ClickException(str(msg)) from None
+    if json_out == "-":
+        click.echo(report.to_json())
+        return
+    click.echo(report.render())
+    if json_out is not None:
+        out = Path(json_out)
+        try:
+            out.write_text(report.to_json() + "\n")
+        except OSError as err:
+            raise click.ClickException(f"Cannot write {out}: {err}") from None
+        click.echo(f"JSON report written to {out}")

@@ -1,0 +1,244 @@
+"""``perturbax fit``: fit the additive latent shift model to an h5ad file and save the fit."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shlex
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+import numpy as np
+
+__all__ = ["fit", "fit_file", "default_objective", "cli_message", "split_list", "check_out_parent"]
+
+# Python keyword spellings in library messages -> the flags of this CLI.
+_FLAG_OF = {
+    "layer": "--layer",
+    "likelihood": "--likelihood",
+    "objective": "--objective",
+    "sep": "--sep",
+    "latent_dim": "--latent-dim",
+    "learning_rate": "--learning-rate",
+    "batch_size": "--batch-size",
+    "dose_key": "--dose-key",
+    "covariate_keys": "--covariate-keys",
+    "perturbation_key": "--perturbation-key",
+}
+
+
+def cli_message(err: BaseException) -> str:
+    """The library's message of ``err`` with keyword spellings (``layer='counts'``,
+    ``allow_unseen=True``) rewritten as this CLI's flags (``--layer counts``, ``--allow-unseen``)."""
+    text = str(err.args[0]) if err.args else str(err) or type(err).__name__
+    text = text.replace("allow_unseen=True", "--allow-unseen")
+
+    def repl(m: re.Match) -> str:
+        value = m.group(2) if m.group(2) is not None else m.group(3)
+        return f"{_FLAG_OF[m.group(1)]} {shlex.quote(value)}"
+
+    pattern = r"\b(" + "|".join(_FLAG_OF) + r")=(?:'([^']*)'|(-?[0-9][0-9.e+-]*))(?: \(CLI: --[\w-]+\))?"
+    return re.sub(pattern, repl, text)
+
+
+def split_list(text: str | None, what: str, option: str | None = None) -> list[str]:
+    """Comma-separated items of an option (stripped); empty items are an error."""
+    if text is None:
+        return []
+    items = [t.strip() for t in text.split(",")]
+    if any(t == "" for t in items):
+        raise click.BadParameter(
+            f"{text!r} has an empty item; separate {what} with single commas, e.g. 'A+B,C'.",
+            param_hint=option,
+        )
+    return items
+
+
+def check_out_parent(path: str, option: str) -> Path:
+    """Fail early (before any work) if the folder that would hold ``path`` does not exist."""
+    p = Path(path)
+    parent = p.expanduser().resolve().parent
+    if not parent.is_dir():
+        raise click.ClickException(
+            f"{option} {path}: the folder {parent} does not exist. Create it first "
+            f"(mkdir -p {parent}) or choose another path."
+        )
+    return p
+
+
+def default_objective(likelihood: str) -> str:
+    """``elbo`` for the negative binomial (it has a density but cannot be sampled
+    differentiably); ``energy`` for ``gaussian`` and ``implicit``."""
+    return "elbo" if likelihood == "negative_binomial" else "energy"
+
+
+def fit_file(
+    data_path,
+    *,
+    perturbation_key: str,
+    control: str,
+    out,
+    objective: str | None = None,
+    likelihood: str = "gaussian",
+    steps: int = 2000,
+    seed: int = 0,
+    batch_size: int = 256,
+    latent_dim: int = 10,
+    learning_rate: float = 2e-3,
+    layer: str | None = None,
+    dose_key: str | None = None,
+    sep: str = "+",
+    covariate_keys: Sequence[str] = (),
+    holdout: Sequence[str] = (),
+    progress: bool = True,
+):
+    """Read ``data_path`` (h5ad), drop the ``holdout`` conditions, fit the additive shift model
+    and save it to the folder ``out``.
+
+    Returns ``(fit_result, data_used, held_out_labels)``. Library errors (ValueError/KeyError)
+    propagate with their messages.
+    """
+    import anndata as ad
+
+    from perturbax.data.core import from_anndata
+    from perturbax.inference.fitting import fit as fit_model
+    from perturbax.models.config import AdditiveShiftConfig
+
+    objective = objective or default_objective(likelihood)
+    try:
+        adata = ad.read_h5ad(data_path)
+    except Exception as err:  # h5py/anndata raise many types for a file that is not h5ad
+        raise ValueError(f"Cannot read {data_path} as an h5ad file ({type(err).__name__}: {err}).") from None
+    data = from_anndata(
+        adata,
+        perturbation_key,
+        control,
+        sep=sep,
+        dose_key=dose_key,
+        layer=layer,
+        covariate_keys=tuple(covariate_keys),
+        counts=likelihood == "negative_binomial",
+    )
+    held: list[str] = []
+    if holdout:
+        for lab in holdout:
+            canon = data.registry.canonical(lab)
+            if canon == data.control:
+                raise ValueError(
+                    f"--holdout names the control {control!r}; predictions start from control cells, "
+                    f"so they cannot be held out."
+                )
+            data.condition_index(canon)  # error with close matches if it has no cells
+            if canon not in held:
+                held.append(canon)
+        data = data.select(held, exclude=True)
+    config = AdditiveShiftConfig(
+        n_genes=data.n_genes,
+        n_perturbations=data.K,
+        latent_dim=latent_dim,
+        n_covariates=data.covariate_design()[0].shape[1],
+        likelihood=likelihood,
+    )
+    result = fit_model(
+        "additive_shift",
+        data,
+        config=config,
+        objective=objective,
+        steps=steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        seed=seed,
+        progress=progress,
+    )
+    record = {
+        "data": str(Path(data_path).resolve()),
+        "control": control,
+        "layer": layer,
+        "dose_key": dose_key,
+        "sep": sep,
+        "covariate_keys": list(covariate_keys),
+        "holdout": held,
+        "likelihood": likelihood,
+        "latent_dim": latent_dim,
+    }
+    result = dataclasses.replace(result, info={**result.info, "cli": record})
+    result.save(out)
+    return result, data, held
+
+
+@click.command("fit")
+@click.argument("data", type=click.Path(exists=True, dir_okay=False))
+@click.option("--perturbation-key", "-k", required=True, help="obs column with perturbation labels.")
+@click.option("--control", required=True, help="Label of control (unperturbed) cells.")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=True, file_okay=False),
+              help="Folder to save the fit in (created; its parent must exist).")
+@click.option("--objective", type=click.Choice(["energy", "elbo"]), default=None,
+              help="Training objective [default: energy for gaussian/implicit, elbo for negative_binomial].")
+@click.option("--likelihood", type=click.Choice(["gaussian", "negative_binomial", "implicit"]),
+              default="gaussian", show_default=True,
+              help="gaussian: log-normalised data; negative_binomial: raw counts (use --layer); "
+                   "implicit: noise fed to the decoder (energy only).")
+@click.option("--steps", default=2000, show_default=True, type=click.IntRange(min=1), help="Optimiser steps.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the fit.")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Cells per step.")
+@click.option("--latent-dim", default=10, show_default=True, type=click.IntRange(min=1), help="Latent dimension d.")
+@click.option("--learning-rate", default=2e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Initial Adam step size (cosine-decayed).")
+@click.option("--layer", default=None, help="Layer with the expression to fit (default X); e.g. counts.")
+@click.option("--dose-key", default=None, help="obs column of doses aligned with the components ('0.5+2').")
+@click.option("--sep", default="+", show_default=True, help="Separator of combined perturbations.")
+@click.option("--covariate-keys", default=None, help="Comma-separated categorical obs columns (e.g. batch,line).")
+@click.option("--holdout", default=None,
+              help='Comma-separated conditions to leave out of training, e.g. "A+B,C".')
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def fit(data, perturbation_key, control, out, objective, likelihood, steps, seed, batch_size, latent_dim,
+        learning_rate, layer, dose_key, sep, covariate_keys, holdout, no_progress):
+    """Fit the additive latent shift model to DATA (h5ad) and save it to --out.
+
+    Every condition in DATA trains the model except those in --holdout. The objective defaults to
+    energy for the gaussian and implicit likelihoods and to elbo for negative_binomial;
+    implicit + elbo and negative_binomial + energy cannot work and are refused. negative_binomial
+    needs raw integer counts (e.g. --layer counts). Predict from the saved fit with
+    `perturbax predict MODEL_DIR --perturbations ...`; predictions are in the expression space of
+    the fitted matrix (X or --layer).
+    """
+    check_out_parent(out, "--out")
+    covs = split_list(covariate_keys, "covariate keys", "--covariate-keys")
+    held = split_list(holdout, "held-out conditions", "--holdout")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        warnings.simplefilter("always", UserWarning)
+        try:
+            result, used, held_out = fit_file(
+                data, perturbation_key=perturbation_key, control=control, out=out, objective=objective,
+                likelihood=likelihood, steps=steps, seed=seed, batch_size=batch_size, latent_dim=latent_dim,
+                learning_rate=learning_rate, layer=layer, dose_key=dose_key, sep=sep, covariate_keys=covs,
+                holdout=held, progress=not no_progress,
+            )
+        except (ValueError, KeyError) as err:
+            raise click.ClickException(cli_message(err)) from None
+    for w in caught:
+        if issubclass(w.category, (RuntimeWarning, UserWarning)):
+            click.echo(f"warning: {cli_message(w.message)}", err=True)
+
+    info = result.info
+    loss = np.asarray(result.history["loss"])
+    final = f"{loss[-1]:.6g}" if loss.size else "n/a"
+    lines = [
+        f"Fitted {result.model_name} (objective {result.objective}, likelihood {likelihood}, latent_dim "
+        f"{latent_dim}) on {used.n_cells} cells x {used.n_genes} genes, {used.n_conditions} conditions, "
+        f"K={used.K} elementary perturbations"
+        + (f" ({len(result.seen_elementary)} seen in training)" if len(result.seen_elementary) != used.K else "")
+        + ".",
+    ]
+    if held_out:
+        lines.append(f"Held out {len(held_out)} condition(s): {', '.join(held_out)}")
+    lines.append(f"Steps run: {info.get('steps_run')} of {steps}; stop reason: {info.get('stop_reason')}")
+    lines.append(f"Final loss: {final}")
+    val = np.asarray(result.history.get("val_loss", []))
+    if val.size:
+        lines.append(f"Held-out loss: {val[-1]:.6g} (best at step {info.get('best_step')}, parameters kept)")
+    lines.append(f"Saved to {out}")
+    click.echo("\n".join(lines))

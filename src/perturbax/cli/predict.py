@@ -1,0 +1,164 @@
+"""``perturbax predict``: predicted cells and credible intervals from a saved fit."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+import numpy as np
+import pandas as pd
+
+from perturbax.cli.fit import check_out_parent, cli_message, split_list
+
+__all__ = ["predict", "predict_dir", "load_fit", "prediction_summary_table"]
+
+SUMMARY_COLUMNS = ("perturbation", "gene", "mean", "lower", "upper")
+
+
+def load_fit(model_dir):
+    """``FitResult.load`` with every failure turned into a ``ValueError`` with one clear line."""
+    from perturbax.inference.result import FitResult
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ValueError(f"{model_dir} is not a folder; give the folder written by `perturbax fit --out`.")
+    try:
+        return FitResult.load(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(str(err.args[0]) if err.args else str(err)) from None
+    except (KeyError, TypeError, AttributeError, IndexError) as err:  # meta.json parses but is malformed
+        if isinstance(err, KeyError) and err.args:
+            what = f"missing entry {err.args[0]!r}"
+        else:
+            what = f"{type(err).__name__}: {err}"
+        raise ValueError(
+            f"{model_dir} is not a valid perturbax fit: its meta.json is malformed ({what}). "
+            f"Re-save the fit or refit with `perturbax fit`."
+        ) from None
+
+
+def prediction_summary_table(adata) -> pd.DataFrame:
+    """Tidy per-gene table of a prediction: one row per (perturbation, gene) with the posterior
+    mean and interval bounds of the mean expression (``varm["pred_mean"/"pred_lower"/"pred_upper"]``,
+    columns in the order of ``uns["perturbax"]["labels"]``)."""
+    labels = [str(lab) for lab in np.asarray(adata.uns["perturbax"]["labels"]).reshape(-1)]
+    genes = [str(g) for g in adata.var_names]
+    cols = {}
+    for name, key in (("mean", "pred_mean"), ("lower", "pred_lower"), ("upper", "pred_upper")):
+        arr = np.asarray(adata.varm[key])
+        if arr.shape != (len(genes), len(labels)):
+            raise ValueError(
+                f"varm[{key!r}] has shape {arr.shape}; expected (n_genes, n_labels) = "
+                f"({len(genes)}, {len(labels)})."
+            )
+        cols[name] = arr.T.reshape(-1)  # perturbation-major: all genes of the first label first
+    return pd.DataFrame(
+        {
+            "perturbation": np.repeat(labels, len(genes)),
+            "gene": np.tile(genes, len(labels)),
+            **cols,
+        },
+        columns=list(SUMMARY_COLUMNS),
+    )
+
+
+def predict_dir(
+    model_dir,
+    perturbations: Sequence[str],
+    *,
+    n_cells: int | None = None,
+    num_samples: int = 100,
+    seed: int = 0,
+    interval: float = 0.9,
+    source: str = "control",
+    allow_unseen: bool = False,
+):
+    """Load the fit in ``model_dir`` and predict ``perturbations``; returns ``(adata, fit)``."""
+    from perturbax.inference.prediction import predict as predict_api
+
+    fit_result = load_fit(model_dir)
+    adata = predict_api(
+        fit_result,
+        list(perturbations),
+        n_cells=n_cells,
+        num_samples=num_samples,
+        source=source,
+        interval=interval,
+        seed=seed,
+        allow_unseen=allow_unseen,
+    )
+    return adata, fit_result
+
+
+@click.command("predict")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--perturbations", "-p", required=True,
+              help='Comma-separated labels, e.g. "A+B,A:0.5+C:2" (A:0.5 = A at dose 0.5; combinations '
+                   "joined with the --sep used at fit time).")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
+              help="h5ad file of predicted cells (its folder must exist).")
+@click.option("--summary", default=None, type=click.Path(dir_okay=False),
+              help="Also write a per-gene CSV: perturbation, gene, mean, lower, upper.")
+@click.option("--n-cells", default=None, type=click.IntRange(min=1),
+              help="Cells per perturbation [default: number of training control cells].")
+@click.option("--num-samples", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Posterior draws of the global parameters.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the prediction.")
+@click.option("--interval", default=0.9, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True, max_open=True), help="Credible level of the intervals.")
+@click.option("--source", default="control", show_default=True, type=click.Choice(["control", "prior"]),
+              help="Basal states: training control cells, or draws from the base distribution.")
+@click.option("--allow-unseen", is_flag=True,
+              help="Predict perturbations whose components were never seen in training (prior-only effect).")
+def predict(model_dir, perturbations, out, summary, n_cells, num_samples, seed, interval, source, allow_unseen):
+    """Predict cells of perturbations from the fit saved in MODEL_DIR (by `perturbax fit`).
+
+    Writes --out (h5ad): X holds the predicted cells in the expression space of the training
+    matrix, var names are the training genes, obs[KEY] (KEY: the --perturbation-key of the fit)
+    the canonical label of each cell and obs["draw"] the posterior draw used;
+    varm["pred_mean"/"pred_lower"/"pred_upper"] hold the posterior mean and credible bounds of
+    each perturbation's mean expression (columns in the order of uns["perturbax"]["labels"]).
+    """
+    labels = split_list(perturbations, "perturbations", "--perturbations")
+    out_path = check_out_parent(out, "--out")
+    summary_path = check_out_parent(summary, "--summary") if summary is not None else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        warnings.simplefilter("always", RuntimeWarning)
+        try:
+            adata, fit_result = predict_dir(
+                model_dir, labels, n_cells=n_cells, num_samples=num_samples, seed=seed, interval=interval,
+                source=source, allow_unseen=allow_unseen,
+            )
+        except (ValueError, KeyError) as err:
+            raise click.ClickException(cli_message(err)) from None
+    for w in caught:
+        if issubclass(w.category, (UserWarning, RuntimeWarning)):
+            click.echo(f"warning: {cli_message(w.message)}", err=True)
+
+    try:
+        adata.write_h5ad(out_path)
+    except Exception as err:
+        raise click.ClickException(
+            f"Could not write the predictions to {out} ({type(err).__name__}: {err})."
+        ) from None
+    meta = adata.uns["perturbax"]
+    key = fit_result.perturbation_key
+    counts = adata.obs[key].value_counts(sort=False)
+    layer = (fit_result.info.get("cli") or {}).get("layer")
+    space = f"layers[{layer!r}]" if layer else "X"
+    click.echo(
+        f"Predicted {adata.n_obs} cells x {adata.n_vars} genes for {len(counts)} perturbation(s) "
+        f"({num_samples} posterior draws, source {source}, {interval:g} intervals)."
+    )
+    click.echo("Labels (obs[" + json.dumps(key) + "]): " + ", ".join(f"{lab} ({n})" for lab, n in counts.items()))
+    if fit_result.info.get("cli"):
+        click.echo(f"Expression space: {space} of the training data.")
+    click.echo(f"Wrote {out}")
+    if summary_path is not None:
+        table = prediction_summary_table(adata)
+        table.to_csv(summary_path, index=False)
+        click.echo(f"Wrote {len(table)} rows ({len(meta['labels'])} perturbations x {adata.n_vars} genes) to {summary}")

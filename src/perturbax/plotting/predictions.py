@@ -1,0 +1,86 @@
+"""Predicted vs observed mean expression, with credible intervals."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+__all__ = ["plot_predicted_vs_observed", "plot_gene_intervals"]
+
+
+def _check(mean, lower, upper, observed=None):
+    mean, lower, upper = (np.asarray(a, dtype=float).ravel() for a in (mean, lower, upper))
+    if not (mean.shape == lower.shape == upper.shape):
+        raise ValueError(f"mean, lower, upper must have the same length, got {mean.shape}, {lower.shape}, {upper.shape}.")
+    if observed is not None:
+        observed = np.asarray(observed, dtype=float).ravel()
+        if observed.shape != mean.shape:
+            raise ValueError(f"observed has {observed.size} genes but the prediction has {mean.size}.")
+    return mean, lower, upper, observed
+
+
+def plot_predicted_vs_observed(
+    mean, lower, upper, observed, *, control=None, ax=None, title: str | None = None, max_genes: int | None = 2000
+):
+    """One point per gene: observed mean (x) against predicted mean (y) with its credible interval.
+
+    With ``control`` (the control mean), both axes show the change from control, which is where
+    perturbation effects are visible. Points whose interval misses the observed value are red;
+    the legend gives the fraction covered.
+    """
+    mean, lower, upper, observed = _check(mean, lower, upper, observed)
+    if control is not None:
+        control = np.asarray(control, dtype=float).ravel()
+        mean, lower, upper, observed = mean - control, lower - control, upper - control, observed - control
+    idx = np.arange(mean.size)
+    if max_genes is not None and mean.size > max_genes:
+        idx = np.argsort(-np.abs(observed))[:max_genes]
+    ax = ax or plt.subplots(figsize=(4.2, 4.2))[1]
+    inside = (observed[idx] >= lower[idx]) & (observed[idx] <= upper[idx])
+    for mask, color, lab in ((inside, "tab:blue", "interval covers observed"), (~inside, "tab:red", "interval misses")):
+        if mask.any():
+            j = idx[mask]
+            ax.errorbar(
+                observed[j], mean[j], yerr=[mean[j] - lower[j], upper[j] - mean[j]], fmt="o", ms=3, lw=0.8,
+                color=color, alpha=0.8, label=f"{lab} ({mask.mean():.0%})",
+            )
+    lo = float(min(observed[idx].min(), lower[idx].min()))
+    hi = float(max(observed[idx].max(), upper[idx].max()))
+    ax.plot([lo, hi], [lo, hi], color="0.5", lw=0.8, ls="--", zorder=0)
+    what = "change from control" if control is not None else "mean expression"
+    ax.set_xlabel(f"observed {what}")
+    ax.set_ylabel(f"predicted {what}")
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    return ax
+
+
+def plot_gene_intervals(
+    mean, lower, upper, gene_names: Sequence[str], *, observed=None, control=None, top: int = 25, ax=None,
+    title: str | None = None,
+):
+    """Per-gene credible intervals of the mean for one perturbation (the ``top`` genes with the
+    largest predicted change from ``control``, or the largest predicted means without it)."""
+    mean, lower, upper, observed = _check(mean, lower, upper, observed)
+    names = np.asarray(list(gene_names))
+    if names.size != mean.size:
+        raise ValueError(f"gene_names has {names.size} entries but the prediction has {mean.size} genes.")
+    score = np.abs(mean - np.asarray(control, dtype=float).ravel()) if control is not None else np.abs(mean)
+    idx = np.argsort(-score)[: min(top, mean.size)][::-1]
+    ax = ax or plt.subplots(figsize=(4.5, 0.22 * idx.size + 1.0))[1]
+    y = np.arange(idx.size)
+    ax.hlines(y, lower[idx], upper[idx], color="tab:blue", lw=2, label="credible interval")
+    ax.plot(mean[idx], y, "o", color="tab:blue", ms=3, label="posterior mean")
+    if observed is not None:
+        ax.plot(observed[idx], y, "x", color="k", ms=4, label="observed")
+    if control is not None:
+        ax.plot(np.asarray(control, dtype=float).ravel()[idx], y, "|", color="0.5", ms=6, label="control")
+    ax.set_yticks(y, names[idx], fontsize=7)
+    ax.set_xlabel("mean expression")
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    return ax
