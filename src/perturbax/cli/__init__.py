@@ -12,6 +12,7 @@ __all__ = ["main"]
 
 # (command name, module, attribute): imported lazily so `perturbax --help` starts fast.
 _COMMANDS = {
+    "check-design": ("perturbax.cli.check_design", "check_design"),
     "demo": ("perturbax.cli.demo", "demo"),
     "evaluate": ("perturbax.cli.evaluate", "evaluate"),
     "fit": ("perturbax.cli.fit", "fit"),

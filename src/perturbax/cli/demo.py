@@ -14,7 +14,7 @@ __all__ = ["demo"]
 @click.option("--out", default="perturbax_demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the report (report.md, evaluation.csv, summary.csv, plots).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the simulation and the fits.")
-@click.option("--steps", default=3000, show_default=True, type=click.IntRange(min=1), help="Optimiser steps per fit.")
+@click.option("--steps", default=5000, show_default=True, type=click.IntRange(min=1), help="Optimiser steps per fit.")
 @click.option("--objectives", default="energy", show_default=True,
               help="Comma-separated objectives to fit: energy, elbo.")
 @click.option("--fast", is_flag=True, help="A quick check: smaller simulation, 200 steps, few draws.")

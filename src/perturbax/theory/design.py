@@ -1,0 +1,616 @@
+"""Design-level identifiability: which unseen perturbations a training design can predict.
+
+Model (additive latent shift, DESIGN 2.1): ``z = z_base + W l``. A training design is a set of
+measured label vectors ``l_e`` (rows of ``L``) with the control ``l_0 = 0`` (or a declared
+reference row). With ``D = [l_e - l_0]``:
+
+- a test perturbation ``l*`` is **covered** iff ``l* - l_0`` lies in ``rowspace(D)`` -- the affine
+  hull of the training labels, not their convex hull and not a cone. Then
+  ``l* = l_0 + sum_e c_e (l_e - l_0)`` and its latent shift is determined by the measured ones;
+- coefficients outside the convex hull (some ``c_e < 0``, or ``sum_e c_e > 1``) mean the model
+  must **extrapolate** beyond the latent states it was trained on: covered, but harder;
+- elementary perturbation ``k`` is **identified** iff the unit vector ``e_k`` is covered; all of
+  ``W`` iff ``rank(D) = K``;
+- ``rank(D) >= d`` is necessary for the shifts to span a ``d``-dimensional latent space.
+
+Tolerances (all explicit, float64): ``rank(D)`` counts singular values above
+``rtol * s_max(D)`` (``rtol=1e-8``); a vector ``t`` is covered iff its distance to the row space is
+at most ``residual_rtol * ||t||`` (``residual_rtol=1e-6``); coefficients count as inside the hull
+up to ``hull_atol`` (``1e-8``), and the linear program for dependent training labels accepts an
+``l1`` distance to the hull of at most ``1e-6 * max(1, ||t||_1)``. See
+:mod:`perturbax.theory.rowspace` for the algorithm (duplicates
+removed, one SVD -- after exact elimination of single-perturbation rows for large designs -- and
+all tests projected at once).
+
+Coefficients
+------------
+For each test the report gives one representation ``c`` over the *distinct* training labels
+(duplicated rows are merged; the reference has no coefficient): the minimum-norm one, which is the
+unique one when the training labels are linearly independent. When that representation is not
+convex but another is (the training labels are dependent), a convex one found by linear programming
+is given as ``hull_coefficients`` and the test counts as inside the hull. Coefficients cost
+``O(n_rows)`` per test, so they are computed for the first ``max_details`` tests (default 100);
+:meth:`DesignReport.coefficients` computes them for any test on request.
+
+JSON form (``DesignReport.to_dict()``; ``perturbax check-design --json``), schema
+``perturbax.check_design/1``::
+
+    {
+      "schema": "perturbax.check_design/1",
+      "status": "ok" | "warning" | "fail",
+      "message": str,                        # what it means / what to do
+      "elementary": [str],                   # the K elementary perturbations (column order)
+      "reference": str,                      # label of l_0 ("control" for the zero vector)
+      "control_present": bool,               # l_0 is a measured training row
+      "n_rows": int, "n_distinct_rows": int, # training rows, distinct training labels
+      "rank": int, "full_rank": bool,        # rank(D), rank(D) == K
+      "latent_dim": int | null, "latent_dim_ok": bool | null,
+      "method": "svd" | "peel",
+      "rtol": float, "tolerance": float,     # relative and absolute rank tolerance
+      "residual_rtol": float, "hull_atol": float,
+      "singular_values": [float],            # of D (method "svd") or of the SVD block ("peel")
+      "smallest_retained": float | null, "largest_dropped": float | null,
+      "n_eliminated": int, "min_pivot": float | null,   # method "peel" only (else 0 / null)
+      "identified_elementary": [str],
+      "unidentified_elementary": [str],
+      "elementary_residuals": {name: float}, # distance of e_k to the row space
+      "n_tests": int, "n_covered": int, "n_extrapolating": int,
+      "tests": [
+        {
+          "label": str,                      # as given (strings) or canonical (vectors)
+          "covered": bool,
+          "residual": float,                 # ||t - P t||, t = l* - l_0
+          "relative_residual": float,        # residual / ||t|| (0 for t = 0)
+          "in_convex_hull": bool | null,     # null: not determined (see "details")
+          "coefficients": {training label: float} | null,      # null: not computed
+          "hull_coefficients": {training label: float} | null, # convex representation, if found by LP
+          "missing_direction": {name: float},  # unit direction of the unmeasured part (uncovered tests)
+          "suggested_additions": [str],      # labels to add so that this test becomes covered
+          "details": bool,                   # coefficients / directions computed for this test
+          "message": str
+        }, ...
+      ]
+    }
+
+Only coefficients with ``|c| > 1e-12 * max(1, max|c|)`` are listed; missing labels have 0.
+Statuses: ``fail`` if a test is not covered or ``rank < latent_dim``; ``warning`` if a covered test
+needs extrapolation, the control is not among the training rows, or -- when no tests are given --
+some elementary perturbation is not identified; ``ok`` otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from perturbax.data.labels import PerturbationRegistry
+from perturbax.theory._design_input import PreparedDesign, prepare_design, resolve_registry
+from perturbax.theory.report import (
+    FAIL,
+    OK,
+    WARNING,
+    ReportMixin,
+    fmt,
+    format_direction,
+    join_names,
+    top_weights,
+)
+from perturbax.theory.rowspace import (
+    DEFAULT_RESIDUAL_RTOL,
+    DEFAULT_RTOL,
+    RowSpace,
+    convex_coefficients,
+    is_convex,
+    min_norm_coefficients,
+)
+from perturbax.theory.suggest import greedy_unit_additions
+
+__all__ = ["CoverageResult", "DesignReport", "check_design", "DEFAULT_HULL_ATOL", "SCHEMA"]
+
+SCHEMA = "perturbax.check_design/1"
+DEFAULT_HULL_ATOL = 1e-8
+_LP_MAX_ROWS = 2000
+_COEF_DROP = 1e-12
+
+
+@dataclass(frozen=True, eq=False)
+class CoverageResult:
+    """Coverage of one test perturbation.
+
+    Attributes
+    ----------
+    label
+        The test as given (strings) or its canonical label (vectors).
+    covered
+        ``l* - l_0`` lies in the row space of the training differences (within ``residual_rtol``).
+    residual, relative_residual
+        ``||t - P t||`` and that divided by ``||t||`` (``t = l* - l_0``).
+    in_convex_hull
+        Inside the convex hull of the training labels (``False`` if not covered; ``None`` if not
+        determined: no details, or too many training labels for the linear program).
+    coefficients
+        ``{training label: c_e}`` of the minimum-norm representation (``None``: not computed).
+    hull_coefficients
+        A convex representation when the minimum-norm one is not convex but one exists.
+    missing_direction
+        For uncovered tests: the unit direction of ``t - P t`` (largest entries, signs as in the
+        test), i.e. what the design never measures.
+    suggested_additions
+        Labels whose addition to the design covers this test (greedy over single perturbations,
+        preferring those in the test itself).
+    details
+        Whether coefficients / directions / suggestions were computed for this test.
+    message
+        One sentence for the experimenter.
+    """
+
+    label: str
+    covered: bool
+    residual: float
+    relative_residual: float
+    in_convex_hull: bool | None
+    coefficients: dict[str, float] | None
+    hull_coefficients: dict[str, float] | None
+    missing_direction: dict[str, float]
+    suggested_additions: tuple[str, ...]
+    details: bool
+    message: str
+
+    @property
+    def extrapolation(self) -> bool:
+        """Covered but outside the convex hull of the training labels."""
+        return bool(self.covered and self.in_convex_hull is False)
+
+    def to_dict(self) -> dict:
+        return {
+            "label": self.label,
+            "covered": bool(self.covered),
+            "residual": float(self.residual),
+            "relative_residual": float(self.relative_residual),
+            "in_convex_hull": self.in_convex_hull,
+            "coefficients": None if self.coefficients is None else dict(self.coefficients),
+            "hull_coefficients": None if self.hull_coefficients is None else dict(self.hull_coefficients),
+            "missing_direction": dict(self.missing_direction),
+            "suggested_additions": list(self.suggested_additions),
+            "details": bool(self.details),
+            "message": self.message,
+        }
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class DesignReport(ReportMixin):
+    """Result of :func:`check_design` (see the module docstring for the meaning of every field)."""
+
+    status: str
+    message: str
+    names: tuple[str, ...]
+    reference: str
+    control_present: bool
+    n_rows: int
+    n_distinct_rows: int
+    rank: int
+    method: str
+    rtol: float
+    tolerance: float
+    residual_rtol: float
+    hull_atol: float
+    singular_values: np.ndarray
+    smallest_retained: float | None
+    largest_dropped: float | None
+    n_eliminated: int
+    min_pivot: float | None
+    identified: np.ndarray
+    elementary_residuals: np.ndarray
+    latent_dim: int | None
+    tests: tuple[CoverageResult, ...]
+    covered: np.ndarray
+    relative_residuals: np.ndarray
+    space: RowSpace = field(repr=False)
+    design: PreparedDesign = field(repr=False)
+
+    # ------------------------------------------------------------- derived
+    @property
+    def K(self) -> int:
+        return len(self.names)
+
+    @property
+    def full_rank(self) -> bool:
+        return self.rank == self.K
+
+    @property
+    def identified_elementary(self) -> tuple[str, ...]:
+        return tuple(n for n, ok in zip(self.names, self.identified) if ok)
+
+    @property
+    def unidentified_elementary(self) -> tuple[str, ...]:
+        return tuple(n for n, ok in zip(self.names, self.identified) if not ok)
+
+    @property
+    def latent_dim_ok(self) -> bool | None:
+        return None if self.latent_dim is None else self.rank >= self.latent_dim
+
+    @property
+    def uncovered(self) -> tuple[str, ...]:
+        return tuple(t.label for t in self.tests if not t.covered)
+
+    @property
+    def extrapolating(self) -> tuple[str, ...]:
+        return tuple(t.label for t in self.tests if t.extrapolation)
+
+    def test(self, label: str) -> CoverageResult:
+        """The result of the test with this label (as given)."""
+        for t in self.tests:
+            if t.label == label:
+                return t
+        raise KeyError(f"No test labelled {label!r}; tests: {join_names([t.label for t in self.tests])}.")
+
+    def coefficients(self, tests) -> list[dict[str, float] | None]:
+        """Minimum-norm coefficients ``{training label: c}`` for any perturbations (label strings,
+        mappings or vectors), computed now; ``None`` for those not covered (or whose iterative
+        solve did not converge on a very ill-conditioned large design)."""
+        T, _ = self.design.differences(tests, "tests")
+        Td = T.toarray()
+        tnorm = np.linalg.norm(Td, axis=1)
+        res = np.linalg.norm(self.space.residuals(Td), axis=1)
+        cov = res <= self.residual_rtol * tnorm
+        C = min_norm_coefficients(self.design.D, self.space, Td)
+        keys = _unique_keys(self.design.labels)
+        ok = cov & np.isfinite(C).all(axis=1)
+        return [_coef_map(C[i], keys) if ok[i] else None for i in range(Td.shape[0])]
+
+    # ------------------------------------------------------------- output
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "status": self.status,
+            "message": self.message,
+            "elementary": list(self.names),
+            "reference": self.reference,
+            "control_present": bool(self.control_present),
+            "n_rows": int(self.n_rows),
+            "n_distinct_rows": int(self.n_distinct_rows),
+            "rank": int(self.rank),
+            "full_rank": bool(self.full_rank),
+            "latent_dim": self.latent_dim,
+            "latent_dim_ok": self.latent_dim_ok,
+            "method": self.method,
+            "rtol": float(self.rtol),
+            "tolerance": float(self.tolerance),
+            "residual_rtol": float(self.residual_rtol),
+            "hull_atol": float(self.hull_atol),
+            "singular_values": [float(s) for s in self.singular_values],
+            "smallest_retained": self.smallest_retained,
+            "largest_dropped": self.largest_dropped,
+            "n_eliminated": int(self.n_eliminated),
+            "min_pivot": self.min_pivot,
+            "identified_elementary": list(self.identified_elementary),
+            "unidentified_elementary": list(self.unidentified_elementary),
+            "elementary_residuals": {n: float(r) for n, r in zip(self.names, self.elementary_residuals)},
+            "n_tests": len(self.tests),
+            "n_covered": int(np.sum(self.covered)),
+            "n_extrapolating": len(self.extrapolating),
+            "tests": [t.to_dict() for t in self.tests],
+        }
+
+    def render(self, max_tests: int = 50) -> str:
+        lines = [f"Design check: {self.status.upper()}"]
+        lines.append(f"  elementary perturbations ({self.K}): {join_names(self.names)}")
+        ref = "measured" if self.control_present else "NOT measured"
+        lines.append(
+            f"  training rows: {self.n_rows} ({self.n_distinct_rows} distinct); reference {self.reference!r} ({ref})"
+        )
+        margin = f"tolerance {fmt(self.tolerance)}"
+        if self.smallest_retained is not None:
+            margin += f", smallest kept singular value {fmt(self.smallest_retained)}"
+        if self.largest_dropped is not None:
+            margin += f", largest dropped {fmt(self.largest_dropped)}"
+        if self.n_eliminated:
+            margin += f"; {self.n_eliminated} found from single-perturbation rows (min dose {fmt(self.min_pivot)})"
+        lines.append(f"  rank {self.rank} of {self.K} [{self.method}: {margin}]")
+        lines.append(f"  identified: {join_names(self.identified_elementary)}")
+        if not self.full_rank or self.unidentified_elementary:
+            lines.append(f"  not identified: {join_names(self.unidentified_elementary)}")
+        if self.latent_dim is not None:
+            ok = "ok" if self.latent_dim_ok else "TOO LOW"
+            lines.append(f"  latent dimension {self.latent_dim}: rank {self.rank} {ok}")
+        if self.tests:
+            lines.append(f"  tests: {int(np.sum(self.covered))} of {len(self.tests)} covered")
+            width = min(40, max(len(t.label) for t in self.tests))
+            for t in self.tests[:max_tests]:
+                if t.covered:
+                    state = "covered    "
+                    hull = {True: "inside hull", False: "OUTSIDE hull (extrapolation)", None: ""}[t.in_convex_hull]
+                    extra = hull
+                    if t.coefficients is not None:
+                        coefs = ", ".join(f"{k} {v:.3g}" for k, v in list(t.coefficients.items())[:6])
+                        more = " ..." if len(t.coefficients) > 6 else ""
+                        extra += f"; coefficients: {coefs or '(none)'}{more}"
+                else:
+                    state = "NOT covered"
+                    extra = f"missing: {format_direction(t.missing_direction)}" if t.missing_direction else ""
+                    if t.suggested_additions:
+                        extra += f" -> add {join_names(t.suggested_additions)}"
+                lines.append(
+                    f"    {state}  {t.label.ljust(width)}  rel. residual {fmt(t.relative_residual)}  {extra}".rstrip()
+                )
+            if len(self.tests) > max_tests:
+                lines.append(f"    ... ({len(self.tests) - max_tests} more tests)")
+        lines.append(f"  {self.message}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- helpers
+def _unique_keys(labels: Sequence[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for lab in labels:
+        n = seen.get(lab, 0)
+        seen[lab] = n + 1
+        out.append(lab if n == 0 else f"{lab}#{n + 1}")
+    return out
+
+
+def _coef_map(c: np.ndarray, keys: Sequence[str]) -> dict[str, float]:
+    if c.size == 0:
+        return {}
+    cut = _COEF_DROP * max(1.0, float(np.max(np.abs(c))))
+    idx = np.flatnonzero(np.abs(c) > cut)
+    return dict(zip([keys[i] for i in idx.tolist()], c[idx].tolist()))
+
+
+def _uncovered_message(
+    label: str,
+    rel: float,
+    missing: dict[str, float],
+    absent: set[str],
+    additions: Sequence[str],
+    control_reference: bool,
+) -> str:
+    if not missing:
+        return f"{label} is not covered (relative residual {fmt(rel)})."
+    names = list(missing)
+    if len(names) == 1:
+        n = names[0]
+        why = (
+            f"{n} never appears in the training design"
+            if n in absent
+            else f"the effect of {n} is never separated from the rest of the design"
+        )
+    else:
+        why = (
+            f"the design never separates {join_names(names, 6)} from each other "
+            f"(the direction {format_direction(missing, 4)} is never measured)"
+        )
+    text = f"{label} is not covered: {why}"
+    if additions:
+        how = f"{join_names(additions)} alone" if control_reference else join_names(additions)
+        text += f"; add {how}"
+    return text + "."
+
+
+def check_design(
+    train,
+    tests=None,
+    *,
+    names: Sequence[str] | None = None,
+    registry: PerturbationRegistry | None = None,
+    reference=None,
+    latent_dim: int | None = None,
+    rtol: float = DEFAULT_RTOL,
+    residual_rtol: float = DEFAULT_RESIDUAL_RTOL,
+    hull_atol: float = DEFAULT_HULL_ATOL,
+    max_details: int | None = 100,
+    suggest: bool = True,
+    method: str = "auto",
+) -> DesignReport:
+    """Check which test perturbations a training design covers (see the module docstring).
+
+    From a :class:`~perturbax.data.PerturbationData`:
+    ``check_design(data.design, ["A+B", "A:0.5+C:2"], registry=data.registry)``.
+
+    Parameters
+    ----------
+    train
+        Training design: label vectors ``(n_rows, K)`` (numpy or scipy.sparse; doses as values;
+        duplicates allowed) or label strings such as ``"A+B"``, ``"A:0.5+C:2"``, ``"control"``
+        (then pass ``names`` or ``registry``), or mappings ``{name: dose}``.
+    tests
+        Test perturbations, same forms (``None``: only the design itself is checked).
+    names, registry
+        Names of the elementary perturbations, in column order (default ``e1 .. eK``).
+    reference
+        ``l_0``: ``None`` for the control (zero vector), a row index of ``train``, or a label.
+    latent_dim
+        Requested latent dimension ``d``; ``rank(D) < d`` fails.
+    rtol, residual_rtol, hull_atol
+        Tolerances (module docstring).
+    max_details
+        Number of tests (from the first) that get coefficients, convex-hull checks, missing
+        directions and suggestions; ``None`` for all. Coverage and residuals are always computed
+        for every test.
+    suggest
+        Compute, for each uncovered test with details, elementary perturbations to add alone.
+    method
+        Row-space algorithm: ``"auto"``, ``"svd"`` or ``"peel"`` (:mod:`perturbax.theory.rowspace`).
+    """
+    for name, val in (("residual_rtol", residual_rtol), ("hull_atol", hull_atol)):
+        if not (0 <= val < 1):
+            raise ValueError(f"{name} must be in [0, 1), got {val}.")
+    if latent_dim is not None and (int(latent_dim) != latent_dim or latent_dim < 1):
+        raise ValueError(f"latent_dim must be a positive integer, got {latent_dim!r}.")
+    if max_details is not None and max_details < 0:
+        raise ValueError(f"max_details must be >= 0 or None, got {max_details}.")
+    reg = resolve_registry(names, registry, train, tests)
+    prep = prepare_design(train, reg, reference=reference)
+    space = RowSpace.from_rows(prep.D, rtol=rtol, method=method)
+    elem_res = space.elementary_residuals()
+    identified = elem_res <= residual_rtol
+
+    T, tlabels = prep.differences(tests, "tests")
+    m = T.shape[0]
+    tnorm = np.sqrt(np.asarray(T.multiply(T).sum(axis=1)).ravel()) if m else np.zeros(0)
+    res = space.residual_norms(T) if m else np.zeros(0)
+    rel = np.where(tnorm > 0, res / np.where(tnorm > 0, tnorm, 1.0), 0.0)
+    covered = rel <= residual_rtol
+
+    n_detail = m if max_details is None else min(m, int(max_details))
+    keys = _unique_keys(prep.labels)
+    absent = {reg.names[k] for k in np.setdiff1d(np.arange(reg.K), np.unique(prep.D.indices))}
+    control_ref = not np.any(prep.reference)
+    unique_repr = prep.D.shape[0] == space.rank
+    results: list[CoverageResult] = []
+    if n_detail:
+        Td = T[:n_detail].toarray()
+        Rd = space.residuals(Td)
+        cov_idx = np.flatnonzero(covered[:n_detail])
+        C = min_norm_coefficients(prep.D, space, Td[cov_idx]) if cov_idx.size else np.zeros((0, prep.D.shape[0]))
+        coef_rows = dict(zip(cov_idx.tolist(), C))
+    for i in range(m):
+        label = tlabels[i]
+        if i >= n_detail:
+            if covered[i]:
+                msg = f"{label} is covered (details computed for the first {n_detail} tests only)."
+            else:
+                msg = (
+                    f"{label} is not covered (relative residual {fmt(rel[i])}); details were computed for "
+                    f"the first {n_detail} tests only -- check it with max_details=None or on its own."
+                )
+            results.append(
+                CoverageResult(label, bool(covered[i]), float(res[i]), float(rel[i]), None if covered[i] else False,
+                               None, None, {}, (), False, msg)
+            )
+            continue
+        if covered[i] and not np.isfinite(coef_rows[i]).all():
+            msg = (
+                f"{label} is covered; its coefficients did not converge (the design is very "
+                f"ill-conditioned: rank margin {fmt(space.smallest_retained)})."
+            )
+            results.append(
+                CoverageResult(label, True, float(res[i]), float(rel[i]), None, None, None, {}, (), True, msg)
+            )
+        elif covered[i]:
+            c = coef_rows[i]
+            coefs = _coef_map(c, keys)
+            hull_coefs = None
+            inside: bool | None = is_convex(c, reference_is_row=prep.reference_is_row, atol=hull_atol)
+            if not inside and not unique_repr:
+                inside = None
+                if prep.D.shape[0] <= _LP_MAX_ROWS:
+                    try:
+                        hc = convex_coefficients(prep.D, space, Td[i], reference_is_row=prep.reference_is_row)
+                    except RuntimeError:
+                        hc, inside = None, None
+                    else:
+                        inside = hc is not None
+                        hull_coefs = None if hc is None else _coef_map(hc, keys)
+            if inside is True:
+                msg = f"{label} is covered and inside the convex hull of the training labels (interpolation)."
+            elif inside is False:
+                msg = (
+                    f"{label} is covered but outside the convex hull of the training labels: the model must "
+                    f"extrapolate beyond the measured latent shifts, expect larger errors."
+                )
+            else:
+                msg = (
+                    f"{label} is covered; whether it lies inside the convex hull was not determined "
+                    f"(more than {_LP_MAX_ROWS} distinct training labels, or the linear program did not finish)."
+                )
+            results.append(
+                CoverageResult(label, True, float(res[i]), float(rel[i]), inside, coefs, hull_coefs, {}, (), True, msg)
+            )
+        else:
+            missing = top_weights(Rd[i], reg.names, fix_sign=False)
+            adds: list[str] = []
+            if suggest:
+                ks = greedy_unit_additions(
+                    space, Rd[i], float(tnorm[i]), residual_rtol, elem_res**2, prefer=Td[i] != 0
+                )
+                for k in ks:
+                    v = prep.reference.copy()
+                    v[k] += 1.0
+                    adds.append(reg.names[k] if control_ref else reg.decode(v))
+            msg = _uncovered_message(label, float(rel[i]), missing, absent, adds, control_ref)
+            results.append(
+                CoverageResult(label, False, float(res[i]), float(rel[i]), False, None, None, missing,
+                               tuple(adds), True, msg)
+            )
+
+    # ----------------------------------------------------------------- summary
+    K = reg.K
+    unident = [n for n, ok in zip(reg.names, identified) if not ok]
+    parts: list[str] = []
+    statuses = [OK]
+    if not prep.reference_is_row:
+        statuses.append(WARNING)
+        parts.append(
+            f"The reference {prep.reference_label!r} is not among the training rows: coverage is computed "
+            f"as if it were measured; measure it (control cells) or pass reference=<a measured row>."
+        )
+    if space.rank == K:
+        parts.append(f"The design has full rank {K}: every elementary perturbation is identified.")
+    else:
+        parts.append(
+            f"The design has rank {space.rank} of {K}; not identified: {join_names(unident)} -- measure "
+            f"{'it' if len(unident) == 1 else 'each'} alone (or combined with identified perturbations)."
+        )
+        if m == 0:
+            statuses.append(WARNING)
+    if latent_dim is not None:
+        if space.rank < latent_dim:
+            statuses.append(FAIL)
+            parts.append(
+                f"rank {space.rank} < latent dimension {latent_dim}: the perturbation shifts span at most "
+                f"{space.rank} latent directions; add at least {latent_dim - space.rank} perturbation(s) with "
+                f"new directions or lower the latent dimension."
+            )
+        else:
+            parts.append(f"rank {space.rank} >= latent dimension {latent_dim} (necessary condition holds).")
+    if m:
+        n_cov = int(covered.sum())
+        parts.append(f"{n_cov} of {m} test perturbations are covered.")
+        if n_cov < m:
+            statuses.append(FAIL)
+            bad = [r for r in results if not r.covered]
+            parts.append(f"Not covered: {join_names([r.label for r in bad], 8)}.")
+            first = next((r for r in bad if r.details), None)
+            if first is not None:
+                parts.append(first.message)
+        ext = [r.label for r in results if r.extrapolation]
+        if ext:
+            statuses.append(WARNING)
+            parts.append(
+                f"{len(ext)} covered test(s) lie outside the convex hull of the training labels "
+                f"(extrapolation): {join_names(ext, 8)}."
+            )
+    status = max(statuses, key=[OK, WARNING, FAIL].index)
+    return DesignReport(
+        status=status,
+        message=" ".join(parts),
+        names=reg.names,
+        reference=prep.reference_label,
+        control_present=prep.reference_is_row,
+        n_rows=prep.n_rows,
+        n_distinct_rows=prep.n_distinct,
+        rank=space.rank,
+        method=space.method,
+        rtol=float(rtol),
+        tolerance=space.tolerance,
+        residual_rtol=float(residual_rtol),
+        hull_atol=float(hull_atol),
+        singular_values=space.singular_values,
+        smallest_retained=space.smallest_retained,
+        largest_dropped=space.largest_dropped,
+        n_eliminated=space.n_eliminated,
+        min_pivot=float(space.pivots.min()) if space.pivots.size else None,
+        identified=identified,
+        elementary_residuals=elem_res,
+        latent_dim=None if latent_dim is None else int(latent_dim),
+        tests=tuple(results),
+        covered=covered,
+        relative_residuals=rel,
+        space=space,
+        design=prep,
+    )
+

@@ -1,0 +1,722 @@
+"""Dynamics-level identifiability checks for the latent dynamical causal model (DESIGN 2.2, 3).
+
+Model: ``l`` latent programs follow ``dz/dt = (B - I)(z - mu) + S l`` after the perturbation is
+switched on at ``t = 0``; cells are snapshots at times ``t_i``. Identifiability of the programs
+rests on *contexts* -- distinct (perturbation, time) pairs -- changing the latent distribution
+enough (iVAE / latent-causal-model style results, see ``notes/identifiability.md`` B and D):
+
+- :func:`count_contexts`: the distinct contexts of a design with times. Time alone gives only
+  ``T + 1`` contexts; crossing perturbations with times is what supplies ``2l + 1``.
+- :func:`check_variability`: *sufficient variability*. With per-context Gaussian latent
+  parameters (means ``m``, variances ``v`` per program) the natural parameters are
+  ``eta = [m / v, -1 / (2 v)]`` in ``R^{2l}``; the stacked differences ``eta(u_k) - eta(u_0)``
+  must have rank ``2l`` (needs at least ``2l + 1`` contexts). If only the means vary, the
+  variance half is zero and the best possible is the weaker *mean-only* condition (rank ``l`` of the
+  mean shifts), which identifies the programs only up to an affine map.
+- :func:`check_targets`: intervention targets. Every program is targeted by some measured
+  perturbation, no two programs are always targeted together, and control cells are present.
+- :func:`check_dynamics`: all of the above in one report.
+
+The linear model links to the additive-shift model through ``W = (I - B)^{-1} S``
+(:func:`bs_to_w`); ``W`` alone does not determine ``B`` and ``S`` (:func:`w_to_bs`,
+:func:`equivalent_bs`).
+
+All checks are pure functions on arrays (float64) with explicit tolerances.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from perturbax.data.labels import PerturbationRegistry
+from perturbax.theory._design_input import as_label_rows, resolve_registry, row_labels
+from perturbax.theory.report import FAIL, OK, WARNING, ReportMixin, fmt, join_names, top_weights, worst_status
+
+__all__ = [
+    "ContextReport",
+    "VariabilityReport",
+    "TargetReport",
+    "DynamicsReport",
+    "count_contexts",
+    "check_variability",
+    "check_targets",
+    "check_dynamics",
+    "natural_parameters",
+    "bs_to_w",
+    "w_to_bs",
+    "equivalent_bs",
+]
+
+
+# --------------------------------------------------------------------------- contexts
+@dataclass(frozen=True, eq=False, repr=False)
+class ContextReport(ReportMixin):
+    """Distinct (perturbation, time) contexts of a design.
+
+    Attributes
+    ----------
+    n_contexts, n_perturbations, n_times
+        Distinct (perturbation, time) pairs, perturbations, times.
+    contexts
+        ``(label, time)`` of every context (time ``None`` without times), sorted.
+    times
+        Distinct times, sorted.
+    control_present
+        Some row is the control (zero label).
+    n_crossed
+        Perturbations measured at two or more times.
+    latent_dim
+        Number of latent programs ``l`` (if given): ``2l + 1`` contexts are needed for the full
+        sufficient-variability condition, ``l + 1`` for the mean-only one.
+    """
+
+    status: str
+    message: str
+    n_contexts: int
+    n_perturbations: int
+    n_times: int
+    contexts: tuple[tuple[str, float | None], ...]
+    times: np.ndarray
+    control_present: bool
+    n_crossed: int
+    latent_dim: int | None
+
+    @property
+    def required_full(self) -> int | None:
+        return None if self.latent_dim is None else 2 * self.latent_dim + 1
+
+    @property
+    def required_mean_only(self) -> int | None:
+        return None if self.latent_dim is None else self.latent_dim + 1
+
+    def to_dict(self) -> dict:
+        return {
+            "status": self.status,
+            "message": self.message,
+            "n_contexts": self.n_contexts,
+            "n_perturbations": self.n_perturbations,
+            "n_times": self.n_times,
+            "times": [float(t) for t in self.times],
+            "control_present": self.control_present,
+            "n_crossed": self.n_crossed,
+            "latent_dim": self.latent_dim,
+            "required_full": self.required_full,
+            "required_mean_only": self.required_mean_only,
+            "contexts": [{"label": lab, "time": t} for lab, t in self.contexts],
+        }
+
+    def render(self) -> str:
+        lines = [
+            f"Contexts: {self.status.upper()}",
+            f"  {self.n_contexts} distinct (perturbation, time) contexts from {self.n_perturbations} "
+            f"perturbation(s) x {self.n_times} time(s); control {'present' if self.control_present else 'ABSENT'}",
+        ]
+        if self.latent_dim is not None:
+            lines.append(
+                f"  needed for {self.latent_dim} programs: {self.required_full} (full), "
+                f"{self.required_mean_only} (mean-only)"
+            )
+        lines.append(f"  {self.message}")
+        return "\n".join(lines)
+
+
+def _label_ids(M: sp.csr_matrix) -> tuple[np.ndarray, list[int]]:
+    """Integer id of each row's label (equal rows share an id) and the first row of each id."""
+    ip, ind, dat = M.indptr, M.indices, M.data
+    seen: dict[tuple[bytes, bytes], int] = {}
+    ids = np.empty(M.shape[0], dtype=np.int64)
+    first: list[int] = []
+    for i in range(M.shape[0]):
+        key = (ind[ip[i] : ip[i + 1]].tobytes(), dat[ip[i] : ip[i + 1]].tobytes())
+        j = seen.get(key)
+        if j is None:
+            j = seen[key] = len(first)
+            first.append(i)
+        ids[i] = j
+    return ids, first
+
+
+def count_contexts(
+    design,
+    times=None,
+    *,
+    names: Sequence[str] | None = None,
+    registry: PerturbationRegistry | None = None,
+    latent_dim: int | None = None,
+) -> ContextReport:
+    """Count the distinct (perturbation, time) contexts of a design.
+
+    Parameters
+    ----------
+    design
+        One label vector (or label string, with ``names``) per cell or per measured condition,
+        ``(n, K)``.
+    times
+        Time of each row, ``(n,)`` (``None``: no time axis; contexts are the perturbations).
+    latent_dim
+        Number of latent programs ``l``. Status ``ok`` with at least ``2l + 1`` contexts,
+        ``warning`` with at least ``l + 1`` (only the mean-only condition can hold), else ``fail``.
+        Without it: ``ok`` when the control is present, else ``warning``.
+    """
+    reg = resolve_registry(names, registry, design)
+    M, _ = as_label_rows(design, reg, "design")
+    n = M.shape[0]
+    if n == 0:
+        raise ValueError("The design has no rows.")
+    ids, first = _label_ids(M)
+    labels = row_labels(M, reg, first)
+    control_present = any(M.indptr[i] == M.indptr[i + 1] for i in first)
+    if times is None:
+        t = None
+        pairs = np.unique(ids)
+        contexts = tuple(sorted(((labels[j], None) for j in pairs), key=lambda c: c[0]))
+        tvals = np.zeros(0)
+        n_crossed = 0
+    else:
+        t = np.asarray(times, dtype=np.float64).reshape(-1)
+        if t.shape[0] != n:
+            raise ValueError(f"times has {t.shape[0]} entries but the design has {n} rows; give one time per row.")
+        if not np.isfinite(t).all():
+            raise ValueError("times contains NaN/Inf; give finite times (e.g. hours after the perturbation).")
+        pairs = np.unique(np.stack([ids.astype(np.float64), t], axis=1), axis=0)
+        contexts = tuple(sorted(((labels[int(j)], float(tt)) for j, tt in pairs), key=lambda c: (c[1], c[0])))
+        tvals = np.unique(t)
+        per_pert = np.bincount(pairs[:, 0].astype(np.int64), minlength=len(first))
+        n_crossed = int(np.sum(per_pert >= 2))
+    n_ctx = len(contexts)
+    n_pert = len(first)
+    n_times = max(1, tvals.size)
+    parts = []
+    status = OK
+    if not control_present:
+        status = WARNING
+        parts.append("No control (unperturbed) cells: add them; the reference context anchors every check.")
+    if latent_dim is not None:
+        ell = int(latent_dim)
+        if ell < 1:
+            raise ValueError(f"latent_dim must be >= 1, got {latent_dim}.")
+        if n_ctx >= 2 * ell + 1:
+            parts.append(
+                f"{n_ctx} contexts >= 2l+1 = {2 * ell + 1}: enough for the full sufficient-variability "
+                f"condition (whether it holds depends on the fitted parameters, see check_variability)."
+            )
+        else:
+            status = worst_status(status, WARNING if n_ctx >= ell + 1 else FAIL)
+            need = 2 * ell + 1 - n_ctx
+            crossing = ""
+            if t is not None and n_pert * n_times > n_ctx:
+                crossing = (
+                    f" Measuring the perturbations at more of the {n_times} time points (crossing "
+                    f"perturbation x time) gives up to {n_pert * n_times} contexts."
+                )
+            elif t is not None and n_pert == 1:
+                crossing = " Time alone gives only T+1 contexts; add perturbations and measure them over time."
+            parts.append(
+                f"Only {n_ctx} contexts for {ell} programs: the full condition needs 2l+1 = {2 * ell + 1} "
+                f"({need} more)"
+                + ("; the weaker mean-only condition (l+1) can still hold." if n_ctx >= ell + 1 else
+                   f"; even the weaker mean-only condition needs l+1 = {ell + 1}.")
+                + crossing
+            )
+    if not parts:
+        parts.append(f"{n_ctx} distinct contexts.")
+    return ContextReport(
+        status=status,
+        message=" ".join(parts),
+        n_contexts=n_ctx,
+        n_perturbations=n_pert,
+        n_times=int(tvals.size),
+        contexts=contexts,
+        times=tvals,
+        control_present=bool(control_present),
+        n_crossed=n_crossed,
+        latent_dim=None if latent_dim is None else int(latent_dim),
+    )
+
+
+# --------------------------------------------------------------------------- variability
+def natural_parameters(means, variances) -> np.ndarray:
+    """Gaussian natural parameters ``[m / v, -1 / (2 v)]`` per context, shape ``(n, 2l)``."""
+    m = np.asarray(means, dtype=np.float64)
+    v = np.asarray(variances, dtype=np.float64)
+    if m.ndim != 2 or m.shape != v.shape:
+        raise ValueError(
+            f"means and variances must both be (n_contexts, n_programs); got {m.shape} and {v.shape}."
+        )
+    if not (np.isfinite(m).all() and np.isfinite(v).all()):
+        raise ValueError("means/variances contain NaN/Inf.")
+    if np.any(v <= 0):
+        raise ValueError(f"variances must be > 0 (min {v.min():.3g}).")
+    return np.concatenate([m / v, -0.5 / v], axis=1)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class VariabilityReport(ReportMixin):
+    """Sufficient-variability check on per-context latent parameters.
+
+    Attributes
+    ----------
+    condition
+        ``"full"`` (stacked natural-parameter differences have rank ``2l``), ``"mean_only"`` (not
+        full, but the mean shifts have rank ``l``: the weaker affine class), or ``"insufficient"``.
+    latent_dim, n_contexts
+        ``l`` and the number of contexts.
+    rank, required
+        Rank of the stacked differences and ``2l``.
+    mean_rank
+        Rank of the stacked mean differences (``l`` needed for the mean-only condition).
+    means_only_input
+        Only means were given (variances unknown), so only the mean-only condition was checked.
+    variance_varies, mean_varies
+        Per program: does its variance / mean change across contexts.
+    singular_values, tolerance
+        Of the stacked natural-parameter differences, and the rank threshold.
+    missing_directions
+        Unit directions in natural-parameter coordinates (``"m/v[z]"``, ``"-1/2v[z]"``) that no
+        context moves along (at most 5).
+    """
+
+    status: str
+    message: str
+    condition: str
+    latent_dim: int
+    n_contexts: int
+    rank: int
+    required: int
+    mean_rank: int
+    means_only_input: bool
+    variance_varies: np.ndarray
+    mean_varies: np.ndarray
+    singular_values: np.ndarray
+    tolerance: float
+    program_names: tuple[str, ...]
+    missing_directions: tuple[dict[str, float], ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "status": self.status,
+            "message": self.message,
+            "condition": self.condition,
+            "latent_dim": self.latent_dim,
+            "n_contexts": self.n_contexts,
+            "rank": self.rank,
+            "required": self.required,
+            "mean_rank": self.mean_rank,
+            "means_only_input": self.means_only_input,
+            "variance_varies": {p: bool(b) for p, b in zip(self.program_names, self.variance_varies)},
+            "mean_varies": {p: bool(b) for p, b in zip(self.program_names, self.mean_varies)},
+            "singular_values": [float(s) for s in self.singular_values],
+            "tolerance": self.tolerance,
+            "missing_directions": [dict(d) for d in self.missing_directions],
+        }
+
+    def render(self) -> str:
+        s = self.singular_values
+        lines = [
+            f"Sufficient variability: {self.status.upper()} ({self.condition})",
+            f"  {self.n_contexts} contexts, {self.latent_dim} programs; rank {self.rank} of {self.required} "
+            f"(mean shifts: rank {self.mean_rank} of {self.latent_dim}); tolerance {fmt(self.tolerance)}",
+        ]
+        if s.size:
+            lines.append(f"  singular values: {', '.join(fmt(x) for x in s[:10])}{' ...' if s.size > 10 else ''}")
+        lines.append(f"  {self.message}")
+        return "\n".join(lines)
+
+
+def _rank(A: np.ndarray, rtol: float) -> tuple[int, np.ndarray, np.ndarray, float]:
+    if A.size == 0:
+        return 0, np.zeros(0), np.zeros((0, A.shape[1] if A.ndim == 2 else 0)), 0.0
+    _, s, Vt = np.linalg.svd(A, full_matrices=True)
+    tol = rtol * (s[0] if s.size else 0.0)
+    r = int(np.sum(s > tol)) if s.size and s[0] > 0 else 0
+    return r, s, Vt, float(tol)
+
+
+def check_variability(
+    natural_params=None,
+    *,
+    means=None,
+    variances=None,
+    reference: int = 0,
+    rtol: float = 1e-8,
+    program_names: Sequence[str] | None = None,
+) -> VariabilityReport:
+    """Sufficient-variability rank condition on context-dependent latent parameters.
+
+    Give either ``natural_params`` ``(n_contexts, 2l)`` (``[m/v, -1/(2v)]`` per context), or
+    ``means`` ``(n_contexts, l)`` with ``variances`` (same shape) -- or ``means`` alone, which can
+    only establish the weaker mean-only condition. ``reference`` is the row of the reference
+    context (the control at ``t = 0``). Ranks count singular values above ``rtol * s_max``.
+    """
+    if natural_params is not None:
+        if means is not None or variances is not None:
+            raise ValueError("Give natural_params or means/variances, not both.")
+        eta = np.asarray(natural_params, dtype=np.float64)
+        if eta.ndim != 2 or eta.shape[1] % 2:
+            raise ValueError(f"natural_params must be (n_contexts, 2l), got shape {eta.shape}.")
+        if not np.isfinite(eta).all():
+            raise ValueError("natural_params contain NaN/Inf.")
+        ell = eta.shape[1] // 2
+        if np.any(eta[:, ell:] >= 0):
+            raise ValueError("The second half of natural_params (-1/(2 v)) must be negative.")
+        var = -0.5 / eta[:, ell:]
+        mu = eta[:, :ell] * var
+        means_only = False
+    elif means is not None:
+        mu = np.asarray(means, dtype=np.float64)
+        if mu.ndim != 2:
+            raise ValueError(f"means must be (n_contexts, n_programs), got shape {mu.shape}.")
+        means_only = variances is None
+        var = np.ones_like(mu) if means_only else np.asarray(variances, dtype=np.float64)
+        eta = natural_parameters(mu, var)
+        ell = mu.shape[1]
+    else:
+        raise ValueError("Give natural_params=, or means= (and variances=).")
+    n = eta.shape[0]
+    if not -n <= reference < n:
+        raise IndexError(f"reference={reference} is not a context (there are {n}).")
+    names = tuple(program_names) if program_names is not None else tuple(f"z{i + 1}" for i in range(ell))
+    if len(names) != ell:
+        raise ValueError(f"program_names has {len(names)} names for {ell} programs.")
+    others = np.delete(np.arange(n), reference % n)
+    dEta = eta[others] - eta[reference]
+    dMu = mu[others] - mu[reference]
+    rank, s, Vt, tol = _rank(dEta, rtol)
+    mean_rank, _, _, _ = _rank(dMu, rtol)
+    scale_v = np.maximum(np.abs(var).max(axis=0), np.finfo(float).tiny)
+    scale_m = np.maximum(np.abs(mu).max(axis=0), 1.0)
+    var_varies = np.any(np.abs(var[others] - var[reference]) > rtol * scale_v, axis=0) if n > 1 else np.zeros(ell, bool)
+    mean_varies = np.any(np.abs(dMu) > rtol * scale_m, axis=0) if n > 1 else np.zeros(ell, bool)
+    coord_names = [f"m/v[{p}]" for p in names] + [f"-1/2v[{p}]" for p in names]
+    missing = tuple(top_weights(Vt[k], coord_names) for k in range(rank, min(2 * ell, Vt.shape[0])))[:5]
+
+    if means_only:
+        rank = min(rank, mean_rank)
+    if not means_only and rank == 2 * ell:
+        condition, status = "full", OK
+        message = (
+            f"Sufficient variability holds: the {n} contexts move the natural parameters in all "
+            f"2l = {2 * ell} directions (smallest singular value {fmt(s[2 * ell - 1])}, tolerance "
+            f"{fmt(tol)}). With an injective decoder the programs are identified up to permutation and scaling."
+        )
+    elif mean_rank == ell:
+        condition, status = "mean_only", WARNING
+        if means_only:
+            why = "Only means were given"
+        elif not var_varies.any():
+            why = "Only the means vary across contexts (the variances are the same in every context)"
+        else:
+            fixed = [p for p, b in zip(names, var_varies) if not b]
+            why = (
+                f"The natural-parameter differences have rank {rank} < 2l = {2 * ell}"
+                + (f" (the variance of {join_names(fixed)} never changes)" if fixed else "")
+            )
+        message = (
+            f"{why}: the full condition (rank 2l = {2 * ell}) is not met. The mean shifts have full "
+            f"rank l = {ell}, the weaker mean-only condition, which identifies the programs only up to "
+            f"an affine map (the PDAE class). For the full class, contexts must also change the "
+            f"variances (e.g. measure perturbations at several times), with at least 2l+1 = "
+            f"{2 * ell + 1} contexts (have {n})."
+        )
+    else:
+        condition, status = "insufficient", FAIL
+        still = [p for p, b in zip(names, mean_varies) if not b]
+        message = (
+            f"Insufficient variability: the mean shifts have rank {mean_rank} < l = {ell}"
+            + (f" ({join_names(still)} never move)" if still else "")
+            + f"; with {n} contexts (2l+1 = {2 * ell + 1} needed for the full condition) the programs "
+            f"are not identifiable. Add perturbations that target the programs that do not move."
+        )
+    return VariabilityReport(
+        status=status,
+        message=message,
+        condition=condition,
+        latent_dim=ell,
+        n_contexts=n,
+        rank=int(rank),
+        required=2 * ell,
+        mean_rank=int(mean_rank),
+        means_only_input=means_only,
+        variance_varies=var_varies,
+        mean_varies=mean_varies,
+        singular_values=s,
+        tolerance=tol,
+        program_names=names,
+        missing_directions=missing,
+    )
+
+
+# --------------------------------------------------------------------------- targets
+@dataclass(frozen=True, eq=False, repr=False)
+class TargetReport(ReportMixin):
+    """Intervention-target coverage.
+
+    Attributes
+    ----------
+    targeted
+        Per program: targeted in at least one measured condition.
+    untargeted
+        Programs never targeted.
+    always_together
+        Groups of (targeted) programs with identical targeting patterns across the conditions.
+    control_present
+        Observational (control) data present; ``None`` if unknown.
+    incidence
+        ``(n_conditions, n_programs)``: which programs each condition targets.
+    """
+
+    status: str
+    message: str
+    program_names: tuple[str, ...]
+    targeted: np.ndarray
+    untargeted: tuple[str, ...]
+    always_together: tuple[tuple[str, ...], ...]
+    control_present: bool | None
+    incidence: np.ndarray
+
+    def to_dict(self) -> dict:
+        return {
+            "status": self.status,
+            "message": self.message,
+            "programs": list(self.program_names),
+            "targeted": {p: bool(b) for p, b in zip(self.program_names, self.targeted)},
+            "untargeted": list(self.untargeted),
+            "always_together": [list(g) for g in self.always_together],
+            "control_present": self.control_present,
+        }
+
+    def render(self) -> str:
+        lines = [f"Intervention targets: {self.status.upper()}"]
+        lines.append(f"  targeted: {join_names([p for p, b in zip(self.program_names, self.targeted) if b])}")
+        if self.untargeted:
+            lines.append(f"  never targeted: {join_names(self.untargeted)}")
+        for g in self.always_together:
+            lines.append(f"  always targeted together: {join_names(g)}")
+        cp = {True: "present", False: "ABSENT", None: "unknown"}[self.control_present]
+        lines.append(f"  control: {cp}")
+        lines.append(f"  {self.message}")
+        return "\n".join(lines)
+
+
+def check_targets(
+    targets,
+    design=None,
+    *,
+    atol: float = 0.0,
+    control_present: bool | None = None,
+    program_names: Sequence[str] | None = None,
+    names: Sequence[str] | None = None,
+    registry: PerturbationRegistry | None = None,
+) -> TargetReport:
+    """Check intervention-target coverage.
+
+    Parameters
+    ----------
+    targets
+        Target matrix ``S`` (programs x K; entries with ``|S| > atol`` count as targets) or its
+        boolean support.
+    design
+        Measured conditions ``(n, K)`` (label vectors, or strings with ``names``). A condition
+        targets program ``i`` if it contains a perturbation ``k`` with ``S[i, k]`` non-zero. Without
+        a design every elementary perturbation is taken as measured alone.
+    control_present
+        Override / supply whether control cells exist (default: a zero row of ``design``; unknown
+        without a design).
+    """
+    S = np.asarray(targets)
+    if S.ndim != 2:
+        raise ValueError(f"targets must be (n_programs, K), got shape {S.shape}.")
+    supp = S.astype(bool) if S.dtype == bool else np.abs(S.astype(np.float64)) > atol
+    ell, K = supp.shape
+    pnames = tuple(program_names) if program_names is not None else tuple(f"z{i + 1}" for i in range(ell))
+    if len(pnames) != ell:
+        raise ValueError(f"program_names has {len(pnames)} names for {ell} programs.")
+    if design is None:
+        incidence = supp.T.copy()
+        cp = control_present
+    else:
+        reg = resolve_registry(names, registry, design) if names is not None or registry is not None else None
+        if reg is None:
+            reg = PerturbationRegistry(tuple(f"e{k + 1}" for k in range(K)))
+        M, _ = as_label_rows(design, reg, "design")
+        if M.shape[1] != K:
+            raise ValueError(f"design has {M.shape[1]} columns but targets has K = {K}.")
+        present = sp.csr_matrix((np.ones_like(M.data), M.indices, M.indptr), shape=M.shape)
+        incidence = np.asarray((present @ sp.csr_matrix(supp.T.astype(np.float64))).toarray() > 0)
+        zero_row = bool(np.any(np.diff(M.indptr) == 0))
+        cp = zero_row if control_present is None else control_present
+    targeted = incidence.any(axis=0)
+    untargeted = tuple(p for p, b in zip(pnames, targeted) if not b)
+    groups: dict[bytes, list[str]] = {}
+    for i in np.flatnonzero(targeted):
+        groups.setdefault(np.packbits(incidence[:, i]).tobytes(), []).append(pnames[i])
+    together = tuple(tuple(g) for g in groups.values() if len(g) > 1)
+    parts = []
+    statuses = [OK]
+    if untargeted:
+        statuses.append(FAIL)
+        parts.append(
+            f"{join_names(untargeted)} {'is' if len(untargeted) == 1 else 'are'} never targeted: such a "
+            f"program cannot be told apart from alternatives; add a perturbation that targets it."
+        )
+    for g in together:
+        statuses.append(FAIL)
+        parts.append(
+            f"{join_names(g)} are always targeted together, so their effects cannot be separated; "
+            f"add a perturbation that targets one without the other."
+        )
+    if cp is False:
+        statuses.append(FAIL)
+        parts.append("No control (observational) data: measure unperturbed cells.")
+    elif cp is None:
+        statuses.append(WARNING)
+        parts.append("Whether control cells exist is unknown (pass design= or control_present=).")
+    if not parts:
+        parts.append("Every program is targeted, no two always together, and control data are present.")
+    return TargetReport(
+        status=worst_status(*statuses),
+        message=" ".join(parts),
+        program_names=pnames,
+        targeted=targeted,
+        untargeted=untargeted,
+        always_together=together,
+        control_present=cp,
+        incidence=incidence,
+    )
+
+
+# --------------------------------------------------------------------------- combined
+@dataclass(frozen=True, eq=False, repr=False)
+class DynamicsReport(ReportMixin):
+    """Contexts, sufficient variability and intervention targets together (the parts that were
+    given); ``status`` is the worst of the parts."""
+
+    status: str
+    message: str
+    contexts: ContextReport
+    variability: VariabilityReport | None
+    targets: TargetReport | None
+
+    def to_dict(self) -> dict:
+        return {
+            "status": self.status,
+            "message": self.message,
+            "contexts": self.contexts.to_dict(),
+            "variability": None if self.variability is None else self.variability.to_dict(),
+            "targets": None if self.targets is None else self.targets.to_dict(),
+        }
+
+    def render(self) -> str:
+        parts = [f"Dynamics check: {self.status.upper()}", self.contexts.render()]
+        if self.variability is not None:
+            parts.append(self.variability.render())
+        if self.targets is not None:
+            parts.append(self.targets.render())
+        return "\n".join(parts)
+
+
+def check_dynamics(
+    design,
+    times=None,
+    *,
+    latent_dim: int | None = None,
+    targets=None,
+    natural_params=None,
+    means=None,
+    variances=None,
+    reference: int = 0,
+    names: Sequence[str] | None = None,
+    registry: PerturbationRegistry | None = None,
+    program_names: Sequence[str] | None = None,
+    rtol: float = 1e-8,
+    atol: float = 0.0,
+) -> DynamicsReport:
+    """Run :func:`count_contexts` and, when their inputs are given, :func:`check_variability`
+    (per-context parameters, rows = contexts) and :func:`check_targets` (``targets`` = ``S``)."""
+    var_report = None
+    if natural_params is not None or means is not None:
+        var_report = check_variability(
+            natural_params, means=means, variances=variances, reference=reference, rtol=rtol,
+            program_names=program_names,
+        )
+        if latent_dim is None:
+            latent_dim = var_report.latent_dim
+    tgt_report = None
+    if targets is not None:
+        tgt_report = check_targets(
+            targets, design, atol=atol, program_names=program_names, names=names, registry=registry
+        )
+        if latent_dim is None:
+            latent_dim = int(np.asarray(targets).shape[0])
+    ctx = count_contexts(design, times, names=names, registry=registry, latent_dim=latent_dim)
+    reports = [r for r in (ctx, var_report, tgt_report) if r is not None]
+    status = worst_status(*(r.status for r in reports))
+    message = " ".join(r.message for r in reports if r.status != OK) or " ".join(r.message for r in reports)
+    return DynamicsReport(status=status, message=message, contexts=ctx, variability=var_report, targets=tgt_report)
+
+
+# --------------------------------------------------------------------------- B, S <-> W
+def _xp(*arrays):
+    jax = sys.modules.get("jax")
+    if jax is not None and any(isinstance(a, jax.Array) for a in arrays):
+        import jax.numpy as jnp
+
+        return jnp
+    return np
+
+
+def _check_bs(B, S) -> None:
+    if B.ndim != 2 or B.shape[0] != B.shape[1]:
+        raise ValueError(f"B must be square (l x l), got shape {B.shape}.")
+    if S.ndim != 2 or S.shape[0] != B.shape[0]:
+        raise ValueError(f"S must be (l x K) with l = {B.shape[0]}, got shape {S.shape}.")
+
+
+def bs_to_w(B, S):
+    """``W = (I - B)^{-1} S``: the long-time latent shifts of the linear dynamics
+    ``dz/dt = (B - I)(z - mu) + S l`` (its equilibrium is ``mu + W l``).
+
+    Works on numpy (float64) and JAX arrays (differentiable).
+    """
+    xp = _xp(B, S)
+    B = xp.asarray(B, dtype=None if xp is not np else np.float64)
+    S = xp.asarray(S, dtype=None if xp is not np else np.float64)
+    _check_bs(B, S)
+    eye = xp.eye(B.shape[0], dtype=B.dtype)
+    if xp is np:
+        cond = np.linalg.cond(eye - B)
+        if not np.isfinite(cond) or cond > 1e12:
+            raise np.linalg.LinAlgError(
+                f"I - B is singular (condition number {cond:.3g}): the dynamics have no unique equilibrium."
+            )
+    return xp.linalg.solve(eye - B, S)
+
+
+def w_to_bs(W, B=None):
+    """One ``(B, S)`` pair that gives the shifts ``W``: ``S = (I - B) W``.
+
+    ``W`` alone does **not** determine ``B`` and ``S``: for *every* ``B`` with ``I - B`` invertible
+    (acyclic or not), ``S = (I - B) W`` reproduces ``W`` exactly. So steady-state data (which see
+    only ``W``) leave the causal weights and the direct targets unidentified; transients
+    (``exp((B - I) t)`` at two or more times) are needed. ``B`` defaults to zero (no edges between
+    programs, ``S = W``). See :func:`equivalent_bs` to move within the family.
+    """
+    xp = _xp(W, B)
+    W = xp.asarray(W, dtype=None if xp is not np else np.float64)
+    if W.ndim != 2:
+        raise ValueError(f"W must be (l x K), got shape {W.shape}.")
+    ell = W.shape[0]
+    B = xp.zeros((ell, ell), dtype=W.dtype) if B is None else xp.asarray(B, dtype=W.dtype)
+    _check_bs(B, W)
+    return B, (xp.eye(ell, dtype=W.dtype) - B) @ W
+
+
+def equivalent_bs(B, S, B_new):
+    """The pair ``(B_new, S_new)`` with the same ``W = (I - B)^{-1} S`` as ``(B, S)``:
+    ``S_new = (I - B_new)(I - B)^{-1} S``."""
+    return w_to_bs(bs_to_w(B, S), B_new)

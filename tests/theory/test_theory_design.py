@@ -1,0 +1,221 @@
+"""Design-level coverage checks against hand-derived answers."""
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+
+from perturbax.data.labels import PerturbationRegistry
+from perturbax.theory import FAIL, OK, WARNING, check_design
+
+E = np.eye(3)
+ZERO = np.zeros(3)
+
+
+def test_singles_cover_midpoint_and_extrapolation():
+    train = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    rep = check_design(train, np.array([[0.5, 0.5], [2.0, -1.0]]), names=["A", "B"])
+    mid, ext = rep.tests
+    assert rep.rank == 2 and rep.full_rank
+    assert rep.identified_elementary == ("A", "B")
+    assert mid.covered and mid.relative_residual < 1e-12
+    assert mid.coefficients == pytest.approx({"A": 0.5, "B": 0.5})
+    assert mid.in_convex_hull is True and not mid.extrapolation
+    assert ext.covered and ext.coefficients == pytest.approx({"A": 2.0, "B": -1.0})
+    assert ext.in_convex_hull is False and ext.extrapolation
+    assert "outside the convex hull" in ext.message
+    assert rep.status == WARNING  # all covered, one needs extrapolation
+    assert rep.extrapolating == ("A:2+B:-1",)
+
+
+def test_sum_of_singles_is_outside_the_convex_hull():
+    # e1 + e2 = 1*(e1) + 1*(e2): covered, coefficients in [0, 1] but summing to 2
+    rep = check_design(np.array([ZERO[:2], [1, 0], [0, 1]]), ["e1+e2"])
+    (t,) = rep.tests
+    assert t.covered and t.coefficients == pytest.approx({"e1": 1.0, "e2": 1.0})
+    assert t.in_convex_hull is False
+
+
+def test_missing_direction_and_suggestion():
+    rep = check_design(np.array([[0.0, 0.0], [0.0, 1.0]]), np.array([[1.0, 1.0]]), names=["A", "B"])
+    (t,) = rep.tests
+    assert not t.covered
+    assert t.residual == pytest.approx(1.0)  # the e1 component
+    assert t.relative_residual == pytest.approx(1 / math.sqrt(2))
+    assert t.missing_direction == pytest.approx({"A": 1.0})
+    assert t.suggested_additions == ("A",)
+    assert t.coefficients is None and t.in_convex_hull is False
+    assert "A never appears in the training design" in t.message and "add A alone" in t.message
+    assert rep.unidentified_elementary == ("A",) and rep.identified_elementary == ("B",)
+    assert rep.status == FAIL
+
+
+def test_doubles_only_design():
+    train = np.array([ZERO, E[0] + E[1], E[1] + E[2]])
+    tests = np.array([E[0] + 2 * E[1] + E[2], E[0], E[0] + E[2]])
+    rep = check_design(train, tests, names=["A", "B", "C"])
+    combo, single, pair = rep.tests
+    assert rep.rank == 2 and rep.identified_elementary == ()
+    assert combo.covered and combo.coefficients == pytest.approx({"A+B": 1.0, "B+C": 1.0})
+    # the row space misses n = (1, -1, 1)/sqrt(3): residual of e1 is 1/sqrt(3), of e1+e3 is 2/sqrt(3)
+    assert not single.covered and single.residual == pytest.approx(1 / math.sqrt(3))
+    assert not pair.covered and pair.residual == pytest.approx(2 / math.sqrt(3))
+    s = 1 / math.sqrt(3)
+    for t in (single, pair):
+        assert t.missing_direction == pytest.approx({"A": s, "B": -s, "C": s})
+        assert t.suggested_additions == ("A",)  # any one single closes the gap; A is in the test
+        assert "never separates" in t.message
+    # the test's own perturbations are preferred among equally good additions
+    c_only = check_design(train, [E[2]], names=["A", "B", "C"]).tests[0]
+    assert c_only.suggested_additions == ("C",)
+    assert c_only.missing_direction == pytest.approx({"A": s, "B": -s, "C": s})  # (e3 . n) n, n = (1,-1,1)/sqrt3
+    assert rep.uncovered == ("A", "A+C")
+
+
+def test_doses_one_third_decided_exactly():
+    third = 1.0 / 3.0
+    train = np.array([ZERO[:2], [third, 1.0], [0.0, 1.0]])
+    rep = check_design(train, np.array([[1.0, 0.0], [third, 0.0], [2.0, 5.0]]))
+    assert rep.rank == 2
+    e1, e1_third, mix = rep.tests
+    assert all(t.covered for t in rep.tests)
+    assert all(t.relative_residual < 1e-14 for t in rep.tests)
+    # e1 = 3 * ((1/3) e1 + e2) - 3 * e2
+    assert e1.coefficients == pytest.approx({"e1:0.333333+e2": 3.0, "e2": -3.0})
+    assert e1_third.coefficients == pytest.approx({"e1:0.333333+e2": 1.0, "e2": -1.0})
+    assert mix.coefficients == pytest.approx({"e1:0.333333+e2": 6.0, "e2": -1.0})
+
+
+def test_small_dose_decided_at_the_stated_tolerance():
+    # e1 is at relative distance 1e-3/sqrt(1 + 1e-6) from span{e1 + 1e-3 e2}
+    train = np.array([[0.0, 0.0], [1.0, 1e-3]])
+    expected = 1e-3 / math.sqrt(1 + 1e-6)
+    strict = check_design(train, np.array([[1.0, 0.0], [1e-3, 1e-6]]))
+    assert strict.tests[0].relative_residual == pytest.approx(expected, rel=1e-9)
+    assert not strict.tests[0].covered  # 1e-3 > residual_rtol = 1e-6
+    assert strict.tests[1].covered  # 1e-3 * (e1 + 1e-3 e2) lies on the line
+    assert strict.tests[1].coefficients == pytest.approx({"e1+e2:0.001": 1e-3})
+    loose = check_design(train, np.array([[1.0, 0.0]]), residual_rtol=1e-2)
+    assert loose.tests[0].covered
+    # a tiny dose still identifies its perturbation
+    rep = check_design(np.array([[0.0, 0.0], [1e-3, 0.0], [0.0, 1.0]]), ["e1+e2"])
+    assert rep.full_rank and rep.tests[0].coefficients == pytest.approx({"e1:0.001": 1000.0, "e2": 1.0})
+
+
+@pytest.mark.parametrize("method", ["svd", "peel"])
+def test_rank_deficient_by_1e10_is_reported_deficient(method):
+    train = np.array([ZERO, E[0], E[1], E[0] + E[1] + 1e-10 * E[2]])
+    rep = check_design(train, np.array([E[2], E[0] + E[1]]), names=["A", "B", "C"], method=method)
+    assert rep.rank == 2 and not rep.full_rank
+    assert rep.unidentified_elementary == ("C",)
+    assert not rep.tests[0].covered and rep.tests[1].covered
+    assert rep.largest_dropped is not None and 0 < rep.largest_dropped < 1e-9
+    # the same design at a tolerance below the perturbation has full rank
+    assert check_design(train, rtol=1e-12, method=method).rank == 3
+
+
+def test_random_rank_deficient_plus_noise():
+    rng = np.random.default_rng(3)
+    low = rng.standard_normal((8, 3)) @ rng.standard_normal((3, 6))
+    noisy = low + 1e-10 * rng.standard_normal(low.shape)
+    rep = check_design(np.vstack([np.zeros(6), noisy]))
+    assert rep.rank == 3
+    assert rep.largest_dropped < 1e-8 * rep.singular_values[0] < rep.smallest_retained
+
+
+def test_duplicate_rows_are_merged():
+    train = np.array([ZERO[:2], ZERO[:2], [1, 0], [1, 0], [1, 0], [0, 1], [1, 1]])
+    rep = check_design(train, ["e1+e2:2"])
+    assert rep.n_rows == 7 and rep.n_distinct_rows == 4
+    assert rep.rank == 2
+    c = rep.tests[0].coefficients
+    assert set(c) <= {"e1", "e2", "e1+e2"}  # one coefficient per distinct label
+    # the minimum-norm representation over e1, e2, e1+e2 of (1, 2): c = (0, 1, 1)
+    assert c == pytest.approx({"e2": 1.0, "e1+e2": 1.0})
+    single = check_design(train[[0, 2, 5, 6]], ["e1+e2:2"]).tests[0].coefficients
+    assert single == pytest.approx(c)
+
+
+def test_dependent_rows_use_linear_program_for_the_hull():
+    train = np.array([ZERO[:2], [1, 0], [0, 1], [1, 1]])
+    rep = check_design(train, ["e1+e2", "e1:2"])
+    both, double = rep.tests
+    # minimum norm: (1/3, 1/3, 2/3) sums to 4/3, but e1+e2 itself was measured
+    assert both.coefficients == pytest.approx({"e1": 1 / 3, "e2": 1 / 3, "e1+e2": 2 / 3})
+    assert both.in_convex_hull is True and both.hull_coefficients == pytest.approx({"e1+e2": 1.0})
+    assert double.in_convex_hull is False and double.hull_coefficients is None
+
+
+def test_declared_reference_row():
+    reg = PerturbationRegistry(("A", "B", "C"))
+    rep = check_design(["A", "A+B", "A+C"], ["A+B+C", "control"], registry=reg, reference=0)
+    full, ctrl = rep.tests
+    assert rep.reference == "A" and rep.control_present
+    assert full.covered and full.coefficients == pytest.approx({"A+B": 1.0, "A+C": 1.0})
+    # control - A = -e_A: the test lacks the direction -A
+    assert not ctrl.covered and ctrl.missing_direction == pytest.approx({"A": -1.0})
+    assert ctrl.suggested_additions == ("A:2",)  # a row differing from the reference in A only
+    assert rep.identified_elementary == ("B", "C")
+
+
+def test_missing_control_is_a_warning():
+    rep = check_design(np.array([[1.0, 0.0], [0.0, 1.0]]), [[0.5, 0.5]])
+    assert not rep.control_present
+    assert rep.status == WARNING and "not among the training rows" in rep.message
+    t = rep.tests[0]
+    # without a measured control the hull needs coefficients summing to exactly 1
+    assert t.covered and t.in_convex_hull is True
+
+
+def test_latent_dimension_check():
+    train = np.array([ZERO, E[0], E[1]])
+    assert check_design(train, latent_dim=2).latent_dim_ok is True
+    bad = check_design(train, latent_dim=3)
+    assert bad.latent_dim_ok is False and bad.status == FAIL and "latent dimension 3" in bad.message
+
+
+def test_status_without_tests():
+    assert check_design(np.array([ZERO, E[0], E[1], E[2]])).status == OK
+    assert check_design(np.array([ZERO, E[0], E[1]])).status == WARNING
+
+
+def test_label_strings_and_errors():
+    rep = check_design(["control", "A", "B:0.5"], ["A+B", "B:2"], names=["A", "B", "C"])
+    assert [t.covered for t in rep.tests] == [True, True]
+    assert rep.tests[1].coefficients == pytest.approx({"B:0.5": 4.0})
+    with pytest.raises(KeyError, match="Unknown perturbation 'X'"):
+        check_design(["control", "A"], ["A+X"], names=["A", "B"])
+    with pytest.raises(ValueError, match="names"):
+        check_design(["control", "A"], ["A"])
+    with pytest.raises(ValueError, match="columns"):
+        check_design(np.zeros((2, 3)), np.zeros((1, 4)))
+    with pytest.raises(ValueError, match="NaN"):
+        check_design(np.array([[0.0, np.nan]]))
+
+
+def test_report_is_frozen_and_serialises():
+    rep = check_design(np.array([ZERO, E[0], E[1]]), [E[0] + E[2]], names=["A", "B", "C"], latent_dim=2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rep.rank = 5
+    d = json.loads(rep.to_json())
+    assert d["schema"] == "perturbax.check_design/1"
+    assert d["rank"] == 2 and d["identified_elementary"] == ["A", "B"]
+    assert d["tests"][0]["label"] == "A+C" and d["tests"][0]["covered"] is False
+    assert d["tests"][0]["missing_direction"] == {"C": 1.0}
+    text = str(rep)
+    assert "NOT covered" in text and "A+C" in text and "rank 2 of 3" in text
+
+
+def test_max_details_and_on_request_coefficients():
+    train = np.array([ZERO, E[0], E[1], E[2]])
+    tests = np.array([E[0] + E[1], E[1] + 0.5 * E[2], 3 * E[2]])
+    rep = check_design(train, tests, max_details=1)
+    assert rep.tests[0].details and rep.tests[0].coefficients is not None
+    assert not rep.tests[2].details and rep.tests[2].coefficients is None
+    assert all(rep.covered)
+    later = rep.coefficients(tests[1:])
+    assert later[0] == pytest.approx({"e2": 1.0, "e3": 0.5})
+    assert later[1] == pytest.approx({"e3": 3.0})
+    assert rep.coefficients([[1.0, 0, 0]])[0] == pytest.approx({"e1": 1.0})
