@@ -393,11 +393,11 @@ def from_anndata(
         doses = dose_col.astype(str).to_numpy()
 
     # Parse each distinct (label, dose) pair once.
-    keys = labels if doses is None else np.char.add(np.char.add(labels.astype(str), "\x00"), doses.astype(str))
+    keys = labels if doses is None else np.char.add(np.char.add(labels.astype(str), "\x1f"), doses.astype(str))
     uniq, inverse = np.unique(keys, return_inverse=True)
     parsed: list[dict[str, float]] = []
     for u in uniq:
-        lab, _, dose_text = str(u).partition("\x00")
+        lab, _, dose_text = str(u).partition("\x1f")
         if lab == control:
             parsed.append({})
             continue
@@ -409,7 +409,7 @@ def from_anndata(
             raise ValueError(f"obs[{perturbation_key!r}]: {err}") from None
 
     if require_control and not any(len(p) == 0 for p in parsed):
-        present = sorted({str(u).partition("\x00")[0] for u in uniq})
+        present = sorted({str(u).partition("\x1f")[0] for u in uniq})
         hint = close_matches(control, present)
         more = f" Did you mean {hint[0]!r}?" if hint else ""
         raise ValueError(
