@@ -17,6 +17,12 @@ Prints the tables and replaces the section between ``<!-- baselines:start -->`` 
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parent))
+from _docs import write_section  # noqa: E402
+
 import argparse
 import sys
 import time
@@ -39,12 +45,6 @@ from perturbax.data.splits import norman_doubles_folds
 from perturbax.metrics import evaluate_conditions
 
 REPO = Path(__file__).resolve().parents[1]
-START, END = "<!-- baselines:start -->", "<!-- baselines:end -->"
-DOC_HEADER = (
-    "# Benchmarks\n\n"
-    "Tables written by the scripts in `benchmarks/`; each section names the command that produced "
-    "it. Protocols: DESIGN.md section 6.\n"
-)
 METHOD_ORDER = ["control", "pooled_mean", "additive", "linear", "noise_floor"]
 SUBSET = {"combo_seen2": "both singles measured", "combo_seen1": "other", "combo_seen0": "other"}
 
@@ -138,18 +138,6 @@ def _sorter(col: pd.Series) -> pd.Series:
     return col
 
 
-def write_section(doc: Path, section: str) -> None:
-    text = doc.read_text() if doc.exists() else DOC_HEADER
-    block = f"{START}\n{section.rstrip()}\n{END}"
-    if START in text and END in text:
-        head, _, rest = text.partition(START)
-        _, _, tail = rest.partition(END)
-        text = head + block + tail
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text)
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -234,7 +222,7 @@ measured alone, outside the span (the theory module should flag them as not iden
 
 </details>
 """
-    write_section(Path(args.doc), section)
+    write_section("baselines", section, Path(args.doc))
     print(f"\nWrote the baselines section of {args.doc} ({elapsed:.0f} s)")
     return 0
 
