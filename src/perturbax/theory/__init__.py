@@ -60,6 +60,14 @@ _LOCAL = (
     "linear_dynamics_mask",
     "bs_equivalences",
 )
+_MODEL_CHECK = (
+    "LatentRotation",
+    "ModelIdentifiabilityReport",
+    "ModelSummary",
+    "model_summary_fn",
+    "model_identifiability",
+    "fit_identifiability",
+)
 
 __all__ = [
     "OK",
@@ -87,14 +95,17 @@ __all__ = [
     "w_to_bs",
     "equivalent_bs",
     *_LOCAL,
+    *_MODEL_CHECK,
 ]
 
 
 def __getattr__(name: str):
     if name in _LOCAL:
         return getattr(importlib.import_module("perturbax.theory.local"), name)
+    if name in _MODEL_CHECK:
+        return getattr(importlib.import_module("perturbax.theory.model_check"), name)
     raise AttributeError(f"module 'perturbax.theory' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LOCAL))
+    return sorted(set(globals()) | set(_LOCAL) | set(_MODEL_CHECK))
