@@ -1,4 +1,5 @@
-"""``perturbax fit``: fit the additive latent shift model to an h5ad file and save the fit."""
+"""``perturbax fit``: fit the additive latent shift model (or, with ``--model dynamics``, the latent
+dynamics model) to an h5ad file and save the fit."""
 
 from __future__ import annotations
 
@@ -26,7 +27,12 @@ _FLAG_OF = {
     "dose_key": "--dose-key",
     "covariate_keys": "--covariate-keys",
     "perturbation_key": "--perturbation-key",
+    "time_key": "--time-key",
+    "time_scale": "--time-scale",
 }
+
+# --model choices of this CLI -> built-in model names of perturbax.inference.fit
+MODELS = {"additive": "additive_shift", "dynamics": "latent_dynamics"}
 
 
 def cli_message(err: BaseException) -> str:
@@ -93,9 +99,14 @@ def fit_file(
     covariate_keys: Sequence[str] = (),
     holdout: Sequence[str] = (),
     progress: bool = True,
+    model: str = "additive",
+    time_key: str | None = None,
+    time_scale: float = 1.0,
 ):
     """Read ``data_path`` (h5ad), drop the ``holdout`` conditions, fit the additive shift model
-    and save it to the folder ``out``.
+    (``model="additive"``) or the latent dynamics model (``model="dynamics"``, which needs the
+    ``time_key`` column of times since the perturbation; ``time_scale`` is the time over which the
+    programs relax, in the units of that column) and save it to the folder ``out``.
 
     Returns ``(fit_result, data_used, held_out_labels)``. Library errors (ValueError/KeyError)
     propagate with their messages.
@@ -105,8 +116,18 @@ def fit_file(
     from perturbax.data.core import from_anndata
     from perturbax.inference.fitting import fit as fit_model
     from perturbax.models.config import AdditiveShiftConfig
+    from perturbax.models.dynamics import LatentDynamicsConfig
 
-    objective = objective or default_objective(likelihood)
+    if model not in MODELS:
+        raise ValueError(f"--model {model!r} is not supported; choose one of {sorted(MODELS)}.")
+    if model == "dynamics" and time_key is None:
+        raise ValueError(
+            "--model dynamics needs the time of every cell: pass --time-key with the numeric obs column of "
+            "time since the perturbation was switched on (e.g. --time-key time_h)."
+        )
+    # The dynamics model defaults to the ELBO (its encoder q(z(0) | x, l, t) and the posterior over
+    # B, S are what the benchmarks validate); the additive model keeps default_objective.
+    objective = objective or ("elbo" if model == "dynamics" else default_objective(likelihood))
     try:
         adata = ad.read_h5ad(data_path)
     except Exception as err:  # h5py/anndata raise many types for a file that is not h5ad
@@ -117,6 +138,7 @@ def fit_file(
         control,
         sep=sep,
         dose_key=dose_key,
+        time_key=time_key,
         layer=layer,
         covariate_keys=tuple(covariate_keys),
         counts=likelihood == "negative_binomial",
@@ -134,15 +156,19 @@ def fit_file(
             if canon not in held:
                 held.append(canon)
         data = data.select(held, exclude=True)
-    config = AdditiveShiftConfig(
+    sizes = dict(
         n_genes=data.n_genes,
         n_perturbations=data.K,
         latent_dim=latent_dim,
         n_covariates=data.covariate_design()[0].shape[1],
         likelihood=likelihood,
     )
+    if model == "dynamics":
+        config = LatentDynamicsConfig(**sizes, time_scale=time_scale)
+    else:
+        config = AdditiveShiftConfig(**sizes)
     result = fit_model(
-        "additive_shift",
+        MODELS[model],
         data,
         config=config,
         objective=objective,
@@ -162,6 +188,9 @@ def fit_file(
         "holdout": held,
         "likelihood": likelihood,
         "latent_dim": latent_dim,
+        "model": model,
+        "time_key": time_key,
+        "time_scale": time_scale,
     }
     result = dataclasses.replace(result, info={**result.info, "cli": record})
     result.save(out)
@@ -175,7 +204,8 @@ def fit_file(
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=True, file_okay=False),
               help="Folder to save the fit in (created; its parent must exist).")
 @click.option("--objective", type=click.Choice(["energy", "elbo"]), default=None,
-              help="Training objective [default: energy for gaussian/implicit, elbo for negative_binomial].")
+              help="Training objective [default: energy for gaussian/implicit, elbo for negative_binomial; "
+                   "elbo for --model dynamics].")
 @click.option("--likelihood", type=click.Choice(["gaussian", "negative_binomial", "implicit"]),
               default="gaussian", show_default=True,
               help="gaussian: log-normalised data; negative_binomial: raw counts (use --layer); "
@@ -192,14 +222,24 @@ def fit_file(
 @click.option("--covariate-keys", default=None, help="Comma-separated categorical obs columns (e.g. batch,line).")
 @click.option("--holdout", default=None,
               help='Comma-separated conditions to leave out of training, e.g. "A+B,C".')
+@click.option("--model", "model", type=click.Choice(sorted(MODELS)), default="additive", show_default=True,
+              help="additive: additive latent shift model; dynamics: latent dynamical causal programs over "
+                   "time (needs --time-key).")
+@click.option("--time-key", default=None, help="Numeric obs column of time since the perturbation (--model dynamics).")
+@click.option("--time-scale", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Time over which the latent programs relax, in the units of --time-key (--model dynamics).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def fit(data, perturbation_key, control, out, objective, likelihood, steps, seed, batch_size, latent_dim,
-        learning_rate, layer, dose_key, sep, covariate_keys, holdout, no_progress):
+        learning_rate, layer, dose_key, sep, covariate_keys, holdout, model, time_key, time_scale, no_progress):
     """Fit the additive latent shift model to DATA (h5ad) and save it to --out.
 
+    With --model dynamics (and --time-key) the latent dynamics model is fitted instead: latent
+    programs that evolve after the perturbation is switched on at t = 0; predict it at any times
+    with `perturbax predict MODEL_DIR --perturbations ... --times 2,4,8`.
+
     Every condition in DATA trains the model except those in --holdout. The objective defaults to
-    energy for the gaussian and implicit likelihoods and to elbo for negative_binomial;
-    implicit + elbo and negative_binomial + energy cannot work and are refused. negative_binomial
+    energy for the gaussian and implicit likelihoods and to elbo for negative_binomial (to elbo
+    for --model dynamics); implicit + elbo and negative_binomial + energy cannot work and are refused. negative_binomial
     needs raw integer counts (e.g. --layer counts). Predict from the saved fit with
     `perturbax predict MODEL_DIR --perturbations ...`; predictions are in the expression space of
     the fitted matrix (X or --layer).
@@ -215,7 +255,7 @@ def fit(data, perturbation_key, control, out, objective, likelihood, steps, seed
                 data, perturbation_key=perturbation_key, control=control, out=out, objective=objective,
                 likelihood=likelihood, steps=steps, seed=seed, batch_size=batch_size, latent_dim=latent_dim,
                 learning_rate=learning_rate, layer=layer, dose_key=dose_key, sep=sep, covariate_keys=covs,
-                holdout=held, progress=not no_progress,
+                holdout=held, progress=not no_progress, model=model, time_key=time_key, time_scale=time_scale,
             )
         except (ValueError, KeyError) as err:
             raise click.ClickException(cli_message(err)) from None
@@ -235,6 +275,12 @@ def fit(data, perturbation_key, control, out, objective, likelihood, steps, seed
     ]
     if held_out:
         lines.append(f"Held out {len(held_out)} condition(s): {', '.join(held_out)}")
+    if info.get("times") is not None:
+        ctx = info.get("contexts") or {}
+        lines.append(
+            f"Times ({time_key}): {', '.join(f'{t:g}' for t in info['times'])}"
+            + (f"; {ctx.get('n_contexts')} (condition, time) contexts, check {ctx.get('status')}" if ctx else "")
+        )
     lines.append(f"Steps run: {info.get('steps_run')} of {steps}; stop reason: {info.get('stop_reason')}")
     lines.append(f"Final loss: {final}")
     val = np.asarray(result.history.get("val_loss", []))

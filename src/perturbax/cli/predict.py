@@ -13,7 +13,7 @@ import pandas as pd
 
 from perturbax.cli.fit import check_out_parent, cli_message, split_list
 
-__all__ = ["predict", "predict_dir", "load_fit", "prediction_summary_table"]
+__all__ = ["predict", "predict_dir", "load_fit", "prediction_summary_table", "parse_times"]
 
 SUMMARY_COLUMNS = ("perturbation", "gene", "mean", "lower", "upper")
 
@@ -43,8 +43,14 @@ def load_fit(model_dir):
 def prediction_summary_table(adata) -> pd.DataFrame:
     """Tidy per-gene table of a prediction: one row per (perturbation, gene) with the posterior
     mean and interval bounds of the mean expression (``varm["pred_mean"/"pred_lower"/"pred_upper"]``,
-    columns in the order of ``uns["perturbax"]["labels"]``)."""
-    labels = [str(lab) for lab in np.asarray(adata.uns["perturbax"]["labels"]).reshape(-1)]
+    columns in the order of ``uns["perturbax"]["labels"]``). For a model of time one row per
+    (perturbation, time, gene): columns perturbation, time, gene, mean, lower, upper."""
+    meta = adata.uns["perturbax"]
+    labels = [str(lab) for lab in np.asarray(meta["labels"]).reshape(-1)]
+    times = meta.get("times")
+    if times is not None:
+        times = np.asarray(times, dtype=np.float64).reshape(-1)
+        plain = [str(lab) for lab in np.asarray(meta["perturbations"]).reshape(-1)]
     genes = [str(g) for g in adata.var_names]
     cols = {}
     for name, key in (("mean", "pred_mean"), ("lower", "pred_lower"), ("upper", "pred_upper")):
@@ -55,6 +61,16 @@ def prediction_summary_table(adata) -> pd.DataFrame:
                 f"({len(genes)}, {len(labels)})."
             )
         cols[name] = arr.T.reshape(-1)  # perturbation-major: all genes of the first label first
+    if times is not None:
+        return pd.DataFrame(
+            {
+                "perturbation": np.repeat(plain, len(genes)),
+                "time": np.repeat(times, len(genes)),
+                "gene": np.tile(genes, len(labels)),
+                **cols,
+            },
+            columns=["perturbation", "time", *SUMMARY_COLUMNS[1:]],
+        )
     return pd.DataFrame(
         {
             "perturbation": np.repeat(labels, len(genes)),
@@ -65,6 +81,19 @@ def prediction_summary_table(adata) -> pd.DataFrame:
     )
 
 
+def parse_times(text: str | None) -> list[float] | None:
+    """``"2,4,8"`` -> ``[2.0, 4.0, 8.0]`` (``None`` stays ``None``)."""
+    if text is None:
+        return None
+    out = []
+    for item in split_list(text, "times", "--times"):
+        try:
+            out.append(float(item))
+        except ValueError:
+            raise click.BadParameter(f"{item!r} is not a number; give times like '2,4,8'.", param_hint="--times") from None
+    return out
+
+
 def predict_dir(
     model_dir,
     perturbations: Sequence[str],
@@ -73,10 +102,12 @@ def predict_dir(
     num_samples: int = 100,
     seed: int = 0,
     interval: float = 0.9,
-    source: str = "control",
+    source: str | None = None,
     allow_unseen: bool = False,
+    times: Sequence[float] | None = None,
 ):
-    """Load the fit in ``model_dir`` and predict ``perturbations``; returns ``(adata, fit)``."""
+    """Load the fit in ``model_dir`` and predict ``perturbations`` (at ``times`` for a model of
+    time); returns ``(adata, fit)``."""
     from perturbax.inference.prediction import predict as predict_api
 
     fit_result = load_fit(model_dir)
@@ -89,6 +120,7 @@ def predict_dir(
         interval=interval,
         seed=seed,
         allow_unseen=allow_unseen,
+        times=times,
     )
     return adata, fit_result
 
@@ -109,11 +141,16 @@ def predict_dir(
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the prediction.")
 @click.option("--interval", default=0.9, show_default=True,
               type=click.FloatRange(0, 1, min_open=True, max_open=True), help="Credible level of the intervals.")
-@click.option("--source", default="control", show_default=True, type=click.Choice(["control", "prior"]),
-              help="Basal states: training control cells, or draws from the base distribution.")
+@click.option("--source", default=None, type=click.Choice(["control", "prior"]),
+              help="Basal states: training control cells, or draws from the base distribution "
+                   "[default: control; prior for the dynamics model with relaxing programs].")
 @click.option("--allow-unseen", is_flag=True,
               help="Predict perturbations whose components were never seen in training (prior-only effect).")
-def predict(model_dir, perturbations, out, summary, n_cells, num_samples, seed, interval, source, allow_unseen):
+@click.option("--times", default=None,
+              help='Comma-separated times to predict at, e.g. "2,4,8" (fits of --model dynamics only, and '
+                   "required there).")
+def predict(model_dir, perturbations, out, summary, n_cells, num_samples, seed, interval, source, allow_unseen,
+            times):
     """Predict cells of perturbations from the fit saved in MODEL_DIR (by `perturbax fit`).
 
     Writes --out (h5ad): X holds the predicted cells in the expression space of the training
@@ -121,8 +158,14 @@ def predict(model_dir, perturbations, out, summary, n_cells, num_samples, seed, 
     the canonical label of each cell and obs["draw"] the posterior draw used;
     varm["pred_mean"/"pred_lower"/"pred_upper"] hold the posterior mean and credible bounds of
     each perturbation's mean expression (columns in the order of uns["perturbax"]["labels"]).
+
+    For a dynamics fit, --times is required: every perturbation is predicted at every time,
+    obs["time"] holds each cell's time, and the varm columns are (perturbation, time) pairs with
+    keys "A+B @ t=4" in uns["perturbax"]["labels"] (plain labels and times of the columns in
+    uns["perturbax"]["perturbations"] and ["times"]); the --summary CSV gets a time column.
     """
     labels = split_list(perturbations, "perturbations", "--perturbations")
+    time_list = parse_times(times)
     out_path = check_out_parent(out, "--out")
     summary_path = check_out_parent(summary, "--summary") if summary is not None else None
     with warnings.catch_warnings(record=True) as caught:
@@ -131,7 +174,7 @@ def predict(model_dir, perturbations, out, summary, n_cells, num_samples, seed, 
         try:
             adata, fit_result = predict_dir(
                 model_dir, labels, n_cells=n_cells, num_samples=num_samples, seed=seed, interval=interval,
-                source=source, allow_unseen=allow_unseen,
+                source=source, allow_unseen=allow_unseen, times=time_list,
             )
         except (ValueError, KeyError) as err:
             raise click.ClickException(cli_message(err)) from None
@@ -152,13 +195,17 @@ def predict(model_dir, perturbations, out, summary, n_cells, num_samples, seed, 
     space = f"layers[{layer!r}]" if layer else "X"
     click.echo(
         f"Predicted {adata.n_obs} cells x {adata.n_vars} genes for {len(counts)} perturbation(s) "
-        f"({num_samples} posterior draws, source {source}, {interval:g} intervals)."
+        f"({num_samples} posterior draws, source {meta['source']}, {interval:g} intervals)."
     )
     click.echo("Labels (obs[" + json.dumps(key) + "]): " + ", ".join(f"{lab} ({n})" for lab, n in counts.items()))
+    if meta.get("times") is not None:
+        ts = list(dict.fromkeys(float(t) for t in np.asarray(meta["times"]).reshape(-1)))
+        click.echo('Times (obs["time"]): ' + ", ".join(f"{t:g}" for t in ts))
     if fit_result.info.get("cli"):
         click.echo(f"Expression space: {space} of the training data.")
     click.echo(f"Wrote {out}")
     if summary_path is not None:
         table = prediction_summary_table(adata)
         table.to_csv(summary_path, index=False)
-        click.echo(f"Wrote {len(table)} rows ({len(meta['labels'])} perturbations x {adata.n_vars} genes) to {summary}")
+        what = "(perturbation, time) pairs" if meta.get("times") is not None else "perturbations"
+        click.echo(f"Wrote {len(table)} rows ({len(meta['labels'])} {what} x {adata.n_vars} genes) to {summary}")

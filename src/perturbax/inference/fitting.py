@@ -23,30 +23,36 @@ from tqdm.auto import tqdm
 
 from perturbax.data.core import PerturbationData, check_counts
 from perturbax.inference.energy import EnergyOptions, EnergyScore
-from perturbax.inference.guides import make_guide
+from perturbax.inference.guides import make_guide, uses_time
 from perturbax.inference.result import FitResult
 from perturbax.models.additive_shift import additive_shift_model
 from perturbax.models.batch import Batch
 from perturbax.models.config import AdditiveShiftConfig
+from perturbax.models.dynamics import LatentDynamicsConfig, check_times, latent_dynamics_model
 
-__all__ = ["fit", "BUILTIN_MODELS", "DeviceData"]
+__all__ = ["fit", "BUILTIN_MODELS", "DeviceData", "training_times"]
 
 BUILTIN_MODELS: dict[str, tuple[Callable, type]] = {
     "additive_shift": (additive_shift_model, AdditiveShiftConfig),
+    "latent_dynamics": (latent_dynamics_model, LatentDynamicsConfig),
 }
 
 OBJECTIVES = ("elbo", "energy")
 
 
 class DeviceData(NamedTuple):
-    """Training cells on the device (float32) plus the per-condition index table."""
+    """Training cells on the device (float32) plus the per-group index table.
+
+    Groups are the conditions, or for models of time the (condition, time) contexts.
+    """
 
     x: jax.Array  # (N, G)
     l: jax.Array  # (N, K)
     c: jax.Array | None  # (N, C)
     library: jax.Array  # (N,)
-    table: jax.Array  # (E, max_cells) cell indices per condition (padded)
-    counts: jax.Array  # (E,) cells per condition
+    table: jax.Array  # (E, max_cells) cell indices per group (padded)
+    counts: jax.Array  # (E,) cells per group
+    t: jax.Array | None = None  # (N,) time of each cell (models of time only)
 
     def batch(self, idx: jax.Array) -> Batch:
         return Batch(
@@ -54,14 +60,78 @@ class DeviceData(NamedTuple):
             l=self.l[idx],
             c=None if self.c is None else self.c[idx],
             library=self.library[idx],
+            t=None if self.t is None else self.t[idx],
         )
 
 
-def _device_data(data: PerturbationData, cells: np.ndarray) -> DeviceData:
+def _groups(data: PerturbationData, timed: bool) -> np.ndarray:
+    """Group id of each cell: its condition, or its (condition, time) context if ``timed``."""
+    env = np.asarray(data.env)
+    if not timed:
+        return env
+    pairs = np.stack([env.astype(np.float64), np.asarray(data.times, dtype=np.float64)], axis=1)
+    return np.unique(pairs, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
+def training_times(data: PerturbationData, model_name: str = "latent_dynamics") -> np.ndarray:
+    """Validate the times of training cells for a model of time; returns the distinct times.
+
+    Raises ``ValueError`` if the data have no times, a time is negative or not finite, or all
+    cells are at a single time point (what one time point can and cannot identify is in the
+    message). Warns if the perturbed cells are all at one time.
+    """
+    if data.times is None:
+        raise ValueError(
+            f"Model {model_name!r} describes cells over time, but the data have no times. Pass time_key= to "
+            f"from_anndata (the numeric obs column of time since the perturbation was switched on), e.g. "
+            f"from_anndata(adata, 'perturbation', 'control', time_key='time')."
+        )
+    t = check_times(data.times)
+    uniq = np.unique(t)
+    if uniq.size < 2:
+        raise ValueError(
+            f"All {t.size} training cells are at a single time point (t = {uniq[0]:g}), so a dynamics fit "
+            f"is not identifiable. From one snapshot time the causal weights B between programs and the "
+            f"direct targets S cannot be separated: they enter the cells only through the transient "
+            f"exp((B - I) t), which needs two or more times. What one time point does identify is the net "
+            f"latent shift of each perturbation at that time -- at equilibrium the additive-shift "
+            f"W = (I - B)^{{-1}} S, which is the same for every (B, S) with S = (I - B) W "
+            f"(perturbax.theory.w_to_bs). Fit model='additive_shift' to these cells, or add cells from other "
+            f"time points (time-matched controls and perturbed cells at two or more times)."
+        )
+    if data.control_index is not None:
+        perturbed = np.asarray(data.env) != data.control_index
+        pt = np.unique(t[perturbed])
+        if pt.size == 1:
+            warnings.warn(
+                f"Every perturbed cell is at the single time t = {pt[0]:g} (controls at "
+                f"{', '.join(f'{v:g}' for v in uniq)}): the transient of the perturbations is seen at one time "
+                f"only, so B and S are separated only through the control time course; predictions at other "
+                f"times rest on the model's dynamics, not on data. Measure perturbed cells at more times.",
+                UserWarning,
+                stacklevel=3,
+            )
+    return uniq
+
+
+def _context_check(data: PerturbationData, config) -> dict[str, Any]:
+    """:func:`perturbax.theory.count_contexts` on the distinct (condition, time) contexts."""
+    from perturbax.theory.dynamics import count_contexts
+
+    ids = _groups(data, True)
+    first = np.unique(ids, return_index=True)[1]
+    rep = count_contexts(
+        np.asarray(data.L)[first], np.asarray(data.times)[first], registry=data.registry,
+        latent_dim=getattr(config, "latent_dim", None),
+    )
+    return {"status": rep.status, "message": rep.message, "n_contexts": rep.n_contexts, "n_times": rep.n_times}
+
+
+def _device_data(data: PerturbationData, cells: np.ndarray, timed: bool = False) -> DeviceData:
     sub = data.subset(cells)
     C, _ = sub.covariate_design()
-    env = np.asarray(sub.env)
-    E = sub.n_conditions
+    env = _groups(sub, timed)
+    E = int(env.max()) + 1 if env.size else 0
     counts = np.bincount(env, minlength=E)
     table = np.zeros((E, int(counts.max())), dtype=np.int32)
     for e in range(E):
@@ -74,15 +144,20 @@ def _device_data(data: PerturbationData, cells: np.ndarray) -> DeviceData:
         library=jnp.asarray(sub.library_size),
         table=jnp.asarray(table),
         counts=jnp.asarray(counts, dtype=jnp.int32),
+        t=jnp.asarray(sub.times, dtype=jnp.float32) if timed else None,
     )
 
 
-def _validation_split(data: PerturbationData, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified split of cell indices; conditions with < 10 cells stay in training."""
+def _validation_split(
+    data: PerturbationData, fraction: float, seed: int, timed: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified split of cell indices by condition (by (condition, time) context for models of
+    time); groups with < 10 cells stay in training."""
     rng = np.random.default_rng(seed)
+    groups = _groups(data, timed)
     train, val = [], []
-    for e in range(data.n_conditions):
-        members = np.flatnonzero(data.env == e)
+    for e in range(int(groups.max()) + 1 if groups.size else 0):
+        members = np.flatnonzero(groups == e)
         n_val = int(math.floor(fraction * members.size)) if members.size >= 10 else 0
         perm = rng.permutation(members)
         val.append(perm[:n_val])
@@ -146,16 +221,22 @@ def fit(
     Parameters
     ----------
     model
-        ``"additive_shift"`` or a NumPyro model function ``model(batch, *, config, n_cells)``
-        following the site conventions of :mod:`perturbax.models.blocks`.
+        ``"additive_shift"``, ``"latent_dynamics"`` or a NumPyro model function
+        ``model(batch, *, config, n_cells)`` following the site conventions of
+        :mod:`perturbax.models.blocks`.
     data
-        Training cells (:func:`perturbax.data.from_anndata`).
+        Training cells (:func:`perturbax.data.from_anndata`). Models of time (the latent dynamics
+        model, or any config with ``uses_time``) need the cells' times
+        (``from_anndata(..., time_key=...)``), all ``>= 0`` and at least two distinct time points;
+        each cell's time then travels with it in ``batch.t``.
     config
-        Model configuration (default: :class:`~perturbax.models.AdditiveShiftConfig` sized to
-        ``data``).
+        Model configuration (default: :class:`~perturbax.models.AdditiveShiftConfig` or
+        :class:`~perturbax.models.LatentDynamicsConfig` sized to ``data``).
     objective
-        ``"elbo"`` (amortised encoder q(z_base | x, l) + a posterior over the global sites) or
-        ``"energy"`` (PDAE's energy score with a generalised-Bayes posterior over the globals).
+        ``"elbo"`` (amortised encoder q(z_base | x, l) -- for models of time q(z(0) | x, l, t) --
+        + a posterior over the global sites) or ``"energy"`` (PDAE's energy score with a
+        generalised-Bayes posterior over the globals; for models of time each (condition, time)
+        context is one group, simulated at its own time from the basal states of other groups).
     steps, batch_size, learning_rate
         Optimiser steps (Adam with gradient clipping), cells per step, and the initial step size
         (cosine-decayed to 5% over ``steps``).
@@ -191,15 +272,24 @@ def fit(
         raise ValueError("The implicit likelihood has no density; fit it with objective='energy'.")
     if data.control_index is None:
         raise ValueError(f"The training data have no control cells ({data.control!r}); predictions start from them.")
+    timed = uses_time(config)
+    time_info: dict[str, Any] = {}
+    if timed:
+        uniq = training_times(data, name)
+        time_info = {
+            "times": [float(v) for v in uniq],
+            "time_key": data.time_key,
+            "contexts": _context_check(data, config),
+        }
 
-    train_idx, val_idx = _validation_split(data, validation_fraction if patience is not None else 0.0, seed)
+    train_idx, val_idx = _validation_split(data, validation_fraction if patience is not None else 0.0, seed, timed)
     n_train = train_idx.size
     if batch_size > n_train:
         raise ValueError(
             f"batch_size={batch_size} is larger than the {n_train} training cells; use batch_size <= {n_train}."
         )
-    train = _device_data(data, train_idx)
-    val = _device_data(data, val_idx) if val_idx.size else None
+    train = _device_data(data, train_idx, timed)
+    val = _device_data(data, val_idx, timed) if val_idx.size else None
     n_cond = int(train.counts.shape[0])
 
     if objective == "energy":
@@ -349,5 +439,6 @@ def fit(
             "cells_per_step": step_size,
             "learning_rate": learning_rate,
             "energy_options": None if opts is None else opts._asdict(),
+            **time_info,
         },
     )

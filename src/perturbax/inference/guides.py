@@ -26,9 +26,30 @@ from numpyro.infer.initialization import init_to_median
 from perturbax.models.batch import Batch
 from perturbax.models.blocks import CELL_PLATE, network
 
-__all__ = ["GLOBAL_GUIDES", "encoder_input", "global_sites", "local_sites", "make_guide"]
+__all__ = ["GLOBAL_GUIDES", "encoder_input", "global_sites", "local_sites", "make_guide", "uses_time"]
 
 GLOBAL_GUIDES = ("lowrank", "mvn", "normal", "delta")
+
+# Per-cell sites the built-in guide keeps at their standard-normal prior: noise fed into an implicit
+# decoder (``eta``) and the Brownian part of a diffusion (``z_noise``).
+PRIOR_LOCALS = ("eta", "z_noise")
+# Per-cell sites the built-in encoder amortises.
+AMORTIZED_LOCALS = ("z_base", "s")
+
+
+def uses_time(config: Any) -> bool:
+    """Whether a model configuration describes a model of time (cells are snapshots at times
+    ``batch.t``): the latent dynamics model, or any config with a true ``uses_time`` attribute."""
+    from perturbax.models.dynamics import LatentDynamicsConfig
+
+    return isinstance(config, LatentDynamicsConfig) or bool(getattr(config, "uses_time", False))
+
+
+def time_features(t: jax.Array, config: Any) -> jax.Array:
+    """What the encoder sees of a cell's time: ``[log1p(t'), exp(-t')]`` with ``t' = t / time_scale``
+    (relaxing programs fade like ``e^{-t'}``; the log keeps long time courses in range)."""
+    ts = jnp.asarray(t, dtype=jnp.float32) / float(getattr(config, "time_scale", 1.0))
+    return jnp.stack([jnp.log1p(ts), jnp.exp(-ts)], axis=-1)
 
 
 def _site_table(model: Callable, batch: Batch, model_kwargs: dict[str, Any]) -> list[tuple[str, bool, bool]]:
@@ -59,8 +80,9 @@ def local_sites(model: Callable, batch: Batch, model_kwargs: dict[str, Any]) -> 
     return tuple(n for n, latent, in_plate in _site_table(model, batch, model_kwargs) if latent and in_plate)
 
 
-def encoder_input(batch: Batch, likelihood: str) -> jax.Array:
-    """What the encoder sees: expression (log-normalised if counts), labels and covariates."""
+def encoder_input(batch: Batch, likelihood: str, config: Any = None) -> jax.Array:
+    """What the encoder sees: expression (log-normalised if counts), labels and covariates, and
+    for models of time (:func:`uses_time`) the cell's time features (:func:`time_features`)."""
     x = batch.x
     if likelihood == "negative_binomial":
         lib = batch.library if batch.library is not None else x.sum(-1)
@@ -68,6 +90,13 @@ def encoder_input(batch: Batch, likelihood: str) -> jax.Array:
     parts = [x, batch.l]
     if batch.c is not None:
         parts.append(batch.c)
+    if config is not None and uses_time(config):
+        if batch.t is None:
+            raise ValueError(
+                "This model describes cells over time, so the encoder needs each cell's time (batch.t); "
+                "build the data with from_anndata(..., time_key=...)."
+            )
+        parts.append(time_features(batch.t, config))
     return jnp.concatenate(parts, axis=-1)
 
 
@@ -77,30 +106,44 @@ def _amortized_part(config, *, delta: bool, local_names: tuple[str, ...]):
             f"The built-in guide amortises the per-cell site 'z_base', but the model's per-cell latent "
             f"sites are {list(local_names)}. Name the basal state 'z_base' or pass your own guide=."
         )
-    others = [n for n in local_names if n not in ("z_base", "eta")]
+    others = [n for n in local_names if n not in AMORTIZED_LOCALS + PRIOR_LOCALS]
     if others:
         raise ValueError(
             f"The built-in guide cannot infer the per-cell latent sites {others}; pass your own guide=."
         )
     d = config.latent_dim
+    # Widths of the amortised sites, in the order of the encoder output.
+    widths = {"z_base": d}
+    if "s" in local_names:
+        widths["s"] = int(getattr(config, "state_dim", 0))
+        if widths["s"] < 1:
+            raise ValueError("The model has a per-cell site 's' but its config has no state_dim >= 1.")
     likelihood = getattr(config, "likelihood", "gaussian")
-    in_size = config.n_genes + config.n_perturbations + getattr(config, "n_covariates", 0)
+    timed = uses_time(config)
+    in_size = config.n_genes + config.n_perturbations + getattr(config, "n_covariates", 0) + (2 if timed else 0)
+    out_size = 2 * sum(widths.values())
     hidden = getattr(config, "encoder_hidden", (128, 128))
     seed = getattr(config, "seed", 0)
 
     def encoder_guide(batch: Batch, *, config, n_cells: int) -> None:
-        enc = network("encoder", in_size, 2 * d, hidden, seed=seed)
-        out = jax.vmap(enc)(encoder_input(batch, likelihood))
-        loc, raw_scale = out[:, :d], out[:, d:]
+        enc = network("encoder", in_size, out_size, hidden, seed=seed)
+        out = jax.vmap(enc)(encoder_input(batch, likelihood, config if timed else None))
         with numpyro.plate(CELL_PLATE, n_cells, subsample_size=batch.size):
-            if delta:
-                numpyro.sample("z_base", dist.Delta(loc, event_dim=1))
-            else:
-                scale = jax.nn.softplus(raw_scale - 2.0) + 1e-4
-                numpyro.sample("z_base", dist.Normal(loc, scale).to_event(1))
+            start = 0
+            for name, w in widths.items():
+                loc, raw_scale = out[:, start : start + w], out[:, start + w : start + 2 * w]
+                start += 2 * w
+                if delta:
+                    numpyro.sample(name, dist.Delta(loc, event_dim=1))
+                else:
+                    scale = jax.nn.softplus(raw_scale - 2.0) + 1e-4
+                    numpyro.sample(name, dist.Normal(loc, scale).to_event(1))
             if "eta" in local_names:
                 # Noise fed into an implicit decoder stays at its prior.
                 numpyro.sample("eta", dist.Normal(0.0, 1.0).expand((config.noise_dim,)).to_event(1))
+            if "z_noise" in local_names:
+                # The Brownian part of a diffusion stays at its prior (the likelihood averages over it).
+                numpyro.sample("z_noise", dist.Normal(0.0, 1.0).expand((d,)).to_event(1))
 
     return encoder_guide
 
@@ -116,6 +159,11 @@ def make_guide(
     init_scale: float = 0.05,
 ) -> tuple[Callable, tuple[str, ...]]:
     """Guide = automatic guide over the global sites + amortised encoder for ``z_base``.
+
+    The encoder sees ``(x, l, c)`` and, for models of time (:func:`uses_time`), the cell's time,
+    so for the latent dynamics model it is ``q(z(0) | x, l, t)``. It also amortises an invariant
+    per-cell state ``s`` if the model has one; ``eta`` (implicit decoder noise) and ``z_noise``
+    (diffusion) stay at their standard-normal priors.
 
     Parameters
     ----------

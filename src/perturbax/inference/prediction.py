@@ -3,6 +3,10 @@
 For each posterior draw of the global sites and each requested label ``l*``, the fitted model is
 run with ``z_base`` fixed to the basal states of the source cells (training control cells by
 default) and the label ``l*``: it shifts them by ``W l*``, decodes, and samples the likelihood.
+Models of time are run the same way with ``batch.t = t*`` for each requested time: the latent
+dynamics model evolves ``z(0)`` to ``z(t*)`` under ``l*`` and decodes; by default (relaxing
+heterogeneity) each posterior draw samples ``z(0)`` from its own ``N(mu, Sigma_0)`` instead of
+using encoded control cells.
 The per-gene mean expression of a perturbation is averaged over the source cells for each draw,
 with Bayesian-bootstrap weights (the source cells are a finite sample of the basal population);
 its posterior mean and equal-tailed credible interval come from the draws. The intervals thus
@@ -12,13 +16,29 @@ do not carry the error of the decoder, which is a point estimate.
 Output AnnData (same genes and expression space as the training ``X``):
 
 - ``X``: predicted cells; ``obs[perturbation_key]``: label; ``obs["draw"]``: posterior draw used;
-- ``varm["pred_mean"]``, ``varm["pred_lower"]``, ``varm["pred_upper"]``: ``(n_genes, n_labels)``
+- ``varm["pred_mean"]``, ``varm["pred_lower"]``, ``varm["pred_upper"]``: ``(n_genes, n_columns)``
   posterior mean and interval bounds of the mean expression, columns in the order of
   ``uns["perturbax"]["labels"]``;
 - ``uns["perturbax"]``: labels, interval level, number of draws, source, model, objective, and
   identifiability notes from the training design (``coverage``: arrays ``covered``,
   ``in_convex_hull``, ``residual``, ``message`` aligned with ``labels``);
-- ``uns["mean_draws"]``: ``(n_labels, num_samples, n_genes)`` per-draw mean expression.
+- ``uns["mean_draws"]``: ``(n_columns, num_samples, n_genes)`` per-draw mean expression;
+- ``uns["latent_mean_draws"]``: ``(n_columns, num_samples, d)`` per-draw mean latent state, for
+  models with a deterministic latent site ``"z"`` (the latent dynamics model: ``z(t)``).
+
+Models without time (the additive shift model): one column per requested perturbation and
+``uns["perturbax"]["labels"]`` holds the canonical labels (this layout is unchanged).
+
+Models of time (``predict(..., times=[...])``): one column per (perturbation, time) pair,
+perturbation-major (all times of the first perturbation first). Then
+
+- ``obs["time"]``: the time of each predicted cell (``obs[perturbation_key]`` the plain label);
+- ``uns["perturbax"]["labels"]``: the column keys ``"A+B @ t=4"`` (:func:`pair_key`), so
+  :func:`perturbax.data.prediction_intervals` and :func:`perturbax.data.prediction_summary` work
+  per pair; ``uns["perturbax"]["perturbations"]`` and ``["times"]``: the plain label and the time
+  of each column; ``["train_times"]``: the distinct training times; ``["time_key"]``;
+- ``uns["perturbax"]["coverage"]`` is aligned with the columns and adds ``time_in_range`` and
+  ``time_message`` (measured time, interpolation, or extrapolation beyond the measured times).
 
 Use :func:`perturbax.data.prediction_summary` for a tidy table and :func:`to_arviz` for ArviZ.
 """
@@ -39,7 +59,7 @@ from perturbax.data.labels import LabelLike, close_matches
 from perturbax.inference.result import FitResult, _dummy_batch
 from perturbax.models.batch import Batch
 
-__all__ = ["predict", "posterior_globals", "to_arviz", "UnseenPerturbationError"]
+__all__ = ["predict", "pair_key", "posterior_globals", "to_arviz", "UnseenPerturbationError"]
 
 
 class UnseenPerturbationError(ValueError):
@@ -113,13 +133,73 @@ def _coverage_notes(fit: FitResult, labels: list[str], vecs: np.ndarray) -> dict
     return {k: np.asarray(v) for k, v in notes.items()}
 
 
+def pair_key(label: str, time: float) -> str:
+    """Column key of a (perturbation, time) pair in a prediction of a model of time:
+    ``"A+B @ t=4"`` (what ``uns["perturbax"]["labels"]`` holds, and what
+    :func:`perturbax.data.prediction_intervals` takes)."""
+    return f"{label} @ t={float(time):g}"
+
+
+def _prediction_times(fit: FitResult, times) -> list[float] | None:
+    """Validate ``times`` against the fit: required for models of time, refused otherwise."""
+    if not fit.uses_time:
+        if times is not None:
+            raise ValueError(
+                f"The fitted model {fit.model_name!r} has no notion of time, so times must be None (got "
+                f"{times!r}). To predict perturbations over time, fit model='latent_dynamics' to data with "
+                f"times (from_anndata(..., time_key=...))."
+            )
+        return None
+    train = fit.train_times
+    seen = "" if train is None else f" The training cells were at t = {', '.join(f'{v:g}' for v in train)}."
+    if times is None:
+        raise ValueError(
+            f"The fitted model {fit.model_name!r} describes cells over time: pass times=[...] (time since the "
+            f"perturbation was switched on, in the units of the training data), e.g. times=[2, 4, 8].{seen}"
+        )
+    arr = np.atleast_1d(np.asarray(times, dtype=np.float64))
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"times must be a non-empty list of numbers, got {times!r}.")
+    bad = arr[~np.isfinite(arr) | (arr < 0)]
+    if bad.size:
+        raise ValueError(
+            f"times must be finite and >= 0 (time since the perturbation was switched on at t = 0); got "
+            f"{bad[0]:g}.{seen}"
+        )
+    return list(dict.fromkeys(float(v) for v in arr))
+
+
+def _time_notes(fit: FitResult, times: list[float]) -> tuple[list[bool], list[str]]:
+    train = fit.train_times
+    in_range, messages = [], []
+    for t in times:
+        if train is None or train.size == 0:
+            in_range.append(False)
+            messages.append("training times unknown")
+            continue
+        lo, hi = float(train.min()), float(train.max())
+        inside = lo <= t <= hi
+        in_range.append(bool(inside))
+        if t in set(train.tolist()):
+            messages.append(f"t={t:g} is a measured time")
+        elif inside:
+            messages.append(f"t={t:g} lies between measured times ({lo:g}-{hi:g}): interpolation by the dynamics")
+        else:
+            messages.append(
+                f"t={t:g} lies outside the measured times ({lo:g}-{hi:g}): extrapolation by the dynamics "
+                f"(at long times the prediction tends to the equilibrium mu + (I - B)^-1 S l)"
+            )
+    return in_range, messages
+
+
 def predict(
     fit: FitResult,
     perturbations: Sequence[LabelLike] | LabelLike,
     *,
+    times: Sequence[float] | float | None = None,
     n_cells: int | None = None,
     num_samples: int = 100,
-    source: str = "control",
+    source: str | None = None,
     interval: float = 0.9,
     seed: int = 0,
     allow_unseen: bool = False,
@@ -133,13 +213,22 @@ def predict(
         A :class:`FitResult`.
     perturbations
         Labels in any spelling: ``"A+B"``, ``"A:0.5+C:2"``, ``{"A": 0.5, "C": 2.0}``, or vectors.
+    times
+        Models of time (the latent dynamics model) only, and required there: the times (since
+        the perturbation was switched on, in the units of the training times) at which to predict
+        every perturbation; any ``t >= 0``, measured or not. Must be ``None`` for models without
+        time.
     n_cells
-        Predicted cells per perturbation (default: the number of source cells).
+        Predicted cells per perturbation (per (perturbation, time) pair for models of time;
+        default: the number of training control cells).
     num_samples
         Posterior draws of the global sites.
     source
-        ``"control"``: basal states of the training control cells; ``"prior"``: draws from the base
-        distribution.
+        ``"control"``: basal states (encoder means) of the training control cells; ``"prior"``:
+        draws from the model's base distribution. Default (``None``): ``"prior"`` for latent
+        dynamics with relaxing heterogeneity -- control cells at ``t > 0`` have relaxed, so their
+        encoded ``z(0)`` is poorly determined, and each posterior draw samples ``z(0)`` from its own
+        ``N(mu, Sigma_0)`` -- else ``"control"``.
     interval
         Credible level of the equal-tailed intervals.
     allow_unseen
@@ -147,7 +236,8 @@ def predict(
         then a prior draw) instead of refusing.
     bootstrap
         Weight the source cells of each draw by a Bayesian bootstrap, so the intervals also carry
-        the uncertainty of estimating a population from finitely many source cells.
+        the uncertainty of estimating a population from finitely many source cells (control
+        source; prior draws are fresh for every posterior draw and weighted equally).
 
     Returns
     -------
@@ -157,14 +247,28 @@ def predict(
         raise ValueError(f"interval must be in (0, 1), got {interval}.")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+    tlist = _prediction_times(fit, times)
+    timed = tlist is not None
     labels, vecs = _parse(fit, perturbations, allow_unseen)
     notes = _coverage_notes(fit, labels, vecs)
+    if source is None:
+        relaxing = getattr(fit.config, "heterogeneity", None) == "relaxing"
+        source = "prior" if timed and relaxing else "control"
+    if source not in ("control", "prior"):
+        raise ValueError(f"source={source!r} is not supported; use 'control' or 'prior'.")
 
     key = jax.random.PRNGKey(seed)
     k_glob, k_src, k_cells, k_means = jax.random.split(key, 4)
     draws = posterior_globals(fit, num_samples, seed=int(jax.random.randint(k_glob, (), 0, 2**31 - 1)))
     z_src, lib_src, c_src = (jnp.asarray(fit.basal[k]) for k in ("z", "library", "c"))
-    if source == "prior":
+    n_ctrl = int(lib_src.shape[0])
+    if n_ctrl == 0:
+        raise ValueError("The fit has no source cells (no control cells in training).")
+    # Models of time with source="prior": every posterior draw samples its own basal states
+    # z(0) ~ N(mu, Sigma_0) inside the model (z_src is None); library sizes and covariates come
+    # from randomly chosen training control cells.
+    fresh_prior = timed and source == "prior"
+    if source == "prior" and not fresh_prior:
         n_prior = max(1000, n_cells or 0)
         base = fit.model  # sample z_base from the model's own base distribution
         tr = handlers.trace(handlers.seed(handlers.block(base), 1)).get_trace(
@@ -173,12 +277,12 @@ def predict(
         z_src = tr["z_base"]["value"]
         idx = jax.random.randint(k_src, (n_prior,), 0, lib_src.shape[0])
         lib_src, c_src = lib_src[idx], c_src[idx]
-    elif source != "control":
-        raise ValueError(f"source={source!r} is not supported; use 'control' or 'prior'.")
-    n_src = z_src.shape[0]
-    if n_src == 0:
-        raise ValueError("The fit has no source cells (no control cells in training).")
-    n_cells = n_src if n_cells is None else int(n_cells)
+    elif fresh_prior:
+        n_mean = min(4096, max(512, n_ctrl))
+        idx = jax.random.randint(k_src, (n_mean,), 0, n_ctrl)
+        lib_src, c_src, z_src = lib_src[idx], c_src[idx], None
+    n_src = int(lib_src.shape[0])
+    n_cells = (n_ctrl if fresh_prior else n_src) if n_cells is None else int(n_cells)
     if n_cells < 1:
         raise ValueError(f"n_cells must be >= 1, got {n_cells}.")
     per_draw = math.ceil(n_cells / num_samples)
@@ -186,65 +290,113 @@ def predict(
     model = handlers.substitute(fit.model, data=fit.params)
     kwargs = fit.model_kwargs
 
-    def run(globals_s, z, lib, c, lvec, key):
-        batch = Batch(x=None, l=jnp.broadcast_to(lvec, (z.shape[0], lvec.shape[0])), c=c if has_c else None, library=lib)
-        cond = handlers.condition(model, data={**globals_s, "z_base": z})
-        tr = handlers.trace(handlers.seed(cond, key)).get_trace(batch, **kwargs)
+    def run(globals_s, z, lib, c, lvec, t, key):
+        n = lib.shape[0]
+        batch = Batch(
+            x=None, l=jnp.broadcast_to(lvec, (n, lvec.shape[0])), c=c if has_c else None, library=lib,
+            t=jnp.full((n,), t, dtype=jnp.float32) if timed else None,
+        )
+        data = dict(globals_s) if z is None else {**globals_s, "z_base": z}
+        cond = handlers.condition(model, data=data)
+        kw = kwargs if n <= kwargs["n_cells"] else {**kwargs, "n_cells": n}  # the plate must hold n cells
+        tr = handlers.trace(handlers.seed(cond, key)).get_trace(batch, **kw)
         mean = tr["x_mean"]["value"] if "x_mean" in tr else tr["x"]["value"]
-        return tr["x"]["value"], mean
+        latent = tr["z"]["value"] if "z" in tr else None
+        return tr["x"]["value"], mean, latent
 
     @jax.jit
-    def one_label(lvec, key):
+    def one_pair(lvec, t, key):
         k1, k2, k3 = jax.random.split(key, 3)
         mkeys = jax.random.split(k1, num_samples)
+
         # Per-draw population mean over the source cells, weighted by a Bayesian bootstrap
         # (Dirichlet(1, ..., 1) weights): the source cells are a finite sample of basal states.
         def draw_mean(a):
             k_run, k_w = jax.random.split(a[1])
-            w = jax.random.dirichlet(k_w, jnp.ones(n_src)) if bootstrap else jnp.full(n_src, 1.0 / n_src)
-            return w @ run(a[0], z_src, lib_src, c_src, lvec, k_run)[1]
+            if bootstrap and not fresh_prior:
+                w = jax.random.dirichlet(k_w, jnp.ones(n_src))
+            else:
+                w = jnp.full(n_src, 1.0 / n_src)
+            _, mean, latent = run(a[0], z_src, lib_src, c_src, lvec, t, k_run)
+            return w @ mean, (None if latent is None else w @ latent)
 
-        means = jax.lax.map(draw_mean, (draws, mkeys))
+        means, latents = jax.lax.map(draw_mean, (draws, mkeys))
         # Cells: each draw decodes its own subset of the source cells.
         pick = jax.random.permutation(k2, jnp.arange(num_samples * per_draw) % n_src).reshape(num_samples, per_draw)
         ckeys = jax.random.split(k3, num_samples)
         cells = jax.lax.map(
-            lambda a: run(a[0], z_src[a[1]], lib_src[a[1]], c_src[a[1]], lvec, a[2])[0], (draws, pick, ckeys)
+            lambda a: run(
+                a[0], None if z_src is None else z_src[a[1]], lib_src[a[1]], c_src[a[1]], lvec, t, a[2]
+            )[0],
+            (draws, pick, ckeys),
         )
-        return means, cells.reshape(num_samples * per_draw, -1)[:n_cells]
+        return means, cells.reshape(num_samples * per_draw, -1)[:n_cells], latents
 
-    all_cells, all_means = [], []
-    for i, v in enumerate(vecs):
-        means, cells = one_label(jnp.asarray(v, jnp.float32), jax.random.fold_in(k_cells, i))
+    columns = [(i, lab, t) for i, lab in enumerate(labels) for t in (tlist if timed else [0.0])]
+    all_cells, all_means, all_latent = [], [], []
+    for c, (i, _lab, t) in enumerate(columns):
+        means, cells, latents = one_pair(
+            jnp.asarray(vecs[i], jnp.float32), jnp.float32(t), jax.random.fold_in(k_cells, c)
+        )
         all_means.append(np.asarray(means))
         all_cells.append(np.asarray(cells))
-    mean_draws = np.stack(all_means).astype(np.float64)  # (P, S, G)
+        if latents is not None:
+            all_latent.append(np.asarray(latents))
+    mean_draws = np.stack(all_means).astype(np.float64)  # (columns, S, G)
     lo_q, hi_q = (1 - interval) / 2, (1 + interval) / 2
     draw_idx = np.repeat(np.arange(num_samples), per_draw)[:n_cells]
-    adata = predictions_to_anndata(
-        {lab: c for lab, c in zip(labels, all_cells)},
-        gene_names=fit.gene_names,
-        perturbation_key=fit.perturbation_key,
-        obs={"draw": np.tile(draw_idx, len(labels))},
-        uns={
-            "perturbax": {
-                "labels": list(labels),
-                "interval": float(interval),
-                "num_samples": int(num_samples),
-                "source": source,
-                "model": fit.model_name,
-                "objective": fit.objective,
-                "coverage": notes,  # lists aligned with "labels"
-            },
-            "mean_draws": mean_draws.astype(np.float32),
-        },
-        varm={
-            "pred_mean": mean_draws.mean(1).T,
-            "pred_lower": np.quantile(mean_draws, lo_q, axis=1).T,
-            "pred_upper": np.quantile(mean_draws, hi_q, axis=1).T,
+    meta = {
+        "labels": list(labels),
+        "interval": float(interval),
+        "num_samples": int(num_samples),
+        "source": source,
+        "model": fit.model_name,
+        "objective": fit.objective,
+        "coverage": notes,  # lists aligned with "labels"
+    }
+    uns = {"perturbax": meta, "mean_draws": mean_draws.astype(np.float32)}
+    if all_latent:
+        uns["latent_mean_draws"] = np.stack(all_latent).astype(np.float32)  # (columns, S, d)
+    varm = {
+        "pred_mean": mean_draws.mean(1).T,
+        "pred_lower": np.quantile(mean_draws, lo_q, axis=1).T,
+        "pred_upper": np.quantile(mean_draws, hi_q, axis=1).T,
+    }
+    if not timed:
+        return predictions_to_anndata(
+            {lab: c for lab, c in zip(labels, all_cells)},
+            gene_names=fit.gene_names,
+            perturbation_key=fit.perturbation_key,
+            obs={"draw": np.tile(draw_idx, len(labels))},
+            uns=uns,
+            varm=varm,
+        )
+    col_labels = [lab for _, lab, _ in columns]
+    col_times = [float(t) for _, _, t in columns]
+    in_range, time_msgs = _time_notes(fit, tlist)
+    T = len(tlist)
+    meta.update(
+        labels=[pair_key(lab, t) for lab, t in zip(col_labels, col_times)],
+        perturbations=col_labels,
+        times=col_times,
+        train_times=[] if fit.train_times is None else [float(v) for v in fit.train_times],
+        time_key=fit.info.get("time_key") or "time",
+        coverage={
+            **{k: np.repeat(v, T) for k, v in notes.items()},
+            "time_in_range": np.tile(np.asarray(in_range), len(labels)),
+            "time_message": np.tile(np.asarray(time_msgs), len(labels)),
         },
     )
-    return adata
+    return predictions_to_anndata(
+        np.concatenate(all_cells, axis=0),
+        labels=np.repeat(col_labels, n_cells),
+        gene_names=fit.gene_names,
+        perturbation_key=fit.perturbation_key,
+        obs={"time": np.repeat(np.asarray(col_times, dtype=np.float64), n_cells),
+             "draw": np.tile(draw_idx, len(columns))},
+        uns=uns,
+        varm=varm,
+    )
 
 
 def to_arviz(fit: FitResult, prediction=None, *, num_samples: int = 200, seed: int = 0):
@@ -256,21 +408,34 @@ def to_arviz(fit: FitResult, prediction=None, *, num_samples: int = 200, seed: i
     draws = posterior_globals(fit, num_samples, seed=seed)
     posterior = {n: np.asarray(v)[None] for n, v in draws.items()}
     dims, coords = {}, {"perturbation": list(fit.registry.names), "gene": list(fit.gene_names)}
-    # Deterministic W of reparametrised priors (e.g. horseshoe) is recomputed from the draws.
-    if "W" not in posterior:
+    # Deterministic W of reparametrised priors (e.g. horseshoe) is recomputed from the draws; for
+    # latent dynamics, B (deterministic from its free entries), S, and W = (I - B)^{-1} S, the
+    # equilibrium shift (the additive-shift W the dynamics reach at long times).
+    if "W" not in posterior or "B" not in posterior:
         dummy = _dummy_batch(fit.config)
 
-        def w_of(g):
+        def dets(g):
             cond = handlers.condition(handlers.substitute(fit.model, data=fit.params), data=g)
             tr = handlers.trace(handlers.seed(cond, 0)).get_trace(dummy._replace(x=None), **fit.model_kwargs)
-            return tr["W"]["value"]
+            out = {}
+            if "W" in tr:
+                out["W"] = tr["W"]["value"]
+            if "B" in tr and "S" in tr:
+                from perturbax.models.dynamics import equilibrium_shift
 
-        try:
-            posterior["W"] = np.asarray(jax.vmap(w_of)(draws))[None]
-        except KeyError:
-            pass
+                out.update(B=tr["B"]["value"], S=tr["S"]["value"])
+                out.setdefault("W", equilibrium_shift(tr["B"]["value"], tr["S"]["value"]))
+            return out
+
+        extra = jax.vmap(dets)(draws)
+        for k, v in extra.items():
+            posterior.setdefault(k, np.asarray(v)[None])
     if "W" in posterior and posterior["W"].shape[-1] == fit.registry.K:
         dims["W"] = ["latent", "perturbation"]
+    if "S" in posterior and posterior["S"].shape[-1] == fit.registry.K:
+        dims["S"] = ["latent", "perturbation"]
+    if "B" in posterior:
+        dims["B"] = ["latent", "latent_parent"]
     groups = {"posterior": posterior}
     if prediction is not None:
         meta = prediction.uns["perturbax"]

@@ -39,6 +39,12 @@ def _flatten(params: dict[str, Any]) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(path): np.asarray(v) for path, v in leaves}
 
 
+def _uses_time(config) -> bool:
+    from perturbax.inference.guides import uses_time
+
+    return uses_time(config)
+
+
 def _dummy_batch(config, n: int = 2) -> Batch:
     C = getattr(config, "n_covariates", 0)
     return Batch(
@@ -46,6 +52,7 @@ def _dummy_batch(config, n: int = 2) -> Batch:
         l=jnp.zeros((n, config.n_perturbations)),
         c=jnp.zeros((n, C)) if C else None,
         library=jnp.ones((n,)),
+        t=jnp.zeros((n,)) if _uses_time(config) else None,
     )
 
 
@@ -66,11 +73,14 @@ class FitResult:
     train_conditions, train_design
         Training condition labels and their label vectors ``(E, K)``.
     basal
-        ``{"z": (n, d), "library": (n,), "c": (n, C)}`` basal states of training control cells.
+        ``{"z": (n, d), "library": (n,), "c": (n, C)}`` basal states of training control cells
+        (for models of time: encoder means of ``z(0)`` given each control cell and its time).
     history
         ``{"loss": per step, "val_step", "val_loss"}``.
     info
-        Settings and run facts (seed, steps run, stop reason, timings).
+        Settings and run facts (seed, steps run, stop reason, timings; for models of time also
+        ``"times"``, the distinct training times, ``"time_key"`` and ``"contexts"``, the
+        (condition, time) context check of :func:`perturbax.theory.count_contexts`).
     """
 
     model_name: str
@@ -139,6 +149,17 @@ class FitResult:
     @property
     def model_kwargs(self) -> dict[str, Any]:
         return {"config": self.config, "n_cells": self.n_train}
+
+    @property
+    def uses_time(self) -> bool:
+        """Whether the model describes cells over time (predictions then need ``times=``)."""
+        return _uses_time(self.config)
+
+    @property
+    def train_times(self) -> np.ndarray | None:
+        """Distinct times of the training cells (models of time), else ``None``."""
+        times = self.info.get("times")
+        return None if times is None else np.asarray(times, dtype=np.float64)
 
     @property
     def seen_elementary(self) -> tuple[str, ...]:
@@ -340,7 +361,17 @@ def _encode(model, guide, params, config, data: PerturbationData, cells: np.ndar
     """Encoder means of the given cells (the basal states used as prediction sources)."""
     C, _ = data.covariate_design()
     lib = data.library_size
-    kwargs = {"config": config, "n_cells": n_train}
+    # (the plate size only scales log densities, unused here; it must hold a whole chunk)
+    kwargs = {"config": config, "n_cells": max(int(n_train), min(int(chunk), int(cells.size)))}
+    timed = _uses_time(config)
+    if timed:
+        from perturbax.inference.fitting import training_times
+
+        if data.times is None:
+            training_times(data)  # the error that says how to pass times
+        from perturbax.models.dynamics import check_times
+
+        check_times(data.times)
 
     @jax.jit
     def enc(batch):
@@ -355,6 +386,7 @@ def _encode(model, guide, params, config, data: PerturbationData, cells: np.ndar
             l=jnp.asarray(data.L[idx], dtype=jnp.float32),
             c=jnp.asarray(C[idx]) if C.shape[1] else None,
             library=jnp.asarray(lib[idx]),
+            t=jnp.asarray(data.times[idx], dtype=jnp.float32) if timed else None,
         )
         out.append(np.asarray(enc(batch)))
     return np.concatenate(out) if out else np.zeros((0, config.latent_dim), np.float32)
