@@ -16,7 +16,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 
 import perturbax.data as pxd  # noqa: E402
 from perturbax import plotting, theory  # noqa: E402
@@ -27,43 +26,14 @@ OUT = Path(__file__).resolve().parent
 DPI = 100
 
 
-def coverage_panel(ax, report) -> None:
-    """Relative residual of each test (0 = covered), coloured by status, with the status written out."""
-    res = np.array([t.relative_residual for t in report.tests])
-    status = [
-        ("covered, inside hull", "tab:green") if t.covered and t.in_convex_hull
-        else ("covered, extrapolation", "tab:orange") if t.covered
-        else ("not covered", "tab:red")
-        for t in report.tests
-    ]
-    y = np.arange(len(res))
-    colors = [c for _, c in status]
-    ax.hlines(y, 0, res, colors=colors, lw=3)
-    ax.scatter(res, y, c=colors, s=40, zorder=3)
-    for yi, (text, color) in zip(y, status):
-        ax.text(1.08, yi, text, va="center", fontsize=7, color=color)
-    ax.set_yticks(y, [t.label for t in report.tests], fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlim(-0.05, 1.6)
-    ax.set_xticks([0, 0.5, 1.0])
-    ax.set_xlabel("relative residual (0 = covered)")
-    ax.set_title("which tests the design covers", fontsize=9)
-
-
 def design_figure(path: Path) -> None:
     names = ["A", "B", "C", "D", "E", "F"]
     planned = ["control", "A", "B", "C", "A+D", "B+E"]
     targets = ["A+B", "A:2", "A:0.5+C:0.5", "D", "D+E", "C+D", "F", "A+F"]
     report = theory.check_design(planned, targets, names=names, latent_dim=3)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3), gridspec_kw={"width_ratios": [1, 1.4]})
-    s = report.singular_values
-    axes[0].bar(np.arange(1, s.size + 1), s, color="tab:blue")
-    axes[0].axhline(report.tolerance, color="tab:red", ls="--", lw=1, label="rank tolerance")
-    axes[0].set_xlabel("index")
-    axes[0].set_ylabel("singular value of D")
-    axes[0].set_title(f"design {', '.join(planned)}\nrank {report.rank} of K = {report.K}", fontsize=9)
-    axes[0].legend(fontsize=7)
-    coverage_panel(axes[1], report)
+    plotting.plot_design_spectrum(report, ax=axes[0], title=f"design {', '.join(planned)}\nrank {report.rank} of K = {report.K}")
+    plotting.plot_design_coverage(report, ax=axes[1])
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)

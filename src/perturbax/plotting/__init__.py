@@ -4,7 +4,16 @@ All functions take arrays (the prediction AnnData is unpacked with
 :func:`perturbax.data.prediction_intervals`), draw on ``ax`` if given, and never call ``show``.
 """
 
+from perturbax.plotting.design import plot_design_coverage, plot_design_spectrum
+from perturbax.plotting.latent import plot_latent
 from perturbax.plotting.predictions import plot_gene_intervals, plot_predicted_vs_observed
 from perturbax.plotting.training import plot_loss
 
-__all__ = ["plot_gene_intervals", "plot_loss", "plot_predicted_vs_observed"]
+__all__ = [
+    "plot_design_coverage",
+    "plot_design_spectrum",
+    "plot_gene_intervals",
+    "plot_latent",
+    "plot_loss",
+    "plot_predicted_vs_observed",
+]
