@@ -17,10 +17,12 @@ from perturbax.inference import (
     EnergyOptions,
     FitResult,
     fit,
+    fitted_causal_order,
     make_guide,
     pair_key,
     posterior_globals,
     predict,
+    refit_in_causal_order,
     to_arviz,
 )
 from perturbax.models import (
@@ -30,6 +32,7 @@ from perturbax.models import (
     additive_shift_model,
     equilibrium_shift,
     latent_dynamics_model,
+    order_mask,
 )
 
 TIMES = (0.5, 1.0, 2.0, 4.0)
@@ -259,3 +262,39 @@ def test_cli_fit_dynamics_and_predict_times(sim, tmp_path):
     assert res.exit_code != 0 and "times" in res.output
     res = run(["predict", tmp_path / "m", "-p", "P0", "--times", "2,x", "--out", out])
     assert res.exit_code != 0 and "not a number" in res.output
+
+
+# --------------------------------------------------------------------- warm start, causal order
+def test_init_params_warm_start_uses_matching_sites(sim, dyn_fit):
+    _, _, data = sim
+    warm = {k: v for k, v in dyn_fit.params.items() if "$params" in k}
+    res = fit("latent_dynamics", data, config=_config(data), objective="elbo", steps=1, batch_size=128,
+              progress=False, seed=3, patience=None, init_params={**warm, "not_a_site": np.zeros(3)})
+    assert res.info["warm_started"] == sorted(warm)
+    # one step of Adam moves each weight by at most ~ the learning rate: the networks start where
+    # the earlier fit ended, not at a fresh initialisation
+    for name in warm:
+        a = jax.tree.leaves(res.params[name])
+        b = jax.tree.leaves(dyn_fit.params[name])
+        assert max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(a, b, strict=True)) < 0.02
+    fresh = fit("latent_dynamics", data, config=_config(data), objective="elbo", steps=1, batch_size=128,
+                progress=False, seed=3, patience=None)
+    assert fresh.info["warm_started"] == []
+    assert max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(
+        jax.tree.leaves(fresh.params["decoder$params"]), jax.tree.leaves(dyn_fit.params["decoder$params"]),
+        strict=True)) > 0.05
+    with pytest.raises(ValueError, match="matches none"):
+        fit("latent_dynamics", data, config=_config(data), steps=1, batch_size=128, progress=False,
+            init_params={"decoder$params": np.zeros(2)})
+
+
+def test_refit_in_causal_order_uses_the_order_read_from_w(sim, dyn_fit):
+    _, _, data = sim
+    order, b_hat = fitted_causal_order(dyn_fit)
+    assert sorted(order) == [0, 1] and b_hat.shape == (2, 2)
+    res = refit_in_causal_order(dyn_fit, data, steps=20, batch_size=128, progress=False, patience=None)
+    assert res.info["causal_order"] == order
+    assert np.array_equal(res.config.mask, order_mask(order))
+    assert "decoder$params" in res.info["warm_started"] and "encoder$params" in res.info["warm_started"]
+    with pytest.raises(ValueError, match="latent dynamics fit with causal weights"):
+        fitted_causal_order(dataclasses.replace(dyn_fit, config=AdditiveShiftConfig(n_genes=8, n_perturbations=2)))

@@ -152,6 +152,13 @@ def test_bad_inputs(sim):
     adata, _, data, split = sim
     with pytest.raises(ValueError, match="batch_size=100000 is larger"):
         fit("additive_shift", split.train, config=_config(data), steps=2, batch_size=100000, progress=False)
+    # the energy objective samples cells per condition with replacement: a large batch_size only
+    # means "all conditions per step", not an error
+    big = fit("additive_shift", split.train, config=_config(data), objective="energy", steps=2, batch_size=100000,
+              progress=False, patience=None)
+    assert big.info["cells_per_step"] == split.train.n_conditions * big.info["energy_options"]["cells_per_condition"]
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        fit("additive_shift", split.train, config=_config(data), steps=2, batch_size=0, progress=False)
     with pytest.raises(ValueError, match="count likelihood needs raw"):
         fit("additive_shift", split.train, config=_config(data, likelihood="negative_binomial"), steps=2, progress=False)
     counts_adata, _ = simulate_additive_shift(n_perturbations=2, latent_dim=2, n_genes=6, n_cells=20, counts=True,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -19,7 +19,12 @@ import numpy as np
 import optax
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.optim import optax_to_numpyro
-from tqdm.auto import tqdm
+
+try:  # a widget bar in notebooks when ipywidgets is installed; the text bar otherwise (no warning)
+    import ipywidgets  # noqa: F401
+    from tqdm.auto import tqdm
+except ImportError:
+    from tqdm import tqdm
 
 from perturbax.data.core import PerturbationData, check_counts
 from perturbax.inference.energy import EnergyOptions, EnergyScore
@@ -198,6 +203,31 @@ def _resolve_model(model, config, data: PerturbationData):
     return name or getattr(fn, "__name__", "custom"), fn, config
 
 
+def _matching_params(init: Mapping[str, Any] | FitResult | None, current: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``init`` whose name is a param site of ``current`` with the same shapes."""
+    if init is None:
+        return {}
+    if isinstance(init, FitResult):
+        init = init.params
+    if not isinstance(init, Mapping):
+        raise TypeError(f"init_params must be a dict of parameter values or a FitResult, got {type(init).__name__}.")
+    out = {}
+    for name, value in init.items():
+        if name not in current:
+            continue
+        shapes = jax.tree.map(jnp.shape, value)
+        if jax.tree.structure(value) == jax.tree.structure(current[name]) and shapes == jax.tree.map(
+            jnp.shape, current[name]
+        ):
+            out[name] = jax.tree.map(jnp.asarray, value)
+    if not out:
+        raise ValueError(
+            f"init_params matches none of this fit's parameter sites ({', '.join(sorted(current)[:10])}"
+            f"{' ...' if len(current) > 10 else ''}) by name and shape; was it fitted with another config?"
+        )
+    return out
+
+
 def fit(
     model: str | Callable,
     data: PerturbationData,
@@ -215,6 +245,7 @@ def fit(
     eval_every: int = 100,
     patience: int | None = 10,
     progress: bool = True,
+    init_params: Mapping[str, Any] | FitResult | None = None,
 ) -> FitResult:
     """Fit a model to perturbed cells by stochastic variational inference.
 
@@ -252,6 +283,12 @@ def fit(
         best parameters are returned.
     progress
         Show a progress bar with the running loss.
+    init_params
+        Warm start: parameter values (constrained, as in ``FitResult.params``, or a
+        ``FitResult``) for the param sites whose name and shape match this fit's; the others start
+        as usual. For example, the encoder and decoder networks of an earlier fit
+        (``{k: v for k, v in old.params.items() if "$params" in k}``). ``info["warm_started"]``
+        lists the sites used.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r} is not supported; choose one of {OBJECTIVES}.")
@@ -284,7 +321,11 @@ def fit(
 
     train_idx, val_idx = _validation_split(data, validation_fraction if patience is not None else 0.0, seed, timed)
     n_train = train_idx.size
-    if batch_size > n_train:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if objective == "elbo" and batch_size > n_train:
+        # (the energy objective draws cells per condition with replacement; there batch_size only
+        # sets how many conditions a step uses)
         raise ValueError(
             f"batch_size={batch_size} is larger than the {n_train} training cells; use batch_size <= {n_train}."
         )
@@ -338,6 +379,12 @@ def fit(
     optim = optax_to_numpyro(optax.chain(optax.clip_by_global_norm(10.0), optax.adam(schedule)))
     svi = SVI(model_fn, guide, optim, loss, **model_kwargs)
     state = jax.jit(svi.init)(k_init, init_batch)
+    warm = _matching_params(init_params, svi.get_params(state))
+    if warm:
+        transforms = svi.constrain_fn.args[0]  # name -> bijection from unconstrained values
+        raw = dict(svi.optim.get_params(state.optim_state))
+        raw.update({k: transforms[k].inv(v) if k in transforms else v for k, v in warm.items()})
+        state = state._replace(optim_state=svi.optim.init(raw))
     per_cell = 1.0 / n_train if objective == "elbo" else 1.0
 
     @jax.jit
@@ -439,6 +486,7 @@ def fit(
             "cells_per_step": step_size,
             "learning_rate": learning_rate,
             "energy_options": None if opts is None else opts._asdict(),
+            "warm_started": sorted(warm),
             **time_info,
         },
     )

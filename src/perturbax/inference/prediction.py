@@ -79,6 +79,33 @@ def posterior_globals(fit: FitResult, num_samples: int, *, seed: int = 0) -> dic
     return jax.jit(jax.vmap(one))(keys)
 
 
+def posterior_draws(fit: FitResult, num_samples: int, *, seed: int = 0) -> dict[str, jax.Array]:
+    """:func:`posterior_globals` plus the deterministic global sites derived from them: ``W`` of
+    reparametrised priors (e.g. the horseshoe), and for latent dynamics the causal weights ``B``,
+    the targets ``S`` and the equilibrium shift ``W = (I - B)^{-1} S`` (the additive-shift ``W``
+    the dynamics reach at long times). Leading axis: draws."""
+    draws = posterior_globals(fit, num_samples, seed=seed)
+    if "W" in draws and "B" in draws:
+        return draws
+    dummy = _dummy_batch(fit.config)
+
+    def dets(g):
+        cond = handlers.condition(handlers.substitute(fit.model, data=fit.params), data=g)
+        tr = handlers.trace(handlers.seed(cond, 0)).get_trace(dummy._replace(x=None), **fit.model_kwargs)
+        out = {}
+        if "W" in tr:
+            out["W"] = tr["W"]["value"]
+        if "B" in tr and "S" in tr:
+            from perturbax.models.dynamics import equilibrium_shift
+
+            out.update(B=tr["B"]["value"], S=tr["S"]["value"])
+            out.setdefault("W", equilibrium_shift(tr["B"]["value"], tr["S"]["value"]))
+        return out
+
+    extra = jax.vmap(dets)(draws)
+    return {**extra, **draws}
+
+
 def _parse(fit: FitResult, perturbations, allow_unseen: bool) -> tuple[list[str], np.ndarray]:
     if isinstance(perturbations, (str, dict)) or (
         isinstance(perturbations, np.ndarray) and perturbations.ndim == 1
@@ -405,31 +432,9 @@ def to_arviz(fit: FitResult, prediction=None, *, num_samples: int = 200, seed: i
     ``posterior_predictive``)."""
     import arviz as az
 
-    draws = posterior_globals(fit, num_samples, seed=seed)
+    draws = posterior_draws(fit, num_samples, seed=seed)
     posterior = {n: np.asarray(v)[None] for n, v in draws.items()}
     dims, coords = {}, {"perturbation": list(fit.registry.names), "gene": list(fit.gene_names)}
-    # Deterministic W of reparametrised priors (e.g. horseshoe) is recomputed from the draws; for
-    # latent dynamics, B (deterministic from its free entries), S, and W = (I - B)^{-1} S, the
-    # equilibrium shift (the additive-shift W the dynamics reach at long times).
-    if "W" not in posterior or "B" not in posterior:
-        dummy = _dummy_batch(fit.config)
-
-        def dets(g):
-            cond = handlers.condition(handlers.substitute(fit.model, data=fit.params), data=g)
-            tr = handlers.trace(handlers.seed(cond, 0)).get_trace(dummy._replace(x=None), **fit.model_kwargs)
-            out = {}
-            if "W" in tr:
-                out["W"] = tr["W"]["value"]
-            if "B" in tr and "S" in tr:
-                from perturbax.models.dynamics import equilibrium_shift
-
-                out.update(B=tr["B"]["value"], S=tr["S"]["value"])
-                out.setdefault("W", equilibrium_shift(tr["B"]["value"], tr["S"]["value"]))
-            return out
-
-        extra = jax.vmap(dets)(draws)
-        for k, v in extra.items():
-            posterior.setdefault(k, np.asarray(v)[None])
     if "W" in posterior and posterior["W"].shape[-1] == fit.registry.K:
         dims["W"] = ["latent", "perturbation"]
     if "S" in posterior and posterior["S"].shape[-1] == fit.registry.K:

@@ -126,6 +126,11 @@ __all__ = [
     "ou_noise_cov",
     "equilibrium_shift",
     "lower_triangular_mask",
+    "full_mask",
+    "order_mask",
+    "causal_order",
+    "order_from_effects",
+    "acyclicity_measure",
     "is_acyclic",
     "check_times",
     "check_stable",
@@ -147,6 +152,89 @@ _NOISE_JITTER = 1e-6
 def lower_triangular_mask(n: int) -> np.ndarray:
     """Strictly lower-triangular 0/1 mask: program ``j`` may act on program ``i`` iff ``j < i``."""
     return np.tril(np.ones((n, n), dtype=np.int64), -1)
+
+
+def full_mask(n: int) -> np.ndarray:
+    """0/1 mask with every off-diagonal entry 1 (any program may act on any other; cyclic, so use
+    it with ``allow_cycles=True`` and usually ``acyclicity > 0``)."""
+    return np.ones((n, n), dtype=np.int64) - np.eye(n, dtype=np.int64)
+
+
+def order_mask(order: Sequence[int]) -> np.ndarray:
+    """Acyclic 0/1 mask of a causal order: ``mask[i, j] = 1`` iff program ``j`` comes before
+    program ``i`` in ``order`` (a permutation of ``range(l)``, causes first).
+    ``order_mask(range(l))`` is :func:`lower_triangular_mask`."""
+    order = [int(i) for i in order]
+    n = len(order)
+    if sorted(order) != list(range(n)):
+        raise ValueError(f"order must be a permutation of 0..{n - 1}, got {order}.")
+    pos = np.empty(n, dtype=np.int64)
+    pos[order] = np.arange(n)
+    return (pos[None, :] < pos[:, None]).astype(np.int64)
+
+
+def causal_order(B: Any) -> list[int]:
+    """A causal order (causes first) read from weights ``B`` (edge ``j -> i`` in ``B[i, j]``):
+    repeatedly take, among the programs not yet placed, the one whose incoming weights from the
+    other unplaced programs have the smallest sum of squares. Exact (the order of the DAG) when
+    ``B`` is acyclic; for a nearly acyclic ``B`` (e.g. fitted with ``acyclicity > 0``) the order
+    that drops the least squared weight greedily."""
+    b = np.asarray(B, dtype=np.float64) ** 2
+    if b.ndim != 2 or b.shape[0] != b.shape[1]:
+        raise ValueError(f"B must be a square matrix, got shape {b.shape}.")
+    left = list(range(b.shape[0]))
+    order: list[int] = []
+    while left:
+        incoming = [b[i, left].sum() - b[i, i] for i in left]
+        nxt = left[int(np.argmin(incoming))]
+        order.append(nxt)
+        left.remove(nxt)
+    return order
+
+
+def order_from_effects(W: Any) -> tuple[list[int], np.ndarray]:
+    """A causal order of the programs read from the total effects ``W = (I - B)^{-1} S``
+    (``l x K``, one column per elementary perturbation, ``K >= l``), assuming each program is the
+    direct target of (at least) one perturbation -- the targeting condition of the theory.
+
+    ``l`` perturbations with linearly independent columns of ``W`` are chosen (QR with column
+    pivoting); for them ``W_sub^{-1} = S_sub^{-1} (I - B)``, so the row of a perturbation that
+    targets only program ``i`` is proportional to ``e_i - B[i]``. Programs are matched to perturbations
+    by minimising ``sum 1 / |entry|`` (Hungarian), each matched row is scaled to a unit diagonal,
+    ``B_hat = I - rows`` and the order is :func:`causal_order` of ``B_hat``. ``W`` depends on the
+    program order only through the fit, not through the causal mask, so this reads the order
+    from a fit made under ANY mask (e.g. the default one) -- the ICA-LiNGAM idea applied to the
+    latent shifts. Returns ``(order, B_hat)``.
+    """
+    import scipy.linalg as sla
+    from scipy.optimize import linear_sum_assignment
+
+    w = np.asarray(W, dtype=np.float64)
+    if w.ndim != 2 or w.shape[1] < w.shape[0]:
+        raise ValueError(
+            f"W must be l x K with K >= l (at least one perturbation per program), got shape {w.shape}. "
+            f"With fewer perturbations than programs the causal order cannot be read from the shifts."
+        )
+    # l perturbations with linearly independent effects (QR with column pivoting; two
+    # perturbations with the same target have parallel columns), then W_sub^-1 = S_sub^-1 (I - B).
+    cols_used = np.sort(sla.qr(w, mode="r", pivoting=True)[1][: w.shape[0]])
+    m = np.linalg.inv(w[:, cols_used])  # (l, l): rows = the chosen perturbations
+    # programs -> perturbations minimising sum 1/|m| (ICA-LiNGAM): m is triangular up to
+    # permutations, and the diagonal is the only matching that avoids its zeros.
+    rows, cols = linear_sum_assignment(1.0 / np.maximum(np.abs(m.T), 1e-12))
+    matched = m[cols[np.argsort(rows)]]
+    diag = np.diag(matched)
+    if np.any(np.abs(diag) < 1e-12):
+        raise ValueError("A program has no perturbation with a direct effect on it; the order is not identified.")
+    b_hat = np.eye(w.shape[0]) - matched / diag[:, None]
+    return causal_order(b_hat), b_hat
+
+
+def acyclicity_measure(B: Float[Array, "l l"]) -> Float[Array, ""]:
+    """NOTEARS acyclicity measure ``h(B) = tr(e^{B * B}) - l`` (elementwise square): ``>= 0``,
+    and ``0`` exactly when the graph of ``B`` has no directed cycle; differentiable."""
+    B = jnp.asarray(B)
+    return jnp.trace(jsl.expm(B * B)) - B.shape[-1]
 
 
 def is_acyclic(mask: np.ndarray) -> bool:
@@ -259,6 +347,11 @@ class LatentDynamicsConfig:
         ``None``: strictly lower triangular (all edges consistent with the program order). The
         diagonal must be 0 (self-regulation is the fixed decay ``-I``). Cyclic masks are refused
         unless ``allow_cycles=True`` (stability then depends on the values of ``B``).
+    acyclicity
+        Weight ``rho >= 0`` of a NOTEARS penalty ``-rho * h(B)`` (:func:`acyclicity_measure`, factor site
+        ``"acyclicity"``) for a cyclic mask: with ``causal_mask=full_mask(l)``,
+        ``allow_cycles=True`` and ``rho > 0`` the fit learns the program order instead of fixing
+        it; read it with :func:`causal_order` and refit on :func:`order_mask` of it.
     b_prior, b_scale
         Prior of the free entries of ``B``: ``"normal"`` with scale ``b_scale`` or
         ``"horseshoe"`` (global scale ``b_scale``) for a sparse graph. Both have median 0, so the
@@ -302,6 +395,7 @@ class LatentDynamicsConfig:
     likelihood: Literal["gaussian", "negative_binomial", "implicit"] = "gaussian"
     causal_mask: tuple[tuple[int, ...], ...] | None = None
     allow_cycles: bool = False
+    acyclicity: float = 0.0
     b_prior: Literal["normal", "horseshoe"] = "normal"
     b_scale: float = 0.5
     s_prior: Literal["normal", "horseshoe"] = "normal"
@@ -383,6 +477,15 @@ class LatentDynamicsConfig:
                     "strictly lower-triangular one), or pass allow_cycles=True and check B with check_stable."
                 )
             object.__setattr__(self, "causal_mask", mask)
+        if not (isinstance(self.acyclicity, int | float) and math.isfinite(self.acyclicity) and self.acyclicity >= 0):
+            raise ValueError(f"acyclicity must be a finite number >= 0, got {self.acyclicity!r}.")
+        if self.acyclicity > 0 and (self.drift == "neural" or is_acyclic(self.mask)):
+            raise ValueError(
+                "acyclicity > 0 penalises cycles of the linear causal weights B, but "
+                + ("the neural drift has no B." if self.drift == "neural" else
+                   "the causal mask is already acyclic, so the penalty is 0. Pass causal_mask=full_mask(latent_dim) "
+                   "and allow_cycles=True to learn the order.")
+            )
         if self.mechanism_targets is not None:
             if self.drift != "mechanism":
                 raise ValueError("mechanism_targets is only used with drift='mechanism'.")
@@ -750,6 +853,8 @@ def latent_dynamics_model(batch: Batch, *, config: LatentDynamicsConfig, n_cells
         B = causal_weights("B", mask, prior=config.b_prior, scale=config.b_scale)
         if not nilpotent and _is_concrete(B):
             check_stable(B)
+        if config.acyclicity > 0:
+            numpyro.factor("acyclicity", -config.acyclicity * acyclicity_measure(B))
     S = perturbation_effects("S", ell, K, prior=config.s_prior, scale=config.s_scale)
     delta = None
     if config.drift == "mechanism":
