@@ -155,6 +155,8 @@ WHAT_WAS_TRIED: list[dict] = [
          fit_wall_s="76-87"),
     dict(objective="energy", run="latent 32, init scale+centre, gb_weight 3.0", energy=0.0294, pearson_top20=0.897,
          sd_ratio=0.94, fit_wall_s="57-78"),
+    dict(objective="energy", run="latent 32, init scale+centre, 5000 steps", energy=0.031, pearson_top20=0.903,
+         sd_ratio=1.02, fit_wall_s="107-123"),
     dict(objective="elbo", run="latent 32, init centre+skip, 4000 steps", energy=0.1191, pearson_top20=0.821, sd_ratio=1.07,
          fit_wall_s="38-41"),
     dict(objective="elbo", run="latent 32, init default, 6000 steps", energy=0.0819, pearson_top20=0.734, sd_ratio=1.09,
