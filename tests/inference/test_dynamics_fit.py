@@ -292,9 +292,16 @@ def test_refit_in_causal_order_uses_the_order_read_from_w(sim, dyn_fit):
     _, _, data = sim
     order, b_hat = fitted_causal_order(dyn_fit)
     assert sorted(order) == [0, 1] and b_hat.shape == (2, 2)
-    res = refit_in_causal_order(dyn_fit, data, steps=20, batch_size=128, progress=False, patience=None)
-    assert res.info["causal_order"] == order
-    assert np.array_equal(res.config.mask, order_mask(order))
-    assert "decoder$params" in res.info["warm_started"] and "encoder$params" in res.info["warm_started"]
+    res = refit_in_causal_order(dyn_fit, data, steps=20, max_rounds=1, batch_size=128, progress=False, patience=None)
+    rounds = res.info["order_rounds"]
+    assert rounds[0] == order and "causal_order" not in dyn_fit.info  # the input is not modified
+    assert np.array_equal(res.config.mask, order_mask(res.info["causal_order"]))
+    if np.array_equal(dyn_fit.config.mask, order_mask(order)):  # already in that order: nothing refitted
+        assert res.params is dyn_fit.params and len(rounds) == 1
+    else:  # one refit on the order's mask, warm-started, then the order read once more
+        assert res.info["causal_order"] == order and len(rounds) == 2
+        assert "decoder$params" in res.info["warm_started"] and "encoder$params" in res.info["warm_started"]
+    with pytest.raises(ValueError, match="max_rounds"):
+        refit_in_causal_order(dyn_fit, data, max_rounds=0)
     with pytest.raises(ValueError, match="latent dynamics fit with causal weights"):
         fitted_causal_order(dataclasses.replace(dyn_fit, config=AdditiveShiftConfig(n_genes=8, n_perturbations=2)))

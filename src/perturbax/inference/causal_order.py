@@ -21,7 +21,7 @@ from perturbax.data.core import PerturbationData
 from perturbax.inference.fitting import fit
 from perturbax.inference.prediction import posterior_draws
 from perturbax.inference.result import FitResult
-from perturbax.models.dynamics import LatentDynamicsConfig, order_from_effects, order_mask
+from perturbax.models.dynamics import LatentDynamicsConfig, causal_order, order_from_effects, order_mask
 
 __all__ = ["fitted_causal_order", "refit_in_causal_order"]
 
@@ -47,31 +47,59 @@ def refit_in_causal_order(
     data: PerturbationData,
     *,
     steps: int = 2000,
+    max_rounds: int = 3,
     seed: int | None = None,
     num_samples: int = 200,
     **fit_kwargs: Any,
 ) -> FitResult:
-    """Refit a latent dynamics fit on the causal mask of the order read from its total effects.
+    """Refit a latent dynamics fit on the causal mask of the order read from its total effects,
+    until the order is a fixed point; return the best refit.
 
-    The new fit has ``causal_mask=order_mask(order)`` (everything else of the config unchanged),
-    starts from the fitted encoder, decoder and likelihood parameters (``init_params``) with the
-    global sites initialised afresh, and runs ``steps`` steps on ``data`` with the same objective;
-    ``fit_kwargs`` go to :func:`~perturbax.inference.fit`. ``info["causal_order"]`` of the result
-    holds the order (causes first) and ``info["order_from"]`` the ``B_hat`` it was read from.
+    Each round reads the order from the current fit (:func:`fitted_causal_order`); if the fit's
+    mask already is that order's mask the loop stops, else the model is refitted with
+    ``causal_mask=order_mask(order)`` (everything else of the config unchanged), starting from
+    the current encoder, decoder and likelihood parameters (``init_params``) with the global
+    sites initialised afresh, for ``steps`` steps on ``data`` with the same objective
+    (``fit_kwargs`` go to :func:`~perturbax.inference.fit`). At most ``max_rounds`` refits: the
+    better latents of a refit can reveal a better order, but a refit can also drift to a worse
+    one, so the refit with the lowest held-out loss is returned (ties and no held-out split: the
+    later one). ``info["causal_order"]`` of the result holds the order of its mask (causes
+    first), ``info["order_rounds"]`` the orders read in each round, ``info["order_round_losses"]``
+    the held-out loss of each refit and ``info["order_from"]`` the last ``B_hat``. If the first
+    order read matches the input fit's mask, the input fit is returned unchanged (apart from those
+    ``info`` entries).
     """
-    order, b_hat = fitted_causal_order(result, num_samples=num_samples)
-    cfg = dataclasses.replace(result.config, causal_mask=order_mask(order), allow_cycles=False, acyclicity=0.0)
-    warm = {k: v for k, v in result.params.items() if not k.startswith("q_")}
-    out = fit(
-        result.model_name if result.model_name == "latent_dynamics" else result.model,
-        data,
-        config=cfg,
-        objective=fit_kwargs.pop("objective", result.objective),
-        steps=steps,
-        seed=result.info.get("seed", 0) if seed is None else seed,
-        init_params=warm,
-        **fit_kwargs,
-    )
-    out.info["causal_order"] = list(order)
-    out.info["order_from"] = b_hat.tolist()
-    return out
+    if max_rounds < 1:
+        raise ValueError(f"max_rounds must be >= 1, got {max_rounds}.")
+    objective = fit_kwargs.pop("objective", result.objective)
+    seed = result.info.get("seed", 0) if seed is None else seed
+    current, rounds, refits = result, [], []
+    for _ in range(max_rounds + 1):
+        order, b_hat = fitted_causal_order(current, num_samples=num_samples)
+        rounds.append(list(order))
+        if np.array_equal(current.config.mask, order_mask(order)) or len(rounds) > max_rounds:
+            break
+        cfg = dataclasses.replace(current.config, causal_mask=order_mask(order), allow_cycles=False, acyclicity=0.0)
+        warm = {k: v for k, v in current.params.items() if not k.startswith("q_")}
+        current = fit(
+            current.model_name if current.model_name == "latent_dynamics" else current.model,
+            data,
+            config=cfg,
+            objective=objective,
+            steps=steps,
+            seed=seed,
+            init_params=warm,
+            **fit_kwargs,
+        )
+        refits.append(current)
+    # the refit with the lowest held-out loss (the last one when there is no held-out split)
+    best = min(reversed(refits), key=_held_out_loss) if refits else result
+    info = {**best.info, "causal_order": causal_order(best.config.mask), "order_rounds": rounds,
+            "order_round_losses": [_held_out_loss(r) for r in refits], "order_from": b_hat.tolist()}
+    return dataclasses.replace(best, info=info)  # (the input fit is never modified)
+
+
+def _held_out_loss(res: FitResult) -> float:
+    v = np.asarray(res.history.get("val_loss", ()), dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.min()) if v.size else float("inf")

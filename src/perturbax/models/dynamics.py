@@ -64,6 +64,8 @@ Global (outside the plate):
 - ``S`` ``(l, K)``: via :func:`perturbation_effects` (``S_raw``/``S_tau``/``S_lambda`` for the
   horseshoe).
 - ``B_delta_free`` ``(m,)`` and deterministic ``B_delta`` ``(K, l, l)``: mechanism drift only.
+- ``acyclicity``: a factor ``-rho * h(B)`` (NOTEARS, :func:`acyclicity_measure`), only with
+  ``acyclicity=rho > 0`` on a cyclic mask.
 - ``mu``, ``basal_sd`` ``(l,)``: ``basal="learned"`` only; ``Sigma_0 = diag(basal_sd^2)``.
 - ``V`` ``(l, C)``: covariates only. ``rate`` ``()``: ``learn_rate=True`` only. ``diffusion``
   ``()``: ``diffusion=True`` only (sigma).
