@@ -38,6 +38,12 @@ docs/benchmarks.md (other sections are kept).
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parent))
+from _docs import DOC, write_section  # noqa: E402
+
 import argparse
 import datetime as dt
 import json
@@ -54,12 +60,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-START, END = "<!-- dynamics:start -->", "<!-- dynamics:end -->"
-DOC_HEADER = (
-    "# Benchmarks\n\n"
-    "Tables written by the scripts in `benchmarks/`; each section names the command that produced "
-    "it. Protocols: DESIGN.md section 6.\n"
-)
 DATA_DIR = REPO.parent / "shared" / "data"
 # edge_prob=1: every program but z1 has parents, so the per-program variance profiles over time differ
 # and the full sufficient-variability condition (rank 2l) holds; with two parentless programs (or
@@ -919,18 +919,6 @@ def reading(results: dict) -> list[str]:
     return out
 
 
-def write_section(doc: Path, text: str) -> None:
-    body = doc.read_text() if doc.exists() else DOC_HEADER
-    block = f"{START}\n{text.rstrip()}\n{END}"
-    if START in body and END in body:
-        head, _, rest = body.partition(START)
-        _, _, tail = rest.partition(END)
-        body = head + block + tail
-    else:
-        body = body.rstrip() + "\n\n" + block + "\n"
-    doc.write_text(body)
-
-
 def load_results(folder: Path) -> dict:
     out = {}
     for name in ("sim", "real", "speed"):
@@ -976,7 +964,7 @@ def main(argv=None) -> int:
     cmds = list(dict.fromkeys(r["command"].replace(" --no-doc", "") for r in results.values()
                               if isinstance(r, dict) and "command" in r))
     text = section(results, "`; `".join(cmds) or cmd)
-    write_section(Path(args.doc or REPO / "docs" / "benchmarks.md"), text)
+    write_section("dynamics", text, Path(args.doc) if args.doc else DOC)
     print(text)
     return 0
 

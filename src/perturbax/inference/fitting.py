@@ -7,6 +7,7 @@ evaluates the held-out loss for early stopping, and updates the progress bar.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import time
 import warnings
@@ -20,10 +21,10 @@ import optax
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.optim import optax_to_numpyro
 
-try:  # a widget bar in notebooks when ipywidgets is installed; the text bar otherwise (no warning)
-    import ipywidgets  # noqa: F401
+# a widget bar in notebooks when ipywidgets is installed; the text bar otherwise (tqdm.auto warns)
+if importlib.util.find_spec("ipywidgets") is not None:
     from tqdm.auto import tqdm
-except ImportError:
+else:
     from tqdm import tqdm
 
 from perturbax.data.core import PerturbationData, check_counts
