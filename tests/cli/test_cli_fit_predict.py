@@ -149,6 +149,16 @@ def test_fit_refuses_impossible_combinations(files, tmp_path, likelihood, object
     assert not (tmp_path / "m").exists()
 
 
+def test_fit_mean_weight(files, tmp_path):
+    res = _run(["fit", files["paths"]["data"], *FIT_ARGS, "--objective", "elbo", "--mean-weight", "1",
+                "--out", tmp_path / "m"])
+    assert res.exit_code != 0 and "--objective energy" in _error_line(res)
+    res = _run(["fit", files["paths"]["data"], *FIT_ARGS, "--steps", "3", "--mean-weight", "0.5", "--out", tmp_path / "m"])
+    assert res.exit_code == 0, res.output
+    fit = FitResult.load(tmp_path / "m")
+    assert fit.info["energy_options"]["mean_weight"] == 0.5 and fit.info["cli"]["mean_weight"] == 0.5
+
+
 def test_fit_input_and_output_errors(files, tmp_path):
     res = _run(["fit", tmp_path / "missing.h5ad", *FIT_ARGS, "--out", tmp_path / "m"])
     assert res.exit_code != 0 and "does not exist" in res.output

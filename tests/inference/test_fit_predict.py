@@ -52,6 +52,8 @@ def test_loss_decreases(which, request):
     loss = res.history["loss"]
     assert loss.size == res.info["steps_run"] and np.all(np.isfinite(loss))
     assert loss[-50:].mean() < loss[:50].mean() - 0.1 * abs(loss[:50].mean())
+    # the data-driven start is on by default for the energy objective only
+    assert res.info["data_init"] == (["decoder$params", "x_scale"] if which == "energy_fit" else [])
 
 
 def test_energy_fit_beats_control_on_held_out_doubles(sim, energy_fit):
@@ -157,6 +159,10 @@ def test_bad_inputs(sim):
     big = fit("additive_shift", split.train, config=_config(data), objective="energy", steps=2, batch_size=100000,
               progress=False, patience=None)
     assert big.info["cells_per_step"] == split.train.n_conditions * big.info["energy_options"]["cells_per_condition"]
+    # ... also when a step draws more cells than there are (the model's plate must hold them)
+    more = fit("additive_shift", split.train, config=_config(data), objective="energy", steps=2, batch_size=100000,
+               energy=EnergyOptions(cells_per_condition=400), progress=False, eval_every=1, patience=5)
+    assert more.info["cells_per_step"] > split.train.n_cells and np.isfinite(more.history["val_loss"]).all()
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         fit("additive_shift", split.train, config=_config(data), steps=2, batch_size=0, progress=False)
     with pytest.raises(ValueError, match="count likelihood needs raw"):

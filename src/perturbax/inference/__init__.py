@@ -2,7 +2,7 @@
 
 from perturbax.inference.causal_order import fitted_causal_order, refit_in_causal_order
 from perturbax.inference.energy import EnergyOptions, EnergyScore, energy_score_groups, pairwise_distance
-from perturbax.inference.fitting import BUILTIN_MODELS, fit, training_times
+from perturbax.inference.fitting import BUILTIN_MODELS, data_start, fit, training_times
 from perturbax.inference.guides import GLOBAL_GUIDES, global_sites, local_sites, make_guide, uses_time
 from perturbax.inference.prediction import (
     UnseenPerturbationError,
@@ -21,6 +21,7 @@ __all__ = [
     "FitResult",
     "GLOBAL_GUIDES",
     "UnseenPerturbationError",
+    "data_start",
     "energy_score_groups",
     "fit",
     "fitted_causal_order",

@@ -5,7 +5,8 @@ For a minibatch of ``E`` training conditions x ``m`` cells each (contiguous bloc
 1. runs the guide on the real cells: global draws (W, ...) from q and basal states
    ``z_base = enc(x, l)``;
 2. simulates the cells of each condition ``e`` from the basal states of the cells of another
-   condition (a random other block), shifted by ``W l_e`` and decoded with fresh noise, by running
+   condition (``source="other"``: a random other block; ``source="control"``: the control block,
+   the path ``predict`` takes), shifted by ``W l_e`` and decoded with fresh noise, by running
    the model itself with those values conditioned (so any model following the site conventions
    works);
 3. scores the simulated set against the real cells of ``e`` with the energy score
@@ -35,6 +36,7 @@ from perturbax.models.batch import Batch
 __all__ = ["EnergyOptions", "EnergyScore", "pairwise_distance", "energy_score_groups"]
 
 _EPS = 1e-12
+ENERGY_SOURCES = ("other", "control")
 
 
 class EnergyOptions(NamedTuple):
@@ -52,11 +54,22 @@ class EnergyOptions(NamedTuple):
         Weights of the reconstruction and basal-prior terms relative to the perturbation term.
     gb_weight
         ``w`` of the generalised-Bayes posterior ``exp(-w N score) p(globals)``; smaller values give
-        wider posteriors. The default 0.3 gave 90% intervals with 0.83 coverage of the true means on
-        pdae-sim (1.0: 0.71; 0.2: 0.88 but less accurate; 0.01: 0.96 and much less accurate) — see
-        docs/benchmarks.md.
+        wider posteriors. On pdae-sim seed 0 (before fits started from the data) the default 0.3 gave
+        90% intervals with 0.83 coverage of the true means (1.0: 0.71; 0.2: 0.88 but less accurate;
+        0.01: 0.96 and much less accurate); current numbers per seed are in docs/benchmarks.md.
     prior_cells
         Basal states used in the prior-matching term per step (keeps that term linear too).
+    mean_weight
+        Weight of an added energy distance with exponent 2, which equals twice the squared
+        distance between the simulated and real mean of each condition (U-statistic, unbiased).
+        The score stays proper; in many dimensions the ``beta = 1`` score constrains condition
+        means only weakly (its gradient in the mean shrinks like 1 / the typical cell-to-cell
+        distance), and this term pins them down. 0 turns it off.
+    source
+        Whose basal states each condition is simulated from: ``"other"`` (a random other
+        condition of the step) or ``"control"`` (the control cells, which every step then
+        includes as its first block; the same path :func:`~perturbax.inference.predict` takes from
+        control cells).
     """
 
     beta: float = 1.0
@@ -66,6 +79,8 @@ class EnergyOptions(NamedTuple):
     prior_weight: float = 1.0
     gb_weight: float = 0.3
     prior_cells: int = 256
+    source: str = "other"
+    mean_weight: float = 0.0
 
 
 def pairwise_distance(a: Float[Array, "n G"], b: Float[Array, "m G"], beta: float = 1.0) -> Float[Array, "n m"]:
@@ -131,6 +146,10 @@ class EnergyScore:
     ):
         if cells_per_group < 2:
             raise ValueError(f"The energy score needs >= 2 cells per condition per step, got {cells_per_group}.")
+        if options.source not in ENERGY_SOURCES:
+            raise ValueError(f"EnergyOptions.source={options.source!r} is not supported; choose one of {ENERGY_SOURCES}.")
+        if not options.mean_weight >= 0:
+            raise ValueError(f"EnergyOptions.mean_weight must be >= 0, got {options.mean_weight}.")
         self.n_groups = int(n_groups)
         self.m = int(cells_per_group)
         self.global_names = tuple(global_names)
@@ -153,8 +172,11 @@ class EnergyScore:
         # with its cell, like z_base.
         s_state = guide_tr["s"]["value"] if "s" in guide_tr else None
 
-        # Basal states of a random other condition, in a random order.
-        if E > 1:
+        # Basal states of the control block (first) or a random other condition, in a random order.
+        if o.source == "control":
+            k_perm = k_src
+            src_group = jnp.zeros((E,), jnp.int32)
+        elif E > 1:
             k_off, k_perm = jax.random.split(k_src)
             offset = jax.random.randint(k_off, (E,), 1, E)
             src_group = (jnp.arange(E) + offset) % E
@@ -182,7 +204,9 @@ class EnergyScore:
         x_all = sim_tr["x"]["value"]
         x_sim, x1, x2 = x_all[:B], x_all[B : 2 * B], x_all[2 * B :]
         G = x_sim.shape[-1]
-        es = jnp.mean(energy_score_groups(x_sim.reshape(E, m, G), batch.x.reshape(E, m, G), o.beta))
+        sim_g, real_g = x_sim.reshape(E, m, G), batch.x.reshape(E, m, G)
+        es = jnp.mean(energy_score_groups(sim_g, real_g, o.beta))
+        mean_term = jnp.mean(energy_score_groups(sim_g, real_g, 2.0)) if o.mean_weight else jnp.zeros(())
 
         # Distributional reconstruction: two decodes of each cell's own basal state.
         def rownorm(a):
@@ -207,10 +231,11 @@ class EnergyScore:
             kl = log_q - _log_prob_sum(sim_tr, self.global_names)
         else:
             kl = jnp.zeros(())
-        score = es + o.reconstruction_weight * rec + o.prior_weight * pm
+        score = es + o.mean_weight * mean_term + o.reconstruction_weight * rec + o.prior_weight * pm
         return {
             "loss": score + kl / (o.gb_weight * self.n_cells),
             "energy": es,
+            "mean": mean_term,
             "reconstruction": rec,
             "prior": pm,
             "kl": kl,

@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,7 +37,7 @@ from perturbax.models.batch import Batch
 from perturbax.models.config import AdditiveShiftConfig
 from perturbax.models.dynamics import LatentDynamicsConfig, check_times, latent_dynamics_model
 
-__all__ = ["fit", "BUILTIN_MODELS", "DeviceData", "training_times"]
+__all__ = ["fit", "BUILTIN_MODELS", "DeviceData", "training_times", "data_start"]
 
 BUILTIN_MODELS: dict[str, tuple[Callable, type]] = {
     "additive_shift": (additive_shift_model, AdditiveShiftConfig),
@@ -59,6 +60,7 @@ class DeviceData(NamedTuple):
     table: jax.Array  # (E, max_cells) cell indices per group (padded)
     counts: jax.Array  # (E,) cells per group
     t: jax.Array | None = None  # (N,) time of each cell (models of time only)
+    is_control: jax.Array | None = None  # (E,) whether each group holds control cells
 
     def batch(self, idx: jax.Array) -> Batch:
         return Batch(
@@ -140,9 +142,11 @@ def _device_data(data: PerturbationData, cells: np.ndarray, timed: bool = False)
     E = int(env.max()) + 1 if env.size else 0
     counts = np.bincount(env, minlength=E)
     table = np.zeros((E, int(counts.max())), dtype=np.int32)
+    is_control = np.zeros(E, dtype=bool)
     for e in range(E):
         members = np.flatnonzero(env == e)
         table[e, : members.size] = members
+        is_control[e] = sub.control_index is not None and bool(np.all(sub.env[members] == sub.control_index))
     return DeviceData(
         x=jnp.asarray(sub.dense()),
         l=jnp.asarray(sub.L, dtype=jnp.float32),
@@ -151,6 +155,7 @@ def _device_data(data: PerturbationData, cells: np.ndarray, timed: bool = False)
         table=jnp.asarray(table),
         counts=jnp.asarray(counts, dtype=jnp.int32),
         t=jnp.asarray(sub.times, dtype=jnp.float32) if timed else None,
+        is_control=jnp.asarray(is_control),
     )
 
 
@@ -229,6 +234,73 @@ def _matching_params(init: Mapping[str, Any] | FitResult | None, current: Mappin
     return out
 
 
+def _draw_groups(key: jax.Array, dev: DeviceData, n_groups: int, source: str = "other") -> jax.Array:
+    """The groups of one energy step: ``n_groups`` distinct ones at random; with
+    ``source="control"`` the first is a control group (a random one, for models of time) and the
+    others are non-control groups where there are enough."""
+    E = dev.counts.shape[0]
+    if source == "control":
+        u = jax.random.uniform(key, (E,)) + 2.0 * dev.is_control
+        return jnp.concatenate([jnp.argmax(u)[None], jnp.argsort(u)[: n_groups - 1]])
+    if n_groups < E:
+        return jax.random.permutation(key, E)[:n_groups]
+    return jnp.arange(E)
+
+
+def _val_blocks(is_control: np.ndarray, n_groups: int, source: str = "other") -> list[np.ndarray]:
+    """Blocks of ``n_groups`` group ids that together cover every group (the last block filled up
+    from the start); with ``source="control"`` each block starts with a control group."""
+    E = is_control.size
+    if source == "control" and is_control.any() and n_groups > 1:
+        ctrl = np.flatnonzero(is_control)
+        rest = np.flatnonzero(~is_control)
+        if rest.size == 0:
+            rest = ctrl
+        k = n_groups - 1
+        n = -(-rest.size // k)
+        others = np.resize(rest, n * k).reshape(n, k)
+        return [np.concatenate([[ctrl[i % ctrl.size]], o]) for i, o in enumerate(others)]
+    n = -(-E // n_groups)
+    return list(np.resize(np.arange(E), n * n_groups).reshape(n, n_groups))
+
+
+def data_start(params: Mapping[str, Any], dev: DeviceData, *, likelihood: str, objective: str,
+               floor: float = 0.01) -> dict[str, Any]:
+    """Starting values read from the training cells, for the param sites of the built-in models.
+
+    - ``"decoder$params"`` (an :class:`~perturbax.models.blocks.MLP` with one output per gene): the
+      output bias is shifted to the mean of each gene (``gaussian``/``implicit``) or to the log of
+      its mean share of the library (``negative_binomial``), so the network starts at the average
+      cell and learns deviations from it;
+    - ``"x_scale"`` (Gaussian noise SD per gene), energy objective only: each gene's SD in the
+      training cells (at least ``floor``), so simulated cells start as spread as real ones. (Under
+      the ELBO a noise scale that already explains all the variance lets the posterior of z
+      collapse to the prior, so it keeps its default there.)
+
+    Returns the entries to replace; sites that are absent or shaped otherwise are left alone.
+    """
+    x = np.asarray(dev.x, dtype=np.float64)
+    G = x.shape[1]
+    out: dict[str, Any] = {}
+    dec = params.get("decoder$params")
+    last = getattr(dec, "layers", (None,))[-1]
+    bias = getattr(last, "bias", None)
+    if bias is not None and bias.shape == (G,):
+        if likelihood == "negative_binomial":
+            share = np.mean(x / np.maximum(np.asarray(dev.library, np.float64)[:, None], 1.0), axis=0)
+            target = np.log(np.maximum(share, 1e-8))
+            target -= target.mean()  # softmax is shift-invariant
+        else:
+            target = x.mean(0)
+        out["decoder$params"] = eqx.tree_at(
+            lambda m: m.layers[-1].bias, dec, bias + jnp.asarray(target, dtype=bias.dtype)
+        )
+    scale = params.get("x_scale")
+    if objective == "energy" and likelihood == "gaussian" and scale is not None and jnp.shape(scale) == (G,):
+        out["x_scale"] = jnp.asarray(np.maximum(x.std(0), floor), dtype=jnp.result_type(scale))
+    return out
+
+
 def fit(
     model: str | Callable,
     data: PerturbationData,
@@ -247,6 +319,7 @@ def fit(
     patience: int | None = 10,
     progress: bool = True,
     init_params: Mapping[str, Any] | FitResult | None = None,
+    data_init: bool | None = None,
 ) -> FitResult:
     """Fit a model to perturbed cells by stochastic variational inference.
 
@@ -290,6 +363,11 @@ def fit(
         as usual. For example, the encoder and decoder networks of an earlier fit
         (``{k: v for k, v in old.params.items() if "$params" in k}``). ``info["warm_started"]``
         lists the sites used.
+    data_init
+        Start the decoder at the average training cell and, for the energy objective, the
+        Gaussian noise at each gene's SD (:func:`data_start`; ``info["data_init"]`` lists the
+        sites set). ``None`` (default): on for ``objective="energy"``, off for the ELBO.
+        ``init_params`` takes precedence where both set a site.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r} is not supported; choose one of {OBJECTIVES}.")
@@ -338,22 +416,27 @@ def fit(
         opts = energy or EnergyOptions()
         m = int(opts.cells_per_condition)
         n_groups = opts.conditions_per_step or max(1, batch_size // m)
+        if opts.source == "control":
+            n_groups = max(n_groups, 2)  # the control block and at least one other
         n_groups = min(n_groups, n_cond)
         step_size = n_groups * m
     else:
         opts, m, n_groups, step_size = None, None, None, batch_size
+
+    def cells_of(dev: DeviceData, groups, key) -> Batch:
+        pos = jax.random.randint(key, (groups.shape[0], m), 0, dev.counts[groups][:, None])
+        return dev.batch(dev.table[groups[:, None], pos].reshape(-1))
 
     def draw_batch(dev: DeviceData, key) -> Batch:
         if objective == "elbo":
             idx = jax.random.randint(key, (batch_size,), 0, dev.x.shape[0])
             return dev.batch(idx)
         k1, k2 = jax.random.split(key)
-        E = dev.counts.shape[0]
-        groups = jax.random.permutation(k1, E)[:n_groups] if n_groups < E else jnp.arange(E)
-        pos = jax.random.randint(k2, (groups.shape[0], m), 0, dev.counts[groups][:, None])
-        return dev.batch(dev.table[groups[:, None], pos].reshape(-1))
+        return cells_of(dev, _draw_groups(k1, dev, n_groups, opts.source), k2)
 
-    model_kwargs = {"config": config, "n_cells": n_train}
+    # (the plate must hold a step's cells: an energy step can draw more cells than there are, with
+    # replacement; the energy score does not use the plate size, the ELBO scales by it)
+    model_kwargs = {"config": config, "n_cells": max(n_train, step_size)}
     key = jax.random.PRNGKey(seed)
     k_init, k_data, k_val = jax.random.split(key, 3)
     init_batch = draw_batch(train, k_data)
@@ -380,11 +463,16 @@ def fit(
     optim = optax_to_numpyro(optax.chain(optax.clip_by_global_norm(10.0), optax.adam(schedule)))
     svi = SVI(model_fn, guide, optim, loss, **model_kwargs)
     state = jax.jit(svi.init)(k_init, init_batch)
-    warm = _matching_params(init_params, svi.get_params(state))
-    if warm:
+    start = svi.get_params(state)
+    if data_init is None:
+        data_init = objective == "energy"
+    from_data = data_start(start, train, likelihood=likelihood, objective=objective) if data_init else {}
+    warm = _matching_params(init_params, start)
+    if from_data or warm:
         transforms = svi.constrain_fn.args[0]  # name -> bijection from unconstrained values
         raw = dict(svi.optim.get_params(state.optim_state))
-        raw.update({k: transforms[k].inv(v) if k in transforms else v for k, v in warm.items()})
+        new = {**from_data, **warm}
+        raw.update({k: transforms[k].inv(v) if k in transforms else v for k, v in new.items()})
         state = state._replace(optim_state=svi.optim.init(raw))
     per_cell = 1.0 / n_train if objective == "elbo" else 1.0
 
@@ -396,14 +484,23 @@ def fit(
 
         return jax.lax.scan(body, state, keys)
 
-    n_val_batches = 4
-    val_keys = jax.random.split(k_val, n_val_batches)
+    # Held-out loss: the ELBO on 4 random batches of held-out cells; the energy score on every
+    # held-out group (condition or context), in blocks of a step's layout, so that evaluations (and
+    # fits from different seeds) score the same groups.
+    if objective == "energy" and val is not None:
+        val_blocks = _val_blocks(np.asarray(val.is_control), n_groups, opts.source)
+    else:
+        val_blocks = None
+    val_keys = jax.random.split(k_val, 4 if val_blocks is None else len(val_blocks))
 
     @jax.jit
     def val_loss(state):
         if val is None:
             return jnp.nan
-        vals = [svi.evaluate(state, draw_batch(val, k)) for k in val_keys]
+        if val_blocks is None:
+            vals = [svi.evaluate(state, draw_batch(val, k)) for k in val_keys]
+        else:
+            vals = [svi.evaluate(state, cells_of(val, jnp.asarray(g), k)) for g, k in zip(val_blocks, val_keys)]
         return jnp.mean(jnp.stack(vals)) * per_cell
 
     history_loss, val_steps, val_losses = [], [], []
@@ -488,6 +585,7 @@ def fit(
             "learning_rate": learning_rate,
             "energy_options": None if opts is None else opts._asdict(),
             "warm_started": sorted(warm),
+            "data_init": sorted(set(from_data) - set(warm)),
             **time_info,
         },
     )
