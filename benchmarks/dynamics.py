@@ -8,9 +8,10 @@ from whatever JSON files exist):
   perturbations + 3 training doubles, 5 time points, nonlinear random decoder with noise fed in, 50
   genes). The identifiability checks of :mod:`perturbax.theory` on the training design (contexts,
   sufficient variability from the true per-context latent means/variances, intervention targets);
-  ELBO fits of the latent dynamics model from several seeds (the one with the lowest held-out loss
-  is reported, all are listed); latent MCC and Procrustes R^2 of the fitted ``z(t_i)`` against the
-  true ones; the sign agreement of the true edges of ``B`` after matching programs (Hungarian on
+  fits of the latent dynamics model from several seeds in three stages (ELBO on the default mask;
+  ``refit_in_causal_order``; the energy objective warm-started from that refit; the seed whose
+  final fit has the lowest held-out loss is reported, all are listed); latent MCC and Procrustes
+  R^2 of the fitted ``z(t_i)`` against the true ones; the sign agreement of the true edges of ``B`` after matching programs (Hungarian on
   |corr|, signs from the correlation). Then the same simulator with the conditions violated: one
   time point (what theory says, what ``fit`` says, and the additive-shift model's recovery), and a
   program that no perturbation targets.
@@ -24,7 +25,8 @@ from whatever JSON files exist):
   the 1 h cells are the reference "control" state at t = 0 and the other cells are "LPS" at
   t = time_h - 1) and ``hsmm_myoblast_timecourse.h5ad`` (FPKM, log1p, 500 most variable genes of
   the training cells; 0 h in growth medium is the control, differentiation medium "DM" at
-  24/48/72 h). Metrics in a 50-PC space fit on the training cells.
+  24/48/72 h). The ELBO fit and the same fit followed by the energy stage of part a. Metrics in a
+  50-PC space fit on the training cells.
 - ``d``: compile time, time per step and peak memory of ELBO and energy fits at 10^3, 10^4 and
   10^5 cells (one fresh subprocess each).
 
