@@ -5,7 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perturbax.inference import EnergyOptions, EnergyScore, data_start, energy_score_groups, pairwise_distance
+from perturbax.inference import (
+    EnergyOptions,
+    EnergyScore,
+    data_start,
+    energy_score_groups,
+    mean_distance_groups,
+    pairwise_distance,
+)
 from perturbax.metrics import energy_distance
 
 
@@ -118,3 +125,13 @@ def test_held_out_blocks_cover_every_group_once_per_evaluation():
     assert set(np.concatenate(blocks).tolist()) == set(range(7)) and len(blocks) == 3
     # fewer groups than a block holds: the block repeats groups
     assert _val_blocks(np.array([True, False]), 4)[0].tolist() == [0, 1, 0, 1]
+
+
+def test_mean_term_shortcut_equals_the_exponent_two_score():
+    rng = np.random.default_rng(3)
+    sim = jnp.asarray(rng.normal(size=(3, 25, 6)), jnp.float32)
+    real = jnp.asarray(rng.normal(size=(3, 25, 6)) + np.array([0.0, 0.3, 1.0])[:, None, None], jnp.float32)
+    np.testing.assert_allclose(np.asarray(mean_distance_groups(sim, real)),
+                               np.asarray(energy_score_groups(sim, real, 2.0)), rtol=1e-3, atol=1e-3)
+    g = jax.grad(lambda s: mean_distance_groups(s, real).sum())(sim)
+    assert np.all(np.isfinite(np.asarray(g))) and float(jnp.abs(g).max()) > 0

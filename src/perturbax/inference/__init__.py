@@ -1,7 +1,13 @@
 """Fitting (SVI with the ELBO or the energy score), prediction, save/load and ArviZ export."""
 
 from perturbax.inference.causal_order import fitted_causal_order, refit_in_causal_order
-from perturbax.inference.energy import EnergyOptions, EnergyScore, energy_score_groups, pairwise_distance
+from perturbax.inference.energy import (
+    EnergyOptions,
+    EnergyScore,
+    energy_score_groups,
+    mean_distance_groups,
+    pairwise_distance,
+)
 from perturbax.inference.fitting import BUILTIN_MODELS, data_start, fit, training_times
 from perturbax.inference.guides import GLOBAL_GUIDES, global_sites, local_sites, make_guide, uses_time
 from perturbax.inference.prediction import (
@@ -28,6 +34,7 @@ __all__ = [
     "global_sites",
     "local_sites",
     "make_guide",
+    "mean_distance_groups",
     "pair_key",
     "pairwise_distance",
     "posterior_draws",

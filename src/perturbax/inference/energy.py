@@ -33,7 +33,7 @@ from numpyro import handlers
 
 from perturbax.models.batch import Batch
 
-__all__ = ["EnergyOptions", "EnergyScore", "pairwise_distance", "energy_score_groups"]
+__all__ = ["EnergyOptions", "EnergyScore", "pairwise_distance", "energy_score_groups", "mean_distance_groups"]
 
 _EPS = 1e-12
 ENERGY_SOURCES = ("other", "control")
@@ -61,7 +61,8 @@ class EnergyOptions(NamedTuple):
         Basal states used in the prior-matching term per step (keeps that term linear too).
     mean_weight
         Weight of an added energy distance with exponent 2, which equals twice the squared
-        distance between the simulated and real mean of each condition (U-statistic, unbiased).
+        distance between the simulated and real mean of each condition (U-statistic, unbiased;
+        :func:`mean_distance_groups`).
         The score stays proper; in many dimensions the ``beta = 1`` score constrains condition
         means only weakly (its gradient in the mean shrinks like 1 / the typical cell-to-cell
         distance), and this term pins them down. 0 turns it off.
@@ -109,6 +110,20 @@ def energy_score_groups(
         return 2.0 * cross - ss - rr
 
     return jax.vmap(one)(sim, real)
+
+
+def mean_distance_groups(sim: Float[Array, "E m G"], real: Float[Array, "E m G"]) -> Float[Array, " E"]:
+    """Per-group U-statistic energy distance with exponent 2, in O(E m G) instead of O(E m^2 G):
+    ``2 |mean_s - mean_r|^2 - 2 / (m - 1) (s_s + s_r)``, ``s`` the mean squared deviation from the
+    group mean; an unbiased estimate of twice the squared distance between the means. The real
+    cells' spread carries no gradient."""
+    m = sim.shape[1]
+
+    def spread(a):
+        return jnp.mean(jnp.sum((a - jnp.mean(a, 1, keepdims=True)) ** 2, -1), 1)
+
+    d2 = jnp.sum((jnp.mean(sim, 1) - jnp.mean(real, 1)) ** 2, -1)
+    return 2.0 * d2 - 2.0 / (m - 1) * (spread(sim) + jax.lax.stop_gradient(spread(real)))
 
 
 def _energy_distance(a, b, beta):
@@ -206,7 +221,7 @@ class EnergyScore:
         G = x_sim.shape[-1]
         sim_g, real_g = x_sim.reshape(E, m, G), batch.x.reshape(E, m, G)
         es = jnp.mean(energy_score_groups(sim_g, real_g, o.beta))
-        mean_term = jnp.mean(energy_score_groups(sim_g, real_g, 2.0)) if o.mean_weight else jnp.zeros(())
+        mean_term = jnp.mean(mean_distance_groups(sim_g, real_g)) if o.mean_weight else jnp.zeros(())
 
         # Distributional reconstruction: two decodes of each cell's own basal state.
         def rownorm(a):

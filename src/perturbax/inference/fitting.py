@@ -279,7 +279,7 @@ def data_start(params: Mapping[str, Any], dev: DeviceData, *, likelihood: str, o
 
     Returns the entries to replace; sites that are absent or shaped otherwise are left alone.
     """
-    x = np.asarray(dev.x, dtype=np.float64)
+    x = dev.x  # (summaries on the device: no host copy of the training matrix)
     G = x.shape[1]
     out: dict[str, Any] = {}
     dec = params.get("decoder$params")
@@ -287,17 +287,15 @@ def data_start(params: Mapping[str, Any], dev: DeviceData, *, likelihood: str, o
     bias = getattr(last, "bias", None)
     if bias is not None and bias.shape == (G,):
         if likelihood == "negative_binomial":
-            share = np.mean(x / np.maximum(np.asarray(dev.library, np.float64)[:, None], 1.0), axis=0)
-            target = np.log(np.maximum(share, 1e-8))
-            target -= target.mean()  # softmax is shift-invariant
+            share = jnp.mean(x / jnp.maximum(dev.library, 1.0)[:, None], axis=0)
+            target = jnp.log(jnp.maximum(share, 1e-8))
+            target = target - target.mean()  # softmax is shift-invariant
         else:
-            target = x.mean(0)
-        out["decoder$params"] = eqx.tree_at(
-            lambda m: m.layers[-1].bias, dec, bias + jnp.asarray(target, dtype=bias.dtype)
-        )
+            target = jnp.mean(x, 0)
+        out["decoder$params"] = eqx.tree_at(lambda m: m.layers[-1].bias, dec, bias + target.astype(bias.dtype))
     scale = params.get("x_scale")
     if objective == "energy" and likelihood == "gaussian" and scale is not None and jnp.shape(scale) == (G,):
-        out["x_scale"] = jnp.asarray(np.maximum(x.std(0), floor), dtype=jnp.result_type(scale))
+        out["x_scale"] = jnp.maximum(jnp.std(x, 0), floor).astype(jnp.result_type(scale))
     return out
 
 
@@ -488,20 +486,20 @@ def fit(
     # held-out group (condition or context), in blocks of a step's layout, so that evaluations (and
     # fits from different seeds) score the same groups.
     if objective == "energy" and val is not None:
-        val_blocks = _val_blocks(np.asarray(val.is_control), n_groups, opts.source)
+        val_blocks = jnp.asarray(np.stack(_val_blocks(np.asarray(val.is_control), n_groups, opts.source)))
     else:
         val_blocks = None
-    val_keys = jax.random.split(k_val, 4 if val_blocks is None else len(val_blocks))
+    val_keys = jax.random.split(k_val, 4 if val_blocks is None else val_blocks.shape[0])
 
     @jax.jit
     def val_loss(state):
         if val is None:
             return jnp.nan
         if val_blocks is None:
-            vals = [svi.evaluate(state, draw_batch(val, k)) for k in val_keys]
+            vals = jax.lax.map(lambda k: svi.evaluate(state, draw_batch(val, k)), val_keys)
         else:
-            vals = [svi.evaluate(state, cells_of(val, jnp.asarray(g), k)) for g, k in zip(val_blocks, val_keys)]
-        return jnp.mean(jnp.stack(vals)) * per_cell
+            vals = jax.lax.map(lambda gk: svi.evaluate(state, cells_of(val, gk[0], gk[1])), (val_blocks, val_keys))
+        return jnp.mean(vals) * per_cell
 
     history_loss, val_steps, val_losses = [], [], []
     best = (math.inf, state, 0)
