@@ -83,6 +83,7 @@ BASELINES = ["control", "additive", "linear", "noise_floor"]
 # READING), with held-out energy within the run-to-run noise of the best run.
 SETTINGS: dict[str, dict] = {
     "energy": dict(
+        likelihood="gaussian",
         latent_dim=32,
         decoder_hidden=(128, 128),
         encoder_hidden=(128, 128),
@@ -106,6 +107,7 @@ SETTINGS: dict[str, dict] = {
         mean_weight=1.0,
     ),
     "elbo": dict(
+        likelihood="gaussian",
         latent_dim=32,
         decoder_hidden=(128, 128),
         encoder_hidden=(128, 128),
@@ -182,6 +184,13 @@ WHAT_WAS_TRIED: list[dict] = [
          sd_ratio=0.97, fit_wall_s="39-49"),
     dict(objective="energy", run="latent 32, scale+centre, mean_weight 1, source='control'", energy=0.0322,
          pearson_top20=0.916, sd_ratio=0.95, fit_wall_s="36-39"),
+    # (fold 0 alone, where the gap to the baselines is largest; the final settings score 0.0422 / 0.990 / 0.90 there)
+    dict(objective="energy", run="final settings, gb_weight 100 (narrow posterior over W) (fold 0 only)",
+         energy=0.0369, pearson_top20=0.989, sd_ratio=0.88, fit_wall_s="47"),
+    dict(objective="energy", run="final settings, 4000 steps (fold 0 only)", energy=0.0506, pearson_top20=0.984,
+         sd_ratio=0.90, fit_wall_s="76"),
+    dict(objective="energy", run="final settings, likelihood implicit (noise fed into the decoder) (fold 0 only)",
+         energy=0.0390, pearson_top20=0.986, sd_ratio=0.67, fit_wall_s="36"),
 ]
 
 
@@ -220,7 +229,7 @@ def model_config(data, s: dict) -> AdditiveShiftConfig:
         n_genes=data.n_genes,
         n_perturbations=data.K,
         latent_dim=int(s["latent_dim"]),
-        likelihood="gaussian",
+        likelihood=str(s.get("likelihood", "gaussian")),
         w_scale=float(s["w_scale"]),
         decoder_hidden=tuple(s["decoder_hidden"]),
         encoder_hidden=tuple(s["encoder_hidden"]),

@@ -31,6 +31,20 @@ from perturbax.inference import EnergyOptions  # noqa: E402
 from perturbax.protocols import run_pdae_sim, write_pdae_sim_report  # noqa: E402
 
 
+#: Runs made on seed 2 (the seed that misses the targets), 10000 steps, energy objective, 2026-11-21.
+SEED2_NOTE = (
+    "What was tried on seed 2, which misses both the accuracy and the coverage target (energy objective, "
+    "10000 steps; ratio = median energy distance / additive baseline's, target <= 0.125): other fit seeds with "
+    "the same data (fit seeds 0 and 1: ratio 0.309 and 0.249, coverage 0.72 and 0.73); the implicit likelihood "
+    "(table above); `mean_weight=1` (median 0.049, coverage 0.53); pooling the cells and posterior draws of "
+    "three fits with different seeds, as an ensemble over decoders (ratio 0.394, coverage 0.76). In each of "
+    "these whose conditions were listed (the two fits in the table and the ensemble) the dose outside the hull "
+    "P1:2 is the worst condition (energy 0.17-0.19, coverage 0.40-0.45) and P1+P4 among the three worst, so "
+    "the miss looks like a bias the fits share rather than fit-to-fit noise. The intervals carry no "
+    "uncertainty about the decoder, which is a point estimate."
+)
+
+
 def _md(df: pd.DataFrame) -> str:
     cols = list(df.columns)
     out = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
@@ -47,11 +61,13 @@ def main(argv=None) -> int:
     ap.add_argument("--mean-weight", type=float, default=0.0, help="EnergyOptions.mean_weight")
     ap.add_argument("--source", default="other", choices=["other", "control"], help="EnergyOptions.source")
     ap.add_argument("--objectives", default="energy,elbo")
+    ap.add_argument("--implicit", action="store_true",
+                    help="also fit the implicit likelihood (noise fed into the decoder) with the energy objective")
     ap.add_argument("--no-doc", action="store_true", help="print only; do not write docs/benchmarks.md")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     objectives = tuple(args.objectives.split(","))
-    command = "  ".join(["python benchmarks/pdae_sim.py", *(argv if argv is not None else sys.argv[1:])]).strip()
+    command = " ".join(["python benchmarks/pdae_sim.py", *(argv if argv is not None else sys.argv[1:])]).strip()
 
     rows, per_cond, t0 = [], [], time.perf_counter()
     first = None
@@ -63,12 +79,22 @@ def main(argv=None) -> int:
                                                  source=args.source)},
         )
         s = res.summary()
+        tab = res.table.copy()
+        fit_s = {k: v.info["fit_seconds"] for k, v in res.fits.items()}
+        if args.implicit:
+            imp = run_pdae_sim(
+                seed=seed, objectives=("energy",), steps=args.steps, progress=False, likelihood="implicit",
+                fit_options={"energy": EnergyOptions(gb_weight=args.gb_weight, mean_weight=args.mean_weight,
+                                                     source=args.source)},
+            )
+            rename = {"model_energy": "model_energy_implicit"}
+            s = pd.concat([s, imp.summary().query("method == 'model_energy'").replace({"method": rename})])
+            tab = pd.concat([tab, imp.table.query("method == 'model_energy'").replace({"method": rename})])
+            fit_s["model_energy_implicit"] = imp.fits["model_energy"].info["fit_seconds"]
         s.insert(0, "seed", seed)
         rows.append(s)
-        tab = res.table.copy()
         tab.insert(0, "seed", seed)
         per_cond.append(tab)
-        fit_s = {k: v.info["fit_seconds"] for k, v in res.fits.items()}
         print(f"seed {seed}: {time.perf_counter() - t:.0f} s (fits: {fit_s})")
         print(s.to_string(index=False))
         if first is None:
@@ -111,7 +137,9 @@ def main(argv=None) -> int:
         "5 singles + 5 of the 10 doubles (200 cells each); test = the other 5 doubles, doses inside the "
         "convex hull of the training labels (`P4:0.5`, `P3:0.5+P4:0.5`) and outside it but in the span "
         "(`P2:2`, `P2+P3:-1`); the perturbation with a never-seen component (`P2+P5`) is refused by the model "
-        f"and the baselines. Model: latent dim 5, gaussian likelihood, {args.steps} steps; energy objective "
+        f"and the baselines. Model: latent dim 5, gaussian likelihood"
+        f"{' (model_energy_implicit: the implicit likelihood, noise fed into the decoder as in the simulator)' if args.implicit else ''}"
+        f", {args.steps} steps; energy objective "
         f"with generalised-Bayes weight {args.gb_weight}, mean_weight {args.mean_weight}, source "
         f"'{args.source}', started from the data (`fit`'s default `data_init` for the energy objective: the "
         "decoder at the average training cell, the noise at each gene's SD); ELBO with a low-rank Gaussian "
@@ -137,6 +165,8 @@ def main(argv=None) -> int:
         "",
         "![predicted vs true mean change, first seed](pdae_sim_predicted_vs_true.png)",
     ])
+    if args.steps == 10000 and 2 in seeds and args.gb_weight == 0.3 and args.mean_weight == 0.0:
+        section += "\n\n" + SEED2_NOTE
     if not args.no_doc:
         write_section("pdae-sim", section)
         print(f"wrote {DOC}")

@@ -149,6 +149,17 @@ def test_fit_refuses_impossible_combinations(files, tmp_path, likelihood, object
     assert not (tmp_path / "m").exists()
 
 
+def test_fit_and_predict_implicit_likelihood(files, tmp_path):
+    res = _run(["fit", files["paths"]["data"], *FIT_ARGS, "--steps", "5", "--likelihood", "implicit",
+                "--out", tmp_path / "m"])
+    assert res.exit_code == 0, res.output
+    assert "objective energy" in res.output  # the default for implicit
+    res = _run(["predict", tmp_path / "m", "-p", "P0+P1", "--n-cells", "20", "--out", tmp_path / "p.h5ad"])
+    assert res.exit_code == 0, res.output
+    pred = ad.read_h5ad(tmp_path / "p.h5ad")
+    assert pred.shape == (20, len(files["genes"])) and np.isfinite(pred.X).all()
+
+
 def test_fit_mean_weight(files, tmp_path):
     res = _run(["fit", files["paths"]["data"], *FIT_ARGS, "--objective", "elbo", "--mean-weight", "1",
                 "--out", tmp_path / "m"])

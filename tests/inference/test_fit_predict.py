@@ -74,6 +74,32 @@ def test_energy_fit_beats_control_on_held_out_doubles(sim, energy_fit):
     assert np.median(model_ed) < 0.5 * np.median(ctrl_ed)
 
 
+def test_implicit_likelihood_fits_with_the_energy_objective(sim, tmp_path):
+    # the implicit decoder has no density: the energy objective runs the model as a simulator only
+    _, _, data, split = sim
+    res = fit("additive_shift", split.train, config=_config(data, likelihood="implicit", noise_dim=2),
+              objective="energy", steps=300, energy=EnergyOptions(cells_per_condition=32), eval_every=100,
+              progress=False, seed=1)
+    assert "eta" not in res.global_names and np.isfinite(res.history["loss"]).all()
+    assert res.history["loss"][-50:].mean() < res.history["loss"][:50].mean()
+    labels = [lab for lab in split.test_labels if split.test_groups[lab] != "out-of-span"
+              and all(n in res.seen_elementary for n in data.registry.components(lab))]
+    assert labels
+    pred = predict(res, labels, num_samples=10, n_cells=100, seed=0)
+    ctrl = split.train.dense(split.train.cells_of("control"))
+    model_ed, ctrl_ed = [], []
+    for lab in labels:
+        truth = split.test.dense(split.test.cells_of(lab))
+        cells = pred.X[(pred.obs["perturbation"] == lab).to_numpy()]
+        assert cells.std(0).mean() > 0.3 * truth.std(0).mean()  # noise is fed through the decoder
+        model_ed.append(energy_distance(cells, truth))
+        ctrl_ed.append(energy_distance(ctrl, truth))
+    assert np.median(model_ed) < 0.5 * np.median(ctrl_ed)
+    res.save(tmp_path / "m")
+    again = predict(FitResult.load(tmp_path / "m"), labels, num_samples=10, n_cells=100, seed=0)
+    np.testing.assert_allclose(again.X, pred.X, rtol=1e-5, atol=1e-6)
+
+
 def test_prediction_layout(sim, elbo_fit):
     _, _, data, _ = sim
     labels = ["P0+P1", {"P0": 0.5, "P2": 2.0}, "P1"]

@@ -9,7 +9,7 @@ from perturbax.inference.energy import (
     pairwise_distance,
 )
 from perturbax.inference.fitting import BUILTIN_MODELS, data_start, fit, training_times
-from perturbax.inference.guides import GLOBAL_GUIDES, global_sites, local_sites, make_guide, uses_time
+from perturbax.inference.guides import GLOBAL_GUIDES, global_sites, hide_cells, local_sites, make_guide, uses_time
 from perturbax.inference.prediction import (
     UnseenPerturbationError,
     pair_key,
@@ -32,6 +32,7 @@ __all__ = [
     "fit",
     "fitted_causal_order",
     "global_sites",
+    "hide_cells",
     "local_sites",
     "make_guide",
     "mean_distance_groups",

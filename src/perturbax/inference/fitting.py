@@ -30,7 +30,7 @@ else:
 
 from perturbax.data.core import PerturbationData, check_counts
 from perturbax.inference.energy import EnergyOptions, EnergyScore
-from perturbax.inference.guides import make_guide, uses_time
+from perturbax.inference.guides import hide_cells, make_guide, uses_time
 from perturbax.inference.result import FitResult
 from perturbax.models.additive_shift import additive_shift_model
 from perturbax.models.batch import Batch
@@ -459,7 +459,10 @@ def fit(
         loss = Trace_ELBO()
     schedule = optax.cosine_decay_schedule(learning_rate, decay_steps=steps, alpha=0.05)
     optim = optax_to_numpyro(optax.chain(optax.clip_by_global_norm(10.0), optax.adam(schedule)))
-    svi = SVI(model_fn, guide, optim, loss, **model_kwargs)
+    # The energy objective uses the model only as a simulator (cells drawn, never scored), so SVI
+    # sees it with the cells hidden: models without a density (the implicit likelihood) fit too.
+    svi_model = hide_cells(model_fn) if objective == "energy" else model_fn
+    svi = SVI(svi_model, guide, optim, loss, **model_kwargs)
     state = jax.jit(svi.init)(k_init, init_batch)
     start = svi.get_params(state)
     if data_init is None:

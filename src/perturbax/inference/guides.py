@@ -26,7 +26,7 @@ from numpyro.infer.initialization import init_to_median
 from perturbax.models.batch import Batch
 from perturbax.models.blocks import CELL_PLATE, network
 
-__all__ = ["GLOBAL_GUIDES", "encoder_input", "global_sites", "local_sites", "make_guide", "uses_time"]
+__all__ = ["GLOBAL_GUIDES", "encoder_input", "global_sites", "hide_cells", "local_sites", "make_guide", "uses_time"]
 
 GLOBAL_GUIDES = ("lowrank", "mvn", "normal", "delta")
 
@@ -52,16 +52,30 @@ def time_features(t: jax.Array, config: Any) -> jax.Array:
     return jnp.stack([jnp.log1p(ts), jnp.exp(-ts)], axis=-1)
 
 
+def hide_cells(model: Callable) -> Callable:
+    """``model`` with the batch's cells hidden (``batch.x = None``): it then draws cells instead of
+    scoring them. The guide is built from this view (it needs the model's latent sites, never its
+    density), and the energy objective fits it (so models without a density, such as the
+    ``implicit`` likelihood, can be fitted)."""
+
+    def simulator(batch: Batch, **kwargs):
+        return model(batch._replace(x=None), **kwargs)
+
+    return simulator
+
+
 def _site_table(model: Callable, batch: Batch, model_kwargs: dict[str, Any]) -> list[tuple[str, bool, bool]]:
     """``(name, is_latent, in_cell_plate)`` of each sample site, found by abstract evaluation
     (``jax.eval_shape``: nothing is computed or compiled)."""
     rows: list[tuple[str, bool, bool]] = []
+    simulator = hide_cells(model)
 
     def run(b):
         with handlers.block(), handlers.seed(rng_seed=0):
-            tr = handlers.trace(model).get_trace(b, **model_kwargs)
+            tr = handlers.trace(simulator).get_trace(b, **model_kwargs)
         for name, s in tr.items():
-            if s["type"] == "sample":
+            # ("x", the cells, is the observation: never a site to infer, even when simulated)
+            if s["type"] == "sample" and name != "x":
                 in_plate = any(f.name == CELL_PLATE for f in s.get("cond_indep_stack", ()))
                 rows.append((name, not s["is_observed"], in_plate))
         return 0
@@ -186,7 +200,7 @@ def make_guide(
     auto = None
     if globals_:
         keep = set(globals_)
-        blocked = handlers.block(model, hide_fn=lambda site: site.get("name") not in keep)
+        blocked = handlers.block(hide_cells(model), hide_fn=lambda site: site.get("name") not in keep)
         if global_guide == "lowrank":
             auto = AutoLowRankMultivariateNormal(
                 blocked, init_loc_fn=init_to_median, init_scale=init_scale, rank=rank, prefix="q"

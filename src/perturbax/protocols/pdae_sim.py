@@ -84,6 +84,7 @@ def run_pdae_sim(
     objectives: tuple[str, ...] = ("energy", "elbo"),
     steps: int = 5000,
     latent_dim: int | None = None,
+    likelihood: str = "gaussian",
     fit_options: dict | None = None,
     simulation: dict | None = None,
     num_samples: int = 100,
@@ -92,7 +93,10 @@ def run_pdae_sim(
     progress: bool = True,
 ) -> PDAESimResult:
     """Simulate ``pdae-sim``, fit the additive-shift model with each objective and the baselines,
-    predict the held-out perturbations and score them (see the module docstring)."""
+    predict the held-out perturbations and score them (see the module docstring).
+
+    ``likelihood`` is the model's (``"gaussian"``, or ``"implicit"``: noise fed into the decoder as
+    in the simulator, energy objective only)."""
     sim = {**DEFAULT_SIMULATION, **(simulation or {})}
     adata, truth = simulate_additive_shift(seed=seed, **sim)
     split = split_from_column(adata, "perturbation", "control", name=f"pdae-sim/seed{seed}")
@@ -113,7 +117,7 @@ def run_pdae_sim(
 
     for objective in objectives:
         config = AdditiveShiftConfig(
-            n_genes=G, n_perturbations=train.K, latent_dim=latent_dim or sim["latent_dim"], likelihood="gaussian"
+            n_genes=G, n_perturbations=train.K, latent_dim=latent_dim or sim["latent_dim"], likelihood=likelihood
         )
         opts = {"steps": steps, "seed": seed, "progress": progress, "patience": None, **(fit_options or {})}
         if objective == "elbo":
@@ -163,7 +167,7 @@ def run_pdae_sim(
             table[col] = np.nan
     return PDAESimResult(
         table=table, fits=fits, predictions=preds, refused=refused, population_means=pop, split=split, truth=truth,
-        settings={"seed": seed, "simulation": sim, "objectives": list(objectives), "steps": steps,
+        settings={"seed": seed, "simulation": sim, "objectives": list(objectives), "steps": steps, "likelihood": likelihood,
                   "fit_options": fit_options or {}, "num_samples": num_samples, "interval": interval},
     )
 
@@ -225,7 +229,8 @@ def write_pdae_sim_report(result: PDAESimResult, out: str | Path, *, command: st
         "",
         f"Command: `{command}`" if command else "",
         "",
-        f"Simulation: {s['simulation']}, seed {s['seed']}; fits: objectives {s['objectives']}, {s['steps']} steps "
+        f"Simulation: {s['simulation']}, seed {s['seed']}; fits: objectives {s['objectives']}, {s['likelihood']} "
+        f"likelihood, {s['steps']} steps "
         f"{s['fit_options'] or ''}; {s['num_samples']} posterior draws, {int(s['interval'] * 100)}% intervals.",
         "",
         "## Summary over held-out in-span perturbations",
