@@ -211,6 +211,15 @@ def fit_dyn(data, *, steps, seed, quick, **cfg_kw):
     return res, _fit_info(res, seed, t0)
 
 
+def energy_stage(data, config, init, *, steps, seed):
+    """The energy objective (64 cells per context) warm-started from every parameter of ``init``."""
+    from perturbax.inference import EnergyOptions, fit
+
+    return fit("latent_dynamics", data, config=config, objective="energy", steps=steps, batch_size=256,
+               energy=EnergyOptions(cells_per_condition=64), init_params=init, seed=seed,
+               eval_every=max(50, steps // 20), patience=10_000, progress=False)
+
+
 def fit_stages(data, z_true, truth, *, steps, seed, quick, label=""):
     """Stage 1: ELBO on the default (lower-triangular) mask; stage 2: ``refit_in_causal_order``
     (order read from the total effects W, warm-started networks, ``steps // 2`` steps per refit,
@@ -218,7 +227,7 @@ def fit_stages(data, z_true, truth, *, steps, seed, quick, label=""):
     (``4 * steps // 3`` steps, 64 cells per context), warm-started from all of stage 2's parameters
     (``fit(..., objective="energy", init_params=stage2)``). Returns the stage-3 fit and a record
     with the recovery of every stage."""
-    from perturbax.inference import EnergyOptions, fit, refit_in_causal_order
+    from perturbax.inference import refit_in_causal_order
 
     res1, info1 = fit_dyn(data, steps=steps, seed=seed, quick=quick, s_prior="horseshoe", s_scale=0.5)
     rec1 = recovery(res1, data, z_true, truth)
@@ -228,10 +237,7 @@ def fit_stages(data, z_true, truth, *, steps, seed, quick, label=""):
     info2 = _fit_info(res2, seed, t0)
     rec2 = recovery(res2, data, z_true, truth)
     t0 = time.perf_counter()
-    steps3 = max(4 * steps // 3, 1)
-    res3 = fit("latent_dynamics", data, config=res2.config, objective="energy", steps=steps3, batch_size=256,
-               energy=EnergyOptions(cells_per_condition=64), init_params=res2, seed=seed,
-               eval_every=max(50, steps3 // 20), patience=10_000, progress=False)
+    res3 = energy_stage(data, res2.config, res2, steps=max(4 * steps // 3, 1), seed=seed)
     info3 = _fit_info(res3, seed, t0)
     rec3 = recovery(res3, data, z_true, truth)
     keys = ("mcc", "procrustes_r2", "sign_agreement", "order_consistent")
@@ -500,7 +506,7 @@ def run_real_one(name: str, held_t_h: float, args) -> dict:
     import pandas as pd
 
     from perturbax.data import from_anndata
-    from perturbax.inference import EnergyOptions, fit, predict
+    from perturbax.inference import fit, predict
     from perturbax.metrics import PCAProjector, mean_l2, pearson_delta
     from perturbax.theory import count_contexts
 
@@ -537,10 +543,7 @@ def run_real_one(name: str, held_t_h: float, args) -> dict:
     out["stop"] = res.info["stop_reason"]
     # the energy stage of part a: warm-started from the ELBO fit, whole-distribution matching per context
     t0 = time.perf_counter()
-    steps_e = max(2 * steps // 3, 1)
-    res_e = fit("latent_dynamics", data, config=cfg, objective="energy", steps=steps_e, batch_size=256,
-                energy=EnergyOptions(cells_per_condition=64), init_params=res, eval_every=max(50, steps_e // 20),
-                patience=10_000, progress=False, seed=0)
+    res_e = energy_stage(data, cfg, res, steps=max(2 * steps // 3, 1), seed=0)
     out["energy_stage_seconds"] = time.perf_counter() - t0
     truth = X[held]
     pert = str(d["label"][held][0])
@@ -715,21 +718,19 @@ def section(results: dict, cmd: str) -> str:
               "| seed | stage | held-out loss | MCC z(t) | Procrustes R^2 | sign agreement of true B edges | order ok | fit s |",
               "|---|---|---|---|---|---|---|---|"]
 
+        def stage_row(seed, stage, st, seconds, loss_note="", edges=True):
+            n_edges = f" ({st['recovery']['n_edges']} edges)" if edges else ""
+            return (f"| {seed} | {stage} | {_f(st['best_val_loss'], '.4g')}{loss_note} | {_f(st['mcc'])} | "
+                    f"{_f(st['procrustes_r2'])} | {_f(st['sign_agreement'], '.2f')}{n_edges} | "
+                    f"{'yes' if st['order_consistent'] else 'no'} | {seconds:.0f} |")
+
         def run_rows(r, tag=""):
-            s1, s2 = r["stage1"], r["stage2"]
-            return [f"| {r['seed']}{tag} | 1: default mask | {_f(s1['best_val_loss'], '.4g')} | {_f(s1['mcc'])} | "
-                    f"{_f(s1['procrustes_r2'])} | {_f(s1['sign_agreement'], '.2f')} | "
-                    f"{'yes' if s1['order_consistent'] else 'no'} | {s1['seconds']:.0f} |",
-                    f"| {r['seed']}{tag} | 2: orders read {' -> '.join(map(str, r.get('order_rounds', [r['order']])))}; "
-                    f"kept {r['order']} "
-                    f"| {_f(s2['best_val_loss'], '.4g')} | {_f(s2['mcc'])} | "
-                    f"{_f(s2['procrustes_r2'])} | {_f(s2['sign_agreement'], '.2f')} ({s2['recovery']['n_edges']} edges) | "
-                    f"{'yes' if s2['order_consistent'] else 'no'} | {s2['seconds']:.0f} |",
-                    f"| {r['seed']}{tag} | 3: energy objective from stage 2 "
-                    f"| {_f(r['best_val_loss'], '.4g')} (energy) | {_f(r['mcc'])} | "
-                    f"{_f(r['procrustes_r2'])} | {_f(r['sign_agreement'], '.2f')} ({r['recovery']['n_edges']} edges) | "
-                    f"{'yes' if r['order_consistent'] else 'no'} | "
-                    f"{r['seconds'] - s1['seconds'] - s2['seconds']:.0f} |"]
+            s1, s2, seed = r["stage1"], r["stage2"], f"{r['seed']}{tag}"
+            orders = " -> ".join(map(str, r.get("order_rounds", [r["order"]])))
+            return [stage_row(seed, "1: default mask", s1, s1["seconds"], edges=False),
+                    stage_row(seed, f"2: orders read {orders}; kept {r['order']}", s2, s2["seconds"]),
+                    stage_row(seed, "3: energy objective from stage 2", r, r["seconds"] - s1["seconds"] - s2["seconds"],
+                              " (energy)")]
 
         for r in sim["runs"]:
             L += run_rows(r, " (reported)" if r["seed"] == sim["best_seed"] else "")
