@@ -54,9 +54,9 @@ class EnergyOptions(NamedTuple):
         Weights of the reconstruction and basal-prior terms relative to the perturbation term.
     gb_weight
         ``w`` of the generalised-Bayes posterior ``exp(-w N score) p(globals)``; smaller values give
-        wider posteriors. On pdae-sim seed 0 (before fits started from the data) the default 0.3 gave
-        90% intervals with 0.83 coverage of the true means (1.0: 0.71; 0.2: 0.88 but less accurate;
-        0.01: 0.96 and much less accurate); current numbers per seed are in docs/benchmarks.md.
+        wider posteriors. On pdae-sim (seeds 0-2, 10000 steps) the 90% intervals covered the true
+        means in 0.71-0.91 of cases with the default 0.3, 0.80-0.93 with 0.2 and 0.91-0.98 with 0.1,
+        with the median energy distance worse on seeds 0 and 2; see docs/benchmarks.md.
     prior_cells
         Basal states used in the prior-matching term per step (keeps that term linear too).
     mean_weight
