@@ -20,3 +20,9 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True)
 def _no_display(monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run the notebooks first: they are the longest file (~5 min), and with the suite split over
+    pytest-xdist workers file by file, a long file that starts last is the run's tail."""
+    items.sort(key=lambda item: 0 if item.nodeid.startswith("tests/test_notebooks.py") else 1)
