@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
@@ -91,7 +92,7 @@ def last_layer_model(prior_scale: float):
             z = numpyro.sample("z_base", base_distribution(config.base, d)) + batch.l @ W.T
             h = jax.vmap(hidden)(z)
             loc = numpyro.deterministic("x_mean", jax.vmap(dec.layers[-1])(h) + h @ delta.T)
-            sigma = numpyro.param("x_scale", jax.numpy.full((config.n_genes,), 0.5),
+            sigma = numpyro.param("x_scale", jnp.full((config.n_genes,), 0.5),
                                   constraint=dist.constraints.positive)
             numpyro.sample("x", dist.Normal(loc, sigma).to_event(1), obs=batch.x)
 
