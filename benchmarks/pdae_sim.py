@@ -22,8 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
@@ -33,7 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _docs import DOC, write_section  # noqa: E402
 
 from perturbax.inference import EnergyOptions  # noqa: E402
-from perturbax.models.blocks import CELL_PLATE, base_distribution, network, perturbation_effects  # noqa: E402
+from perturbax.models.blocks import (  # noqa: E402
+    CELL_PLATE,
+    base_distribution,
+    gaussian_likelihood,
+    network,
+    perturbation_effects,
+)
 from perturbax.protocols import run_pdae_sim, write_pdae_sim_report  # noqa: E402
 
 
@@ -83,18 +87,14 @@ def last_layer_model(prior_scale: float):
             "decoder_delta", dist.Normal(0.0, prior_scale / np.sqrt(H)).expand((config.n_genes, H)).to_event(2)
         )
 
-        def hidden(v):
+        def corrected_decoder(v):
             for layer in dec.layers[:-1]:
                 v = dec.activation(layer(v))
-            return v
+            return dec.layers[-1](v) + delta @ v
 
         with numpyro.plate(CELL_PLATE, n_cells, subsample_size=batch.size):
             z = numpyro.sample("z_base", base_distribution(config.base, d)) + batch.l @ W.T
-            h = jax.vmap(hidden)(z)
-            loc = numpyro.deterministic("x_mean", jax.vmap(dec.layers[-1])(h) + h @ delta.T)
-            sigma = numpyro.param("x_scale", jnp.full((config.n_genes,), 0.5),
-                                  constraint=dist.constraints.positive)
-            numpyro.sample("x", dist.Normal(loc, sigma).to_event(1), obs=batch.x)
+            gaussian_likelihood(corrected_decoder, z, batch.x, n_genes=config.n_genes)
 
     return additive_shift_last_layer
 
