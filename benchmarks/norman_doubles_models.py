@@ -191,6 +191,14 @@ WHAT_WAS_TRIED: list[dict] = [
          sd_ratio=0.90, fit_wall_s="76"),
     dict(objective="energy", run="final settings, likelihood implicit (noise fed into the decoder) (fold 0 only)",
          energy=0.0390, pearson_top20=0.986, sd_ratio=0.67, fit_wall_s="36"),
+    # (linear decoder, decoder_hidden=(): with the counterfactual prediction it is the linear baseline's
+    # form, control cells + a fitted shift, so it tests whether the model's shifts are the problem)
+    dict(objective="energy", run="final settings, linear decoder (decoder_hidden=())", energy=0.0288,
+         pearson_top20=0.924, sd_ratio=0.95, fit_wall_s="40-65"),
+    dict(objective="energy", run="final settings, linear decoder, control-residual prediction", energy=0.0724,
+         pearson_top20=0.861, sd_ratio=1.00, fit_wall_s="40-65"),
+    dict(objective="elbo", run="final settings, linear decoder (decoder_hidden=())", energy=2.532,
+         pearson_top20=0.219, sd_ratio=1.11, fit_wall_s="13-18"),
 ]
 
 

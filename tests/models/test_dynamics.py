@@ -189,13 +189,14 @@ def test_mechanism_weights_replace_targeted_rows():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(likelihood="gaussian", n_covariates=2, state_dim=2),
+        dict(likelihood="gaussian", n_covariates=2, state_dim=2, target_mask=((1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0))),
         dict(
             likelihood="negative_binomial",
             b_prior="horseshoe",
             s_prior="horseshoe",
             learn_rate=True,
             causal_mask=((0, 0, 1, 0), (1, 0, 0, 0), (0, 0, 0, 0), (0, 1, 1, 0)),
+            target_mask=((0, 1, 1), (1, 0, 0), (0, 0, 1), (0, 0, 0)),
         ),
         dict(
             likelihood="implicit",
@@ -221,6 +222,14 @@ def test_model_traces_with_documented_sites(kwargs):
     if cfg.causal_mask is None:  # the default: strictly lower triangular
         assert np.all(np.triu(B) == 0.0) and np.all(B[np.tril_indices(ell, -1)] != 0.0)
     assert v["S"].shape == (ell, K) and v["mu"].shape == (ell,) and v["basal_sd"].shape == (ell,)
+    S = np.asarray(v["S"])
+    if cfg.target_mask is None:
+        assert np.all(S != 0.0)
+    else:  # S is zero exactly off the target mask and free on it
+        tm = np.asarray(cfg.target_mask)
+        assert np.all(S[tm == 0] == 0.0) and np.all(S[tm == 1] != 0.0)
+        assert info["S"][0] == "deterministic"
+        assert ("S_free" in info) == (cfg.s_prior == "normal")
     for site in ("z_base", "z"):
         assert v[site].shape == (n, ell) and info[site][2]
     assert info["z"][0] == "deterministic" and info["z_base"][0] == "sample"
@@ -453,6 +462,9 @@ def test_check_stable():
         (dict(causal_mask=((0, 0, 0), (1, 0, 0))), "shape"),
         (dict(time_scale=-1.0), "time_scale"),
         (dict(mechanism_targets=((1, 0), (0, 1))), "only used with drift='mechanism'"),
+        (dict(target_mask=((1, 0), (1, 0))), r"no program for perturbation column\(s\) \[1\]"),
+        (dict(target_mask=((1, 0, 1), (0, 1, 0))), "target_mask must have shape"),
+        (dict(target_mask=((2, 0), (0, 1))), "target_mask must contain only 0/1"),
         (dict(b_scale=0.0), "b_scale"),
         (dict(likelihood="poisson"), "likelihood='poisson'"),
         (dict(acyclicity=1.0), "already acyclic"),
@@ -474,8 +486,10 @@ def test_config_round_trip_and_defaults():
         latent_dim=3,
         drift="mechanism",
         mechanism_targets=np.eye(3, 2),
+        target_mask=np.eye(3, 2, dtype=bool),
         decoder_hidden=(8, 4),
     )
+    assert cfg.target_mask == ((1, 0), (0, 1), (0, 0))
     assert cfg.name == "latent_dynamics" and cfg.solver == "closed_form" and cfg.n_programs == 3
     assert LatentDynamicsConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert LatentDynamicsConfig(n_genes=3, n_perturbations=2, drift="neural").solver == "ode"

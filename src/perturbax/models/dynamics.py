@@ -62,7 +62,8 @@ Global (outside the plate):
   ``B_free_tau``, ``B_free_lambda`` are sampled. ``B`` ``(l, l)``: deterministic, zero outside
   the mask (linear and mechanism drifts).
 - ``S`` ``(l, K)``: via :func:`perturbation_effects` (``S_raw``/``S_tau``/``S_lambda`` for the
-  horseshoe).
+  horseshoe); with ``target_mask`` it is deterministic, zero outside the mask (the normal
+  prior's sample site is then ``S_free``).
 - ``B_delta_free`` ``(m,)`` and deterministic ``B_delta`` ``(K, l, l)``: mechanism drift only.
 - ``acyclicity``: a factor ``-rho * h(B)`` (NOTEARS, :func:`acyclicity_measure`), only with
   ``acyclicity=rho > 0`` on a cyclic mask.
@@ -360,6 +361,13 @@ class LatentDynamicsConfig:
         usual ``init_to_median`` starts at ``B = 0``.
     s_prior, s_scale
         Prior of the targets ``S`` (``"normal"`` or ``"horseshoe"``).
+    target_mask
+        ``l x K`` 0/1 matrix, ``target_mask[i, k] = 1`` lets perturbation ``k`` shift program
+        ``i`` directly (``None``: every program). Every column needs a 1. It stops the fit from
+        explaining an effect that travels along ``B`` by a direct entry of ``S``, but only helps
+        with the right labelling AND a causal mask that allows the true edges: programs are
+        identified only up to permutation, and in ``benchmarks/dynamics_target_mask.py`` a mask
+        fixed before the order was known, or read from an unmasked fit, made recovery worse.
     mechanism_targets, mechanism_scale
         ``l x K`` 0/1 matrix: which programs' mechanisms each perturbation may change
         (``drift="mechanism"`` only; ``None``: every program); prior scale of the changes.
@@ -402,6 +410,7 @@ class LatentDynamicsConfig:
     b_scale: float = 0.5
     s_prior: Literal["normal", "horseshoe"] = "normal"
     s_scale: float = 1.0
+    target_mask: tuple[tuple[int, ...], ...] | None = None
     mechanism_targets: tuple[tuple[int, ...], ...] | None = None
     mechanism_scale: float = 0.5
     basal: Literal["learned", "standard"] = "learned"
@@ -488,6 +497,15 @@ class LatentDynamicsConfig:
                    "the causal mask is already acyclic, so the penalty is 0. Pass causal_mask=full_mask(latent_dim) "
                    "and allow_cycles=True to learn the order.")
             )
+        if self.target_mask is not None:
+            tm = _as_matrix("target_mask", self.target_mask, (ell, self.n_perturbations))
+            empty = np.flatnonzero(~np.asarray(tm, dtype=bool).any(0))
+            if empty.size:
+                raise ValueError(
+                    f"target_mask has no program for perturbation column(s) {empty.tolist()}, so they could have "
+                    f"no effect at all; give each column at least one 1 (or pass target_mask=None)."
+                )
+            object.__setattr__(self, "target_mask", tm)
         if self.mechanism_targets is not None:
             if self.drift != "mechanism":
                 raise ValueError("mechanism_targets is only used with drift='mechanism'.")
@@ -541,7 +559,7 @@ class LatentDynamicsConfig:
         d = dataclasses.asdict(self)
         for k in ("drift_hidden", "decoder_hidden", "encoder_hidden"):
             d[k] = list(getattr(self, k))
-        for k in ("causal_mask", "mechanism_targets"):
+        for k in ("causal_mask", "target_mask", "mechanism_targets"):
             if d[k] is not None:
                 d[k] = [list(row) for row in getattr(self, k)]
         return d
@@ -556,7 +574,7 @@ class LatentDynamicsConfig:
         for k in ("drift_hidden", "decoder_hidden", "encoder_hidden"):
             if k in d:
                 d[k] = tuple(d[k])
-        for k in ("causal_mask", "mechanism_targets"):
+        for k in ("causal_mask", "target_mask", "mechanism_targets"):
             if d.get(k) is not None:
                 d[k] = tuple(tuple(int(v) for v in row) for row in d[k])
         return cls(**d)
@@ -857,7 +875,8 @@ def latent_dynamics_model(batch: Batch, *, config: LatentDynamicsConfig, n_cells
             check_stable(B)
         if config.acyclicity > 0:
             numpyro.factor("acyclicity", -config.acyclicity * acyclicity_measure(B))
-    S = perturbation_effects("S", ell, K, prior=config.s_prior, scale=config.s_scale)
+    S = perturbation_effects("S", ell, K, prior=config.s_prior, scale=config.s_scale,
+                             mask=None if config.target_mask is None else jnp.asarray(config.target_mask, jnp.float32))
     delta = None
     if config.drift == "mechanism":
         delta = mechanism_changes("B_delta", mask, config.targets, scale=config.mechanism_scale)
