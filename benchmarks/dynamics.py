@@ -910,13 +910,18 @@ def section(results: dict, cmd: str) -> str:
     return "\n".join(L)
 
 
-def off_target_text(rec: dict, threshold: float = 0.2) -> str:
-    """The entries of the fitted S (rescaled to the true programs' units) off the true targets with
-    |value| >= ``threshold``: effects the fit attributes to a perturbation directly where the truth has
-    none (for example an effect that truly reaches the program through an edge of B)."""
+def off_target_entries(rec: dict, threshold: float = 0.2) -> dict[tuple[int, int], float]:
+    """``{(program i, perturbation k): value}`` for the entries of the fitted S (rescaled to the true
+    programs' units) off the true targets with |value| >= ``threshold``: effects the fit attributes to
+    a perturbation directly where the truth has none (for example an effect that truly reaches the
+    program through an edge of B)."""
     S_sc = np.asarray(rec["S_fitted_aligned"]) / np.asarray(rec["program_scales"])[:, None]
     off = np.asarray(rec["S_true"]) == 0
-    items = [f"P{k} -> z{i + 1} {S_sc[i, k]:+.2f}" for i, k in zip(*np.nonzero(off & (np.abs(S_sc) >= threshold)))]
+    return {(int(i), int(k)): float(S_sc[i, k]) for i, k in zip(*np.nonzero(off & (np.abs(S_sc) >= threshold)))}
+
+
+def off_target_text(rec: dict, threshold: float = 0.2) -> str:
+    items = [f"P{k} -> z{i + 1} {v:+.2f}" for (i, k), v in off_target_entries(rec, threshold).items()]
     return (f"entries of S off the true targets with |value| >= {threshold}: " + ", ".join(items)) if items else \
         f"no entry of S off the true targets reaches |value| {threshold}"
 
@@ -929,15 +934,10 @@ def off_target_reading(best: dict, recs: list[dict], S_true, B_true, threshold: 
     l = B_true.shape[0]
     reach = np.linalg.matrix_power(np.eye(l) + (B_true != 0), l) > 0  # reach[i, j]: a path j -> ... -> i
 
-    def entries(rec):
-        S_sc = np.asarray(rec["S_fitted_aligned"]) / np.asarray(rec["program_scales"])[:, None]
-        return {(int(i), int(k)): float(S_sc[i, k]) for i, k in zip(*np.nonzero((S_true == 0)
-                                                                               & (np.abs(S_sc) >= threshold)))}
-
-    mine = entries(best)
+    mine = off_target_entries(best, threshold)
     if not mine:
         return f"Targets of S: on the reported fit no entry off the true targets reaches |value| {threshold}."
-    per_seed = [entries(r) for r in recs]
+    per_seed = [off_target_entries(r, threshold) for r in recs]
     parts = []
     for (i, k), v in sorted(mine.items(), key=lambda kv: -abs(kv[1])):
         tgt = np.flatnonzero(S_true[:, k])

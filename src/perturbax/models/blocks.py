@@ -76,13 +76,7 @@ def network(
 
 
 def perturbation_effects(
-    name: str,
-    latent_dim: int,
-    n_perturbations: int,
-    *,
-    prior: str = "normal",
-    scale: float = 1.0,
-    mask: Float[Array, "d K"] | None = None,
+    name: str, latent_dim: int, n_perturbations: int, *, prior: str = "normal", scale: float = 1.0
 ) -> Float[Array, "d K"]:
     """Latent shift of each elementary perturbation, a ``(latent_dim, K)`` matrix W.
 
@@ -90,21 +84,16 @@ def perturbation_effects(
     ``prior="horseshoe"``: ``W = W_raw * tau * lambda`` with ``tau ~ HalfCauchy(scale)``,
     ``lambda ~ HalfCauchy(1)`` per entry (sites ``name_raw``, ``name_tau``, ``name_lambda``;
     ``name`` is a deterministic site), which shrinks most entries to zero.
-    ``mask`` (0/1, same shape): entries where it is 0 are fixed at 0; ``name`` is then a
-    deterministic site and the normal prior's sample site is ``name_free``.
     Doses enter through the label vector: the shift of ``l`` is ``W @ l``.
     """
     shape = (latent_dim, n_perturbations)
     if prior == "normal":
-        if mask is None:
-            return numpyro.sample(name, dist.Normal(0.0, scale).expand(shape).to_event(2))
-        free = numpyro.sample(f"{name}_free", dist.Normal(0.0, scale).expand(shape).to_event(2))
-        return numpyro.deterministic(name, free * mask)
+        return numpyro.sample(name, dist.Normal(0.0, scale).expand(shape).to_event(2))
     if prior == "horseshoe":
         tau = numpyro.sample(f"{name}_tau", dist.HalfCauchy(scale))
         lam = numpyro.sample(f"{name}_lambda", dist.HalfCauchy(1.0).expand(shape).to_event(2))
         raw = numpyro.sample(f"{name}_raw", dist.Normal(0.0, 1.0).expand(shape).to_event(2))
-        return numpyro.deterministic(name, raw * tau * lam * (1.0 if mask is None else mask))
+        return numpyro.deterministic(name, raw * tau * lam)
     raise ValueError(f"prior={prior!r} is not supported; choose 'normal' or 'horseshoe'.")
 
 

@@ -62,8 +62,8 @@ Global (outside the plate):
   ``B_free_tau``, ``B_free_lambda`` are sampled. ``B`` ``(l, l)``: deterministic, zero outside
   the mask (linear and mechanism drifts).
 - ``S`` ``(l, K)``: via :func:`perturbation_effects` (``S_raw``/``S_tau``/``S_lambda`` for the
-  horseshoe); with ``target_mask`` it is deterministic, zero outside the mask (the normal
-  prior's sample site is then ``S_free``).
+  horseshoe); with ``target_mask`` it is built like ``B``: deterministic, zero outside the mask,
+  with the allowed entries in ``S_free`` ``(mask.sum(),)``.
 - ``B_delta_free`` ``(m,)`` and deterministic ``B_delta`` ``(K, l, l)``: mechanism drift only.
 - ``acyclicity``: a factor ``-rho * h(B)`` (NOTEARS, :func:`acyclicity_measure`), only with
   ``acyclicity=rho > 0`` on a cyclic mask.
@@ -744,8 +744,9 @@ def _vector_prior(name: str, n: int, prior: str, scale: float) -> Float[Array, "
     raise ValueError(f"prior={prior!r} is not supported; choose 'normal' or 'horseshoe'.")
 
 
-def causal_weights(name: str, mask: np.ndarray, *, prior: str = "normal", scale: float = 0.5) -> Float[Array, "l l"]:
-    """Causal weights ``B`` (deterministic site ``name``), zero outside ``mask``; only the free
+def causal_weights(name: str, mask: np.ndarray, *, prior: str = "normal", scale: float = 0.5) -> Float[Array, "l m"]:
+    """Causal weights ``B`` (deterministic site ``name``), zero outside ``mask`` (any 2-d shape:
+    also the targets ``S`` under a ``target_mask``); only the free
     entries are sampled (site ``name + "_free"``, shape ``(mask.sum(),)``, in row-major order of
     the mask's ones) under a ``"normal"`` or ``"horseshoe"`` prior with median 0."""
     mask = np.asarray(mask)
@@ -875,8 +876,10 @@ def latent_dynamics_model(batch: Batch, *, config: LatentDynamicsConfig, n_cells
             check_stable(B)
         if config.acyclicity > 0:
             numpyro.factor("acyclicity", -config.acyclicity * acyclicity_measure(B))
-    S = perturbation_effects("S", ell, K, prior=config.s_prior, scale=config.s_scale,
-                             mask=None if config.target_mask is None else jnp.asarray(config.target_mask, jnp.float32))
+    if config.target_mask is None:
+        S = perturbation_effects("S", ell, K, prior=config.s_prior, scale=config.s_scale)
+    else:  # zero outside the mask, only the allowed entries sampled (as for B)
+        S = causal_weights("S", np.asarray(config.target_mask), prior=config.s_prior, scale=config.s_scale)
     delta = None
     if config.drift == "mechanism":
         delta = mechanism_changes("B_delta", mask, config.targets, scale=config.mechanism_scale)
