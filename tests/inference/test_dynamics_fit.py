@@ -25,6 +25,7 @@ from perturbax.inference import (
     refit_in_causal_order,
     to_arviz,
 )
+from perturbax.metrics import energy_distance
 from perturbax.models import (
     AdditiveShiftConfig,
     Batch,
@@ -161,6 +162,22 @@ def test_prediction_time_errors(dyn_fit):
         predict(additive, ["P0"], times=[1.0], num_samples=2)
 
 
+def test_predict_moves_observed_cells_to_another_time(sim, dyn_fit):
+    """The cells of P0 measured at t = 1, moved by the model to t = 1 (unchanged) and t = 4."""
+    adata, _, data = sim
+    lab, t = adata.obs["perturbation"].to_numpy(), adata.obs["time"].to_numpy()
+    src = data.subset((lab == "P0") & (t == 1.0))
+    pred = predict(dyn_fit, ["P0"], times=[1.0, 4.0], source=src, num_samples=5, seed=0)
+    assert pred.uns["perturbax"]["source"] == "cells" and pred.n_obs == 2 * src.n_cells
+    at = pred.obs["time"].to_numpy()
+    np.testing.assert_allclose(np.sort(pred.X[at == 1.0], 0), np.sort(src.dense(), 0), atol=1e-5)
+    target = data.dense(np.flatnonzero((lab == "P0") & (t == 4.0)))
+    moved, unmoved = energy_distance(pred.X[at == 4.0], target), energy_distance(src.dense(), target)
+    assert moved < 0.6 * unmoved, (moved, unmoved)
+    with pytest.raises(ValueError, match="time"):
+        predict(dyn_fit, ["P0"], times=[2.0], source=dataclasses.replace(src, times=None), num_samples=2)
+
+
 def test_long_time_limit_is_the_additive_shift_with_equilibrium_w(dyn_fit):
     """At t -> inf the relaxing dynamics reach z = mu + (I - B)^{-1} S l for every cell: the
     prediction equals the additive-shift prediction with W = equilibrium_shift(B, S) from z_base = mu."""
@@ -262,6 +279,20 @@ def test_cli_fit_dynamics_and_predict_times(sim, tmp_path):
     assert res.exit_code != 0 and "times" in res.output
     res = run(["predict", tmp_path / "m", "-p", "P0", "--times", "2,x", "--out", out])
     assert res.exit_code != 0 and "not a number" in res.output
+    # --source-cells: the P0 cells measured at 1 h (no control cells in the file), moved to 1 h and 2 h
+    src = tmp_path / "p0_1h.h5ad"
+    sub = adata[(adata.obs["perturbation"] == "P0").to_numpy() & (adata.obs["time_h"] == 1.0).to_numpy()].copy()
+    sub.write_h5ad(src)
+    res = run(["predict", tmp_path / "m", "-p", "P0", "--times", "1,2", "--num-samples", "4", "--source-cells", src,
+               "--out", out])
+    assert res.exit_code == 0, res.output
+    assert "source cells" in res.output
+    pred = ad.read_h5ad(out)
+    assert pred.n_obs == 2 * sub.n_obs
+    np.testing.assert_allclose(np.sort(pred.X[pred.obs["time"].to_numpy() == 1.0], 0), np.sort(sub.X, 0), atol=1e-5)
+    res = run(["predict", tmp_path / "m", "-p", "P0", "--times", "2", "--source", "control", "--source-cells", src,
+               "--out", out])
+    assert res.exit_code != 0 and "pass only one" in res.output
 
 
 # --------------------------------------------------------------------- warm start, causal order

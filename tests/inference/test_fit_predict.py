@@ -1,5 +1,6 @@
 """fit / predict / save / load of the additive-shift model on small simulated data."""
 
+import dataclasses
 import json
 import warnings
 
@@ -141,6 +142,42 @@ def test_unseen_and_unknown_perturbations(sim, elbo_fit):
     assert pred.n_obs == 4
     with pytest.raises(ValueError, match=r"'P9'.*did you mean"):
         predict(elbo_fit, ["P0+P9"], num_samples=2)
+
+
+def test_predict_moves_observed_cells(sim, elbo_fit):
+    """source=<cells>: each cell plus the model's change of its mean from its own label to the
+    requested one."""
+    _, _, data, split = sim
+    ctrl = split.train.select(["control"])
+    kw = dict(num_samples=6, seed=2, bootstrap=False)
+    moved = predict(elbo_fit, ["P0+P1", "control"], source=ctrl, **kw)
+    assert moved.uns["perturbax"]["source"] == "cells" and moved.uns["perturbax"]["source_cells"] == ctrl.n_cells
+    assert moved.n_obs == 2 * ctrl.n_cells  # default n_cells: one per source cell
+    x = ctrl.dense()
+    lab = moved.obs["perturbation"].to_numpy()
+    # moved to their own label, the cells come back unchanged, each source cell once
+    np.testing.assert_allclose(np.sort(moved.X[lab == "control"], 0), np.sort(x, 0), atol=1e-5)
+    # the mean change is the model's: from the same (control) states and posterior draws, the
+    # control-source prediction has the same difference of per-draw means
+    from_ctrl = predict(elbo_fit, ["P0+P1", "control"], **kw)
+    md, cd = moved.uns["mean_draws"], from_ctrl.uns["mean_draws"]
+    np.testing.assert_allclose(md[0] - x.mean(0), cd[0] - cd[1], atol=2e-4)
+    assert np.abs(cd[0] - cd[1]).max() > 0.1  # a real shift, not a no-op
+
+
+def test_predict_moved_cells_errors(sim, elbo_fit):
+    adata, _, data, split = sim
+    # P3 never occurs in training: its effect cannot be taken out of cells that carry it
+    with pytest.raises(UnseenPerturbationError, match=r"\['P3'\]"):
+        predict(elbo_fit, ["P0"], source=data.select(["P2+P3"]), num_samples=2)
+    other_genes = from_anndata(adata[:, ::-1].copy(), "perturbation", "control").select(["control"])
+    with pytest.raises(ValueError, match="same genes in another order"):
+        predict(elbo_fit, ["P0"], source=other_genes, num_samples=2)
+    counts_fit = dataclasses.replace(elbo_fit, config=dataclasses.replace(elbo_fit.config, likelihood="negative_binomial"))
+    with pytest.raises(ValueError, match="additive expression space"):
+        predict(counts_fit, ["P0"], source=split.train.select(["control"]), num_samples=2)
+    with pytest.raises(ValueError, match="observed cells"):
+        predict(elbo_fit, ["P0"], source="treated", num_samples=2)
 
 
 def test_save_load_round_trip(tmp_path, energy_fit):

@@ -13,7 +13,7 @@ import pandas as pd
 
 from perturbax.cli.fit import check_out_parent, cli_message, split_list
 
-__all__ = ["predict", "predict_dir", "load_fit", "prediction_summary_table", "parse_times"]
+__all__ = ["predict", "predict_dir", "load_fit", "prediction_summary_table", "parse_times", "read_source_cells"]
 
 SUMMARY_COLUMNS = ("perturbation", "gene", "mean", "lower", "upper")
 
@@ -94,6 +94,34 @@ def parse_times(text: str | None) -> list[float] | None:
     return out
 
 
+def read_source_cells(path, fit_result):
+    """Observed cells to move (``predict(..., source=cells)``) from an h5ad, read as the training
+    data were: the fit's perturbation key, control label, separator, dose and time keys, layer and
+    covariate keys (from ``perturbax fit``; a fit saved from Python uses its perturbation key, its
+    control label, ``X`` and its time key). The file need not contain control cells."""
+    import anndata as ad
+
+    from perturbax.data.core import from_anndata
+
+    rec = fit_result.info.get("cli") or {}
+    try:
+        adata = ad.read_h5ad(path)
+    except Exception as err:  # h5py/anndata raise many types for a file that is not h5ad
+        raise ValueError(f"Cannot read {path} as an h5ad file ({type(err).__name__}: {err}).") from None
+    return from_anndata(
+        adata,
+        fit_result.perturbation_key,
+        rec.get("control", fit_result.registry.control),
+        sep=rec.get("sep", "+"),
+        dose_key=rec.get("dose_key"),
+        time_key=rec.get("time_key", fit_result.info.get("time_key")),
+        layer=rec.get("layer"),
+        covariate_keys=tuple(rec.get("covariate_keys", ())),
+        require_control=False,
+        registry=fit_result.registry,
+    )
+
+
 def predict_dir(
     model_dir,
     perturbations: Sequence[str],
@@ -105,12 +133,20 @@ def predict_dir(
     source: str | None = None,
     allow_unseen: bool = False,
     times: Sequence[float] | None = None,
+    source_cells=None,
 ):
     """Load the fit in ``model_dir`` and predict ``perturbations`` (at ``times`` for a model of
-    time); returns ``(adata, fit)``."""
+    time); ``source_cells`` (an h5ad path, see :func:`read_source_cells`) moves those observed
+    cells instead of generating new ones. Returns ``(adata, fit)``."""
     from perturbax.inference.prediction import predict as predict_api
 
     fit_result = load_fit(model_dir)
+    if source_cells is not None:
+        if source is not None:
+            raise ValueError(
+                f"--source {source} and --source-cells both say where predictions start; pass only one."
+            )
+        source = read_source_cells(source_cells, fit_result)
     adata = predict_api(
         fit_result,
         list(perturbations),
@@ -144,13 +180,18 @@ def predict_dir(
 @click.option("--source", default=None, type=click.Choice(["control", "prior"]),
               help="Basal states: training control cells, or draws from the base distribution "
                    "[default: control; prior for the dynamics model with relaxing programs].")
+@click.option("--source-cells", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="h5ad of observed cells to move instead of generating new ones (read like the training "
+                   "data: same perturbation key, time key and genes; no control cells needed), e.g. the cells "
+                   "of a perturbation at a measured time: each is moved to the requested perturbation and "
+                   "time by the model's change of its mean expression.")
 @click.option("--allow-unseen", is_flag=True,
               help="Predict perturbations whose components were never seen in training (prior-only effect).")
 @click.option("--times", default=None,
               help='Comma-separated times to predict at, e.g. "2,4,8" (fits of --model dynamics only, and '
                    "required there).")
-def predict(model_dir, perturbations, out, summary, n_cells, num_samples, seed, interval, source, allow_unseen,
-            times):
+def predict(model_dir, perturbations, out, summary, n_cells, num_samples, seed, interval, source, source_cells,
+            allow_unseen, times):
     """Predict cells of perturbations from the fit saved in MODEL_DIR (by `perturbax fit`).
 
     Writes --out (h5ad): X holds the predicted cells in the expression space of the training
@@ -163,6 +204,9 @@ def predict(model_dir, perturbations, out, summary, n_cells, num_samples, seed, 
     obs["time"] holds each cell's time, and the varm columns are (perturbation, time) pairs with
     keys "A+B @ t=4" in uns["perturbax"]["labels"] (plain labels and times of the columns in
     uns["perturbax"]["perturbations"] and ["times"]); the --summary CSV gets a time column.
+
+    With --source-cells, each predicted cell is one of those observed cells moved by the model
+    (--n-cells defaults to their number; more repeats them, each time under another posterior draw).
     """
     labels = split_list(perturbations, "perturbations", "--perturbations")
     time_list = parse_times(times)
@@ -174,7 +218,7 @@ def predict(model_dir, perturbations, out, summary, n_cells, num_samples, seed, 
         try:
             adata, fit_result = predict_dir(
                 model_dir, labels, n_cells=n_cells, num_samples=num_samples, seed=seed, interval=interval,
-                source=source, allow_unseen=allow_unseen, times=time_list,
+                source=source, allow_unseen=allow_unseen, times=time_list, source_cells=source_cells,
             )
         except (ValueError, KeyError) as err:
             raise click.ClickException(cli_message(err)) from None

@@ -7,6 +7,15 @@ Models of time are run the same way with ``batch.t = t*`` for each requested tim
 dynamics model evolves ``z(0)`` to ``z(t*)`` under ``l*`` and decodes; by default (relaxing
 heterogeneity) each posterior draw samples ``z(0)`` from its own ``N(mu, Sigma_0)`` instead of
 using encoded control cells.
+
+``source=`` observed cells (a :class:`~perturbax.data.PerturbationData`, e.g. the cells of one
+perturbation at a measured time) moves those cells instead of generating new ones: each source
+cell ``x_i`` with its own label ``l_i`` (and time ``t_i``) is encoded to its basal state ``z_i``,
+and its prediction under ``l*`` (at ``t*``) is ``x_i + m(z_i, l*, t*) - m(z_i, l_i, t_i)``, with
+``m`` the model's mean expression (the decoder output before the likelihood's noise; for the
+implicit likelihood, a decode with the same noise draw). The model supplies only the change; the
+cell-to-cell variation the decoder does not capture is kept from the real cells. Expression must
+be additive in the likelihood's space (gaussian or implicit; not negative_binomial counts).
 The per-gene mean expression of a perturbation is averaged over the source cells for each draw,
 with Bayesian-bootstrap weights (the source cells are a finite sample of the basal population);
 its posterior mean and equal-tailed credible interval come from the draws. The intervals thus
@@ -54,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
 
+from perturbax.data.core import PerturbationData
 from perturbax.data.io import predictions_to_anndata
 from perturbax.data.labels import LabelLike, close_matches
 from perturbax.inference.result import FitResult, _dummy_batch
@@ -160,6 +170,46 @@ def _coverage_notes(fit: FitResult, labels: list[str], vecs: np.ndarray) -> dict
     return {k: np.asarray(v) for k, v in notes.items()}
 
 
+def _transport_source(fit: FitResult, cells: PerturbationData) -> dict[str, np.ndarray]:
+    """Encoded basal states, labels, times, covariates and expression of observed source cells."""
+    if cells.n_cells == 0:
+        raise ValueError("source has no cells; pass the observed cells to move (a non-empty PerturbationData).")
+    lik = getattr(fit.config, "likelihood", None)
+    if lik == "negative_binomial":
+        raise ValueError(
+            "source=<observed cells> adds the model's change of the mean expression to each cell, which "
+            "needs an additive expression space; this fit models raw counts (likelihood "
+            "'negative_binomial'). Use source='control', or fit the gaussian likelihood on log-normalised "
+            "expression."
+        )
+    L = np.asarray(cells.L)
+    unseen = [n for k, n in enumerate(cells.registry.names) if np.any(L[:, k] != 0) and n not in fit.seen_elementary]
+    if unseen:
+        raise UnseenPerturbationError(
+            f"The source cells carry {unseen}, never seen in training: the model cannot know its effect, "
+            f"so it cannot take it out of these cells. Pass cells whose labels use only "
+            f"{list(fit.seen_elementary)}."
+        )
+    C, _ = cells.covariate_design()
+    n_cov = int(getattr(fit.config, "n_covariates", 0))
+    if C.shape[1] != n_cov:
+        raise ValueError(
+            f"The source cells have {C.shape[1]} covariate columns but the model was fitted with {n_cov}; "
+            "build them with the same covariate keys (and categories) as the training data."
+        )
+    z = fit.encode(cells)  # checks the genes and, for models of time, the times
+    data = cells.with_registry(fit.registry)
+    timed = fit.uses_time
+    return {
+        "z": z,
+        "library": data.library_size,
+        "c": C,
+        "l": np.asarray(data.L, np.float32),
+        "t": np.asarray(data.times, np.float32) if timed else np.zeros(cells.n_cells, np.float32),
+        "x": data.dense(),
+    }
+
+
 def pair_key(label: str, time: float) -> str:
     """Column key of a (perturbation, time) pair in a prediction of a model of time:
     ``"A+B @ t=4"`` (what ``uns["perturbax"]["labels"]`` holds, and what
@@ -226,7 +276,7 @@ def predict(
     times: Sequence[float] | float | None = None,
     n_cells: int | None = None,
     num_samples: int = 100,
-    source: str | None = None,
+    source: str | PerturbationData | None = None,
     interval: float = 0.9,
     seed: int = 0,
     allow_unseen: bool = False,
@@ -247,7 +297,8 @@ def predict(
         time.
     n_cells
         Predicted cells per perturbation (per (perturbation, time) pair for models of time;
-        default: the number of training control cells).
+        default: the number of source cells -- training control cells, or the observed cells passed
+        as ``source``, each then used once; more cells repeat them under other posterior draws).
     num_samples
         Posterior draws of the global sites.
     source
@@ -255,7 +306,11 @@ def predict(
         draws from the model's base distribution. Default (``None``): ``"prior"`` for latent
         dynamics with relaxing heterogeneity -- control cells at ``t > 0`` have relaxed, so their
         encoded ``z(0)`` is poorly determined, and each posterior draw samples ``z(0)`` from its own
-        ``N(mu, Sigma_0)`` -- else ``"control"``.
+        ``N(mu, Sigma_0)`` -- else ``"control"``. Or observed cells (a
+        :class:`~perturbax.data.PerturbationData` with the training genes, labels made of seen
+        perturbations, and times for models of time): each is moved from its own label and time
+        to the requested ones by the model's change of the mean (module docstring), e.g. the
+        cells of a perturbation at its nearest measured time to predict it at another time.
     interval
         Credible level of the equal-tailed intervals.
     allow_unseen
@@ -278,24 +333,31 @@ def predict(
     timed = tlist is not None
     labels, vecs = _parse(fit, perturbations, allow_unseen)
     notes = _coverage_notes(fit, labels, vecs)
+    moved = isinstance(source, PerturbationData)
     if source is None:
         relaxing = getattr(fit.config, "heterogeneity", None) == "relaxing"
         source = "prior" if timed and relaxing else "control"
-    if source not in ("control", "prior"):
-        raise ValueError(f"source={source!r} is not supported; use 'control' or 'prior'.")
+    if not moved and source not in ("control", "prior"):
+        raise ValueError(
+            f"source={source!r} is not supported; use 'control', 'prior' or observed cells (a PerturbationData)."
+        )
 
     key = jax.random.PRNGKey(seed)
     k_glob, k_src, k_cells, k_means = jax.random.split(key, 4)
     draws = posterior_globals(fit, num_samples, seed=int(jax.random.randint(k_glob, (), 0, 2**31 - 1)))
-    z_src, lib_src, c_src = (jnp.asarray(fit.basal[k]) for k in ("z", "library", "c"))
+    if moved:
+        src = {k: jnp.asarray(v) for k, v in _transport_source(fit, source).items()}
+        z_src, lib_src, c_src = src["z"], src["library"], src["c"]
+    else:
+        z_src, lib_src, c_src = (jnp.asarray(fit.basal[k]) for k in ("z", "library", "c"))
     n_ctrl = int(lib_src.shape[0])
     if n_ctrl == 0:
         raise ValueError("The fit has no source cells (no control cells in training).")
     # Models of time with source="prior": every posterior draw samples its own basal states
     # z(0) ~ N(mu, Sigma_0) inside the model (z_src is None); library sizes and covariates come
     # from randomly chosen training control cells.
-    fresh_prior = timed and source == "prior"
-    if source == "prior" and not fresh_prior:
+    fresh_prior = timed and not moved and source == "prior"
+    if not moved and source == "prior" and not fresh_prior:
         n_prior = max(1000, n_cells or 0)
         base = fit.model  # sample z_base from the model's own base distribution
         tr = handlers.trace(handlers.seed(handlers.block(base), 1)).get_trace(
@@ -318,10 +380,11 @@ def predict(
     kwargs = fit.model_kwargs
 
     def run(globals_s, z, lib, c, lvec, t, key):
+        """One model run on n source states; ``lvec`` (K,) or (n, K), ``t`` scalar or (n,)."""
         n = lib.shape[0]
         batch = Batch(
-            x=None, l=jnp.broadcast_to(lvec, (n, lvec.shape[0])), c=c if has_c else None, library=lib,
-            t=jnp.full((n,), t, dtype=jnp.float32) if timed else None,
+            x=None, l=jnp.broadcast_to(lvec, (n, lvec.shape[-1])), c=c if has_c else None, library=lib,
+            t=jnp.broadcast_to(jnp.asarray(t, jnp.float32), (n,)) if timed else None,
         )
         data = dict(globals_s) if z is None else {**globals_s, "z_base": z}
         cond = handlers.condition(model, data=data)
@@ -330,6 +393,15 @@ def predict(
         mean = tr["x_mean"]["value"] if "x_mean" in tr else tr["x"]["value"]
         latent = tr["z"]["value"] if "z" in tr else None
         return tr["x"]["value"], mean, latent
+
+    def generate(globals_s, idx, lvec, t, key):
+        """Cells (and their means and latent states) of the source cells ``idx`` under ``lvec``, ``t``."""
+        z = None if z_src is None else z_src[idx]
+        x, mean, latent = run(globals_s, z, lib_src[idx], c_src[idx], lvec, t, key)
+        if moved:  # move the observed cells by the model's change of the mean (same key: same noise)
+            start = run(globals_s, z, lib_src[idx], c_src[idx], src["l"][idx], src["t"][idx], key)[1]
+            x = mean = src["x"][idx] + mean - start
+        return x, mean, latent
 
     @jax.jit
     def one_pair(lvec, t, key):
@@ -344,19 +416,17 @@ def predict(
                 w = jax.random.dirichlet(k_w, jnp.ones(n_src))
             else:
                 w = jnp.full(n_src, 1.0 / n_src)
-            _, mean, latent = run(a[0], z_src, lib_src, c_src, lvec, t, k_run)
+            _, mean, latent = generate(a[0], jnp.arange(n_src), lvec, t, k_run)
             return w @ mean, (None if latent is None else w @ latent)
 
         means, latents = jax.lax.map(draw_mean, (draws, mkeys))
-        # Cells: each draw decodes its own subset of the source cells.
-        pick = jax.random.permutation(k2, jnp.arange(num_samples * per_draw) % n_src).reshape(num_samples, per_draw)
+        # Cells: each draw decodes its own subset of the source cells, taken from back-to-back random
+        # permutations of them, so every source cell is used before any is used again.
+        n_rep = math.ceil(num_samples * per_draw / n_src)
+        perms = jax.vmap(lambda k: jax.random.permutation(k, n_src))(jax.random.split(k2, n_rep))
+        pick = perms.reshape(-1)[: num_samples * per_draw].reshape(num_samples, per_draw)
         ckeys = jax.random.split(k3, num_samples)
-        cells = jax.lax.map(
-            lambda a: run(
-                a[0], None if z_src is None else z_src[a[1]], lib_src[a[1]], c_src[a[1]], lvec, t, a[2]
-            )[0],
-            (draws, pick, ckeys),
-        )
+        cells = jax.lax.map(lambda a: generate(a[0], a[1], lvec, t, a[2])[0], (draws, pick, ckeys))
         return means, cells.reshape(num_samples * per_draw, -1)[:n_cells], latents
 
     columns = [(i, lab, t) for i, lab in enumerate(labels) for t in (tlist if timed else [0.0])]
@@ -376,11 +446,13 @@ def predict(
         "labels": list(labels),
         "interval": float(interval),
         "num_samples": int(num_samples),
-        "source": source,
+        "source": "cells" if moved else source,
         "model": fit.model_name,
         "objective": fit.objective,
         "coverage": notes,  # lists aligned with "labels"
     }
+    if moved:
+        meta["source_cells"] = n_src
     uns = {"perturbax": meta, "mean_draws": mean_draws.astype(np.float32)}
     if all_latent:
         uns["latent_mean_draws"] = np.stack(all_latent).astype(np.float32)  # (columns, S, d)
