@@ -19,7 +19,9 @@ from whatever JSON files exist):
   time, one training double at one time) and the 3 unseen doubles at all 5 times: energy distance
   of predicted vs fresh true cells next to the split-half noise floor and time-ignoring baselines
   (nearest measured time; linear interpolation of means; the additive-shift model with time as a
-  label component, "P0+t4"; control cells at that time).
+  label component, "P0+t4"; control cells at that time), and the model moving measured cells
+  instead of generating new ones (``predict(..., source=cells)``: the cells of the nearest measured
+  time of the same perturbation; for an unseen double, the cells of its singles at that time).
 - ``c``: real time courses, one time point held out and predicted from the others:
   ``lps_dc_timecourse_pseudotimede.h5ad`` (logcounts, 100 genes; every cell is LPS-stimulated, so
   the 1 h cells are the reference "control" state at t = 0 and the other cells are "LPS" at

@@ -170,7 +170,7 @@ def _coverage_notes(fit: FitResult, labels: list[str], vecs: np.ndarray) -> dict
     return {k: np.asarray(v) for k, v in notes.items()}
 
 
-def _transport_source(fit: FitResult, cells: PerturbationData) -> dict[str, np.ndarray]:
+def _source_cells(fit: FitResult, cells: PerturbationData) -> dict[str, np.ndarray]:
     """Encoded basal states, labels, times, covariates and expression of observed source cells."""
     if cells.n_cells == 0:
         raise ValueError("source has no cells; pass the observed cells to move (a non-empty PerturbationData).")
@@ -346,7 +346,7 @@ def predict(
     k_glob, k_src, k_cells, k_means = jax.random.split(key, 4)
     draws = posterior_globals(fit, num_samples, seed=int(jax.random.randint(k_glob, (), 0, 2**31 - 1)))
     if moved:
-        src = {k: jnp.asarray(v) for k, v in _transport_source(fit, source).items()}
+        src = {k: jnp.asarray(v) for k, v in _source_cells(fit, source).items()}
         z_src, lib_src, c_src = src["z"], src["library"], src["c"]
     else:
         z_src, lib_src, c_src = (jnp.asarray(fit.basal[k]) for k in ("z", "library", "c"))
