@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-__all__ = ["fit", "fit_file", "default_objective", "cli_message", "split_list", "check_out_parent"]
+__all__ = ["fit", "fit_file", "default_objective", "cli_message", "split_list", "check_out_parent", "read_h5ad"]
 
 # Python keyword spellings in library messages -> the flags of this CLI.
 _FLAG_OF = {
@@ -60,6 +60,16 @@ def split_list(text: str | None, what: str, option: str | None = None) -> list[s
             param_hint=option,
         )
     return items
+
+
+def read_h5ad(path):
+    """``anndata.read_h5ad`` with any failure turned into a ``ValueError`` that names the file."""
+    import anndata as ad
+
+    try:
+        return ad.read_h5ad(path)
+    except Exception as err:  # h5py/anndata raise many types for a file that is not h5ad
+        raise ValueError(f"Cannot read {path} as an h5ad file ({type(err).__name__}: {err}).") from None
 
 
 def check_out_parent(path: str, option: str) -> Path:
@@ -114,8 +124,6 @@ def fit_file(
     Returns ``(fit_result, data_used, held_out_labels)``. Library errors (ValueError/KeyError)
     propagate with their messages.
     """
-    import anndata as ad
-
     from perturbax.data.core import from_anndata
     from perturbax.inference.energy import EnergyOptions
     from perturbax.inference.fitting import fit as fit_model
@@ -137,10 +145,7 @@ def fit_file(
             f"--mean-weight {mean_weight:g} weights a term of the energy objective, but the objective is {objective!r}; "
             f"pass --objective energy or drop --mean-weight."
         )
-    try:
-        adata = ad.read_h5ad(data_path)
-    except Exception as err:  # h5py/anndata raise many types for a file that is not h5ad
-        raise ValueError(f"Cannot read {data_path} as an h5ad file ({type(err).__name__}: {err}).") from None
+    adata = read_h5ad(data_path)
     data = from_anndata(
         adata,
         perturbation_key,

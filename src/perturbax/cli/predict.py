@@ -11,7 +11,7 @@ import click
 import numpy as np
 import pandas as pd
 
-from perturbax.cli.fit import check_out_parent, cli_message, split_list
+from perturbax.cli.fit import check_out_parent, cli_message, read_h5ad, split_list
 
 __all__ = ["predict", "predict_dir", "load_fit", "prediction_summary_table", "parse_times", "read_source_cells"]
 
@@ -99,17 +99,11 @@ def read_source_cells(path, fit_result):
     data were: the fit's perturbation key, control label, separator, dose and time keys, layer and
     covariate keys (from ``perturbax fit``; a fit saved from Python uses its perturbation key, its
     control label, ``X`` and its time key). The file need not contain control cells."""
-    import anndata as ad
-
     from perturbax.data.core import from_anndata
 
     rec = fit_result.info.get("cli") or {}
-    try:
-        adata = ad.read_h5ad(path)
-    except Exception as err:  # h5py/anndata raise many types for a file that is not h5ad
-        raise ValueError(f"Cannot read {path} as an h5ad file ({type(err).__name__}: {err}).") from None
     return from_anndata(
-        adata,
+        read_h5ad(path),
         fit_result.perturbation_key,
         rec.get("control", fit_result.registry.control),
         sep=rec.get("sep", "+"),
