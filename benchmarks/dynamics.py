@@ -240,11 +240,12 @@ def fit_dyn(data, *, steps, seed, quick, **cfg_kw):
 
 
 def energy_stage(data, config, init, *, steps, seed):
-    """The energy objective (64 cells per context) warm-started from every parameter of ``init``."""
+    """The energy objective (64 cells per context) warm-started from every parameter of ``init``;
+    generalised-Bayes weight 0.3, the package default when the doc's numbers were made (now 0.2)."""
     from perturbax.inference import EnergyOptions, fit
 
     return fit("latent_dynamics", data, config=config, objective="energy", steps=steps, batch_size=256,
-               energy=EnergyOptions(cells_per_condition=64), init_params=init, seed=seed,
+               energy=EnergyOptions(cells_per_condition=64, gb_weight=0.3), init_params=init, seed=seed,
                eval_every=max(50, steps // 20), patience=10_000, progress=False)
 
 

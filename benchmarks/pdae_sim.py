@@ -42,14 +42,16 @@ from perturbax.models.blocks import (  # noqa: E402
 from perturbax.protocols import run_pdae_sim, write_pdae_sim_report  # noqa: E402
 
 
-#: Runs made on seed 2 (the seed that misses the targets), 10000 steps, energy objective, 2026-11-21.
+#: Runs made on seed 2, 10000 steps, energy objective, generalised-Bayes weight 0.3, 2026-11-21/22.
 SEED2_NOTE = (
-    "What was tried on seed 2, which misses both the accuracy and the coverage target (energy objective, "
-    "10000 steps; ratio = median energy distance / additive baseline's, target <= 0.125): other fit seeds with "
+    "What was tried on seed 2, which missed both the accuracy and the coverage target when it was one of "
+    "three seeds and the generalised-Bayes weight was 0.3 (energy objective, 10000 steps; ratio = median "
+    "energy distance / additive baseline's, target <= 0.125; at weight 0.3: ratio 0.295, coverage 0.71): "
+    "other fit seeds with "
     "the same data (fit seeds 0 and 1: ratio 0.309 and 0.249, coverage 0.72 and 0.73); the implicit likelihood "
-    "(table above); `mean_weight=1` (median 0.049, coverage 0.53); pooling the cells and posterior draws of "
+    "(ratio 0.428, coverage 0.73); `mean_weight=1` (median 0.049, coverage 0.53); pooling the cells and posterior draws of "
     "three fits with different seeds, as an ensemble over decoders (ratio 0.394, coverage 0.76). In each of "
-    "these whose conditions were listed (the two fits in the table and the ensemble) the dose outside the hull "
+    "these whose conditions were listed (the gaussian and implicit fits at weight 0.3 and the ensemble) the dose outside the hull "
     "P1:2 is the worst condition (energy 0.17-0.19, coverage 0.40-0.45) and P1+P4 among the three worst, so "
     "the miss looks like a bias the fits share rather than fit-to-fit noise. A posterior over the decoder "
     "(`last_layer_model` in the script: a correction of the decoder's last layer with prior scale S / sqrt(H), "
@@ -71,18 +73,19 @@ SEED2_NOTE = (
     "training states): the miss is in the decoder, on latent states the training data do cover."
 )
 
-#: Runs of the energy objective with other generalised-Bayes weights, 10000 steps, 2026-11-22
-#: (`--objectives energy --gb-weight W --seeds S --steps 10000 --no-doc`).
+#: Runs of the energy objective with generalised-Bayes weights 0.3 and 0.2 on seeds 0-19, 10000 steps,
+#: 2026-12-03 (`--objectives energy --gb-weight W --seeds ... --steps 10000 --no-doc`).
 GB_NOTE = (
-    "The generalised-Bayes weight trades coverage against accuracy (energy objective, 10000 steps; ratio to "
-    "additive / coverage of the 90% intervals, seeds 0, 1, 2; `--objectives energy --gb-weight W --no-doc`): "
-    "W = 0.3 (the default; 0.099 / 0.85, 0.124 / 0.91, 0.289 / 0.71 in the run of that day, before `predict` "
-    "picked source cells without repeats, 0.081 / 0.85, 0.105 / 0.91, 0.295 / 0.71 in the table above); "
-    "W = 0.2: 0.113 / 0.90, "
-    "0.135 / 0.93, 0.314 / 0.80; W = 0.1: 0.125 / 0.94, 0.113 / 0.98, 0.336 / 0.91. With 0.2 the coverage "
-    "target holds on all three seeds and the accuracy target on seed 0 only; with 0.3 both hold on seeds 0 "
-    "and 1. The weights were compared on the truth of these seeds, so this is a calibration run, not a held-out "
-    "choice; the default stays 0.3."
+    "How the default generalised-Bayes weight was chosen (energy objective, 10000 steps; accuracy = ratio "
+    "to the additive baseline <= 0.125 and below linear, coverage = 0.80-0.97; `--objectives energy "
+    "--gb-weight W --seeds ... --no-doc`, 2026-12-03). On seeds 0-9, W = 0.3 (the default until then) met "
+    "the accuracy target on 5 seeds and the coverage target on 4; W = 0.2 on 4 and 9. Confirmed on ten "
+    "fresh seeds (10-19) before changing the default: W = 0.3 accuracy on 2, coverage on 8; W = 0.2 on 1 "
+    "and 9. Over the 20 seeds: coverage target on 12 (W = 0.3) against 18 (W = 0.2), mean coverage 0.82 "
+    "against 0.87; accuracy target on 7 against 5, median ratio to the additive baseline 0.207 against "
+    "0.212. The smaller weight buys coverage at about the same accuracy, so `EnergyOptions.gb_weight` is 0.2 "
+    "now. Earlier, on seeds 0-2 only (before `predict` picked "
+    "source cells without repeats), W = 0.1 covered 0.94, 0.98 and 0.91 with ratios 0.125, 0.113 and 0.336."
 )
 
 
@@ -202,6 +205,38 @@ def targets_met(checks: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
+def by_group(table: pd.DataFrame) -> pd.DataFrame:
+    """Per method and group of held-out perturbation (double, dose inside / outside the hull), over all
+    seeds: median energy distance and mean coverage of the 90% intervals."""
+    t = table[table.group.isin(["double", "dose-in-hull", "dose-outside-hull"])]
+    out = t.groupby(["group", "method"], sort=False).agg(
+        n=("condition", "size"), energy_median=("energy_pca", "median"), coverage_mean=("coverage", "mean"))
+    return out.reset_index().sort_values(["group", "method"], kind="stable")
+
+
+def reading(checks: pd.DataFrame, groups: pd.DataFrame) -> str:
+    """What the tables say about the energy objective against the issue's targets (computed)."""
+    c = checks[checks.method == "model_energy"]
+    n = len(c)
+    acc = int(((c.ratio_to_additive <= 0.125) & c.below_linear).sum())
+    cov = int(c.coverage_90.between(0.80, 0.97).sum())
+    spread = int(((c.sd_ratio - 1).abs() <= 0.2).sum())
+    g = groups[groups.method == "model_energy"].set_index("group")
+    ratio = float(c.ratio_to_additive.median())
+    return (
+        f"Reading (energy objective, gaussian likelihood, against the issue's targets). Spread holds on {spread} "
+        f"of {n} seeds and coverage on {cov}; the accuracy target holds on {acc} of {n}: the median energy "
+        f"distance is below the linear baseline's on {int(c.below_linear.sum())} seeds, but at a median of "
+        f"{ratio:.2f} times the additive baseline's (about 1/{1 / ratio:.0f}), not 1/8. The intervals cover "
+        f"{g.loc['dose-in-hull', 'coverage_mean']:.2f} of the true means for doses inside the convex hull of "
+        f"the training labels, {g.loc['double', 'coverage_mean']:.2f} for the held-out doubles and "
+        f"{g.loc['dose-outside-hull', 'coverage_mean']:.2f} for doses outside the hull, where the decoder "
+        "extrapolates and its error, which the intervals do not carry, is largest (median energy "
+        f"{g.loc['dose-outside-hull', 'energy_median']:.3f} against {g.loc['double', 'energy_median']:.3f} "
+        "for doubles)."
+    )
+
+
 def section(folder: Path) -> str:
     """The doc section, from the results kept in ``folder`` by :func:`run`."""
     meta = json.loads((folder / "run.json").read_text())
@@ -247,6 +282,15 @@ def section(folder: Path) -> str:
         "",
         _md(checks),
         "",
+        "### By group of held-out perturbation (all seeds)",
+        "",
+        "Median energy distance and mean coverage over the held-out perturbations of each group, pooled over "
+        "the seeds: where the intervals lose coverage.",
+        "",
+        _md(by_group(table)),
+        "",
+        reading(checks, by_group(table)),
+        "",
         "### Mean over seeds, per method",
         "",
         _md(mean_by),
@@ -260,7 +304,8 @@ def section(folder: Path) -> str:
         "",
         "![predicted vs true mean change, first seed](pdae_sim_predicted_vs_true.png)",
     ])
-    if meta["steps"] == 10000 and 2 in seeds and meta["gb_weight"] == 0.3 and meta["mean_weight"] == 0.0:
+    if meta["steps"] == 10000 and 2 in seeds and meta["gb_weight"] == EnergyOptions().gb_weight \
+            and meta["mean_weight"] == 0.0:
         text += "\n\n" + SEED2_NOTE + "\n\n" + GB_NOTE
     return text
 
@@ -269,7 +314,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=5000)
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--gb-weight", type=float, default=0.3, help="generalised-Bayes weight of the energy objective")
+    ap.add_argument("--gb-weight", type=float, default=EnergyOptions().gb_weight,
+                    help="generalised-Bayes weight of the energy objective [default: EnergyOptions' default]")
     ap.add_argument("--mean-weight", type=float, default=0.0, help="EnergyOptions.mean_weight")
     ap.add_argument("--source", default="other", choices=["other", "control"], help="EnergyOptions.source")
     ap.add_argument("--objectives", default="energy,elbo")

@@ -54,9 +54,9 @@ class EnergyOptions(NamedTuple):
         Weights of the reconstruction and basal-prior terms relative to the perturbation term.
     gb_weight
         ``w`` of the generalised-Bayes posterior ``exp(-w N score) p(globals)``; smaller values give
-        wider posteriors. On pdae-sim (seeds 0-2, 10000 steps) the 90% intervals covered the true
-        means in 0.71-0.91 of cases with the default 0.3, 0.80-0.93 with 0.2 and 0.91-0.98 with 0.1,
-        with the median energy distance worse on seeds 0 and 2; see docs/benchmarks.md.
+        wider posteriors. On pdae-sim (20 seeds, 10000 steps) the 90% intervals of the per-gene means
+        covered the true means in 0.80-0.97 of cases on 18 of 20 seeds with the default 0.2 and on
+        12 of 20 with 0.3, at the same median energy distance; see docs/benchmarks.md.
     prior_cells
         Basal states used in the prior-matching term per step (keeps that term linear too).
     mean_weight
@@ -78,7 +78,7 @@ class EnergyOptions(NamedTuple):
     conditions_per_step: int | None = None
     reconstruction_weight: float = 1.0
     prior_weight: float = 1.0
-    gb_weight: float = 0.3
+    gb_weight: float = 0.2
     prior_cells: int = 256
     source: str = "other"
     mean_weight: float = 0.0
