@@ -190,14 +190,21 @@ def checks_table(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(checks, ignore_index=True)
 
 
-def targets_met(checks: pd.DataFrame) -> pd.DataFrame:
-    """Per model: on how many seeds each target holds, and all of them together."""
+def target_flags(checks: pd.DataFrame) -> pd.DataFrame:
+    """``checks`` with one boolean column per target: accuracy (median energy <= 1/8 of additive and
+    below linear), coverage (0.80-0.97), spread (sd_ratio within 20% of 1) and all three."""
     c = checks.assign(
         accuracy=(checks.ratio_to_additive <= 0.125) & checks.below_linear,
         coverage=checks.coverage_90.between(0.80, 0.97),
         spread=(checks.sd_ratio - 1).abs() <= 0.2,
     )
     c["all_three"] = c.accuracy & c.coverage & c.spread
+    return c
+
+
+def targets_met(checks: pd.DataFrame) -> pd.DataFrame:
+    """Per model: on how many seeds each target holds, and all of them together."""
+    c = target_flags(checks)
     n = c.groupby("method", sort=False)["seed"].size()
     out = c.groupby("method", sort=False)[["accuracy", "coverage", "spread", "all_three"]].sum()
     out = out.apply(lambda col: [f"{k} / {n[m]}" for m, k in col.items()])
@@ -216,11 +223,8 @@ def by_group(table: pd.DataFrame) -> pd.DataFrame:
 
 def reading(checks: pd.DataFrame, groups: pd.DataFrame) -> str:
     """What the tables say about the energy objective against the issue's targets (computed)."""
-    c = checks[checks.method == "model_energy"]
-    n = len(c)
-    acc = int(((c.ratio_to_additive <= 0.125) & c.below_linear).sum())
-    cov = int(c.coverage_90.between(0.80, 0.97).sum())
-    spread = int(((c.sd_ratio - 1).abs() <= 0.2).sum())
+    c = target_flags(checks[checks.method == "model_energy"])
+    n, acc, cov, spread = len(c), int(c.accuracy.sum()), int(c.coverage.sum()), int(c.spread.sum())
     g = groups[groups.method == "model_energy"].set_index("group")
     ratio = float(c.ratio_to_additive.median())
     return (
@@ -243,6 +247,7 @@ def section(folder: Path) -> str:
     summary = pd.read_csv(folder / "summary.csv")
     table = pd.read_csv(folder / "table.csv")
     checks = checks_table(summary)
+    groups = by_group(table)
     mean_by = summary.groupby("method", sort=False)[["energy_median", "pearson_delta_mean", "sd_ratio_mean",
                                                       "coverage_mean"]].mean().reset_index()
     seeds = meta["seeds"]
@@ -287,9 +292,9 @@ def section(folder: Path) -> str:
         "Median energy distance and mean coverage over the held-out perturbations of each group, pooled over "
         "the seeds: where the intervals lose coverage.",
         "",
-        _md(by_group(table)),
+        _md(groups),
         "",
-        reading(checks, by_group(table)),
+        reading(checks, groups),
         "",
         "### Mean over seeds, per method",
         "",
