@@ -49,7 +49,7 @@ METHOD_ORDER = ["control", "pooled_mean", "additive", "linear", "noise_floor"]
 SUBSET = {"combo_seen2": "both singles measured", "combo_seen1": "other", "combo_seen0": "other"}
 
 
-def run(*, data_path=None, n_folds=5, n_pcs=50, top_k=20, alpha=0.1, seed=0) -> pd.DataFrame:
+def run(*, data_path=None, n_folds=5, n_pcs=50, top_k=20, alpha="cv", seed=0) -> pd.DataFrame:
     adata = load_norman19(data_path)
     data = from_anndata(adata, NORMAN19_PERTURBATION_KEY, NORMAN19_CONTROL)
     folds = norman_doubles_folds(data, n_folds)
@@ -59,7 +59,7 @@ def run(*, data_path=None, n_folds=5, n_pcs=50, top_k=20, alpha=0.1, seed=0) -> 
         AdditiveBaseline(unmeasured="zero"),
         LinearBaseline(alpha=alpha, unmeasured="zero"),
     ]
-    tables = []
+    tables, linear_alpha = [], []
     for k, split in enumerate(folds):
         train = split.train
         control = train.dense(train.cells_of(train.control))
@@ -70,6 +70,8 @@ def run(*, data_path=None, n_folds=5, n_pcs=50, top_k=20, alpha=0.1, seed=0) -> 
         fold_tables = []
         for m in methods:
             fitted = m.fit(train)
+            if isinstance(fitted, LinearBaseline):
+                linear_alpha.append(fitted.fitted.info["alpha"])
             pred = fitted.predict(split.test_labels)
             with warnings.catch_warnings():
                 # A zero predicted delta (control; additive/linear when no gene of the double is
@@ -90,7 +92,9 @@ def run(*, data_path=None, n_folds=5, n_pcs=50, top_k=20, alpha=0.1, seed=0) -> 
     table["method"] = pd.Categorical(table["method"], categories=METHOD_ORDER, ordered=True)
     cols = ["method", "fold", "subset", "group", "condition", "n_pred", "n_true"]
     table = table[cols + [c for c in table.columns if c not in cols]]
-    return table.sort_values(["method", "fold", "condition"], kind="stable").reset_index(drop=True)
+    table = table.sort_values(["method", "fold", "condition"], kind="stable").reset_index(drop=True)
+    table.attrs["linear_alpha"] = linear_alpha
+    return table
 
 
 def _with_counts(summary: pd.DataFrame, table: pd.DataFrame, by: list[str]) -> pd.DataFrame:
@@ -139,12 +143,17 @@ def _sorter(col: pd.Series) -> pd.Series:
 
 
 
+def _alpha(text: str):
+    return "cv" if text == "cv" else float(text)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=None, help="path of perturbench_devel_norman19_mcfaline23.h5ad")
     ap.add_argument("--n-pcs", type=int, default=50)
     ap.add_argument("--top-k", type=int, default=20)
-    ap.add_argument("--alpha", type=float, default=0.1, help="ridge penalty of the linear baseline")
+    ap.add_argument("--alpha", type=_alpha, default="cv",
+                    help="ridge penalty of the linear baseline, or 'cv' (chosen on each fold's training conditions)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the split-half noise floor")
     ap.add_argument("--doc", default=str(REPO / "docs" / "benchmarks.md"))
     ap.add_argument("--csv", default=None, help="also write the per-double table as CSV")
@@ -164,10 +173,17 @@ def main(argv=None) -> int:
 
     cmd = ".venv/bin/python benchmarks/baselines.py" + "".join(
         f" {flag} {val}" for flag, val, default in [
-            ("--n-pcs", args.n_pcs, 50), ("--top-k", args.top_k, 20), ("--alpha", args.alpha, 0.1),
+            ("--n-pcs", args.n_pcs, 50), ("--top-k", args.top_k, 20), ("--alpha", args.alpha, "cv"),
             ("--seed", args.seed, 0),
         ] if val != default
     )
+    if args.alpha == "cv":
+        chosen = ", ".join(f"{a:g}" for a in table.attrs["linear_alpha"])
+        alpha_text = (f"Its penalty is chosen per fold by leave-one-condition-out cross-validation over the fold's "
+                      f"training conditions that lie in the span of the others (`LinearBaseline()`, the "
+                      f"default `alpha=\"cv\"`); chosen per fold: {chosen}.")
+    else:
+        alpha_text = f"Penalty alpha = {args.alpha} (set by hand)."
     seen2 = sorted(table.loc[table["group"] == "combo_seen2", "condition"].unique())
     other = sorted(table.loc[table["group"] != "combo_seen2", "condition"].unique())
     k = args.top_k
@@ -191,9 +207,9 @@ Methods (all predict cells: control cells + a predicted mean shift):
   **A gene never measured alone contributes zero** (`AdditiveBaseline(unmeasured="zero")`): for the
   "other" doubles the prediction is the one measured single's effect, or the control if neither
   single was measured.
-- `linear`: ridge regression (alpha = {args.alpha}) of the training condition means (singles and
-  doubles) on their 0/1 label vectors, control residuals added; a gene in no training condition
-  gets zero effect (`unmeasured="zero"`).
+- `linear`: ridge regression of the training condition means (singles and doubles) on their 0/1
+  label vectors, control residuals added; a gene in no training condition gets zero effect
+  (`unmeasured="zero"`). {alpha_text}
 - `noise_floor`: half of the true cells (random, seed {args.seed}) scored against the other half.
   Its energy distance is ~0 (unbiased); its Pearson delta / R^2 / MSE compare two means of ~50
   cells each, so they are noisier than a method's mean (which is compared with the mean of all

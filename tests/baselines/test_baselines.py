@@ -173,7 +173,7 @@ def test_unknown_perturbation_errors(singles):
 def test_not_fitted_and_argument_errors(singles):
     with pytest.raises(RuntimeError, match="not fitted.*fit\\(train\\)"):
         AdditiveBaseline().predict("A")
-    with pytest.raises(ValueError, match="alpha must be a finite number >= 0, got -1"):
+    with pytest.raises(ValueError, match="alpha must be a finite number >= 0 or 'cv', got -1"):
         LinearBaseline(alpha=-1)
     with pytest.raises(ValueError, match="unmeasured must be one of"):
         AdditiveBaseline(unmeasured="ignore")
@@ -222,3 +222,69 @@ def test_split_half_noise_floor():
     assert not np.array_equal(a, a3)
     with pytest.raises(ValueError, match="at least 4 cells"):
         split_half_noise_floor(x[:3], seed=0)
+
+
+# ------------------------------------------------------------ ridge penalty chosen on training data
+from perturbax.baselines.linear import ALPHA_GRID, FALLBACK_ALPHA, ridge_loo_scores  # noqa: E402
+from perturbax.theory.holdouts import in_span_holdouts, label_leverage  # noqa: E402
+
+
+def test_in_span_holdouts_are_the_rows_the_others_identify():
+    D = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=float)
+    # the double is identified by its singles and each single by the double and the other single;
+    # C is measured only once, so holding it out leaves it unidentified; the control is never held out
+    assert in_span_holdouts(D).tolist() == [1, 2, 3]
+    h = label_leverage(D)
+    assert np.isclose(h[4], 1.0) and np.all(h[1:4] < 1 - 1e-6)
+    assert in_span_holdouts(np.eye(3)).size == 0
+
+
+def test_ridge_loo_closed_form_matches_refitting():
+    rng = np.random.default_rng(3)
+    L = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 1, 1], [1, 0, 1], [1, 1, 1]], float)
+    D = L @ rng.normal(size=(3, 4)) + 0.3 * rng.normal(size=(7, 4))
+    rows = in_span_holdouts(L)
+    assert rows.size == 7
+    for a in (0.0, 0.05, 2.0):
+        brute = []
+        for j in rows:
+            keep = np.delete(np.arange(7), j)
+            W = np.linalg.lstsq(L[keep], D[keep], rcond=None)[0] if a == 0 else \
+                np.linalg.solve(L[keep].T @ L[keep] + a * np.eye(3), L[keep].T @ D[keep])
+            brute.append(np.mean((D[j] - L[j] @ W) ** 2))
+        assert np.isclose(ridge_loo_scores(L, D, rows, [a])[0], np.mean(brute), rtol=1e-10)
+
+
+def test_linear_cv_alpha_is_chosen_on_in_span_training_conditions():
+    # additive truth with noise-free means: least squares is exact, so CV picks the smallest penalty
+    data = _data(["control", "A", "B", "C", "A+B", "B+C", "A+C"])
+    fitted = LinearBaseline().fit(data)
+    info = fitted.fitted.info
+    assert LinearBaseline().alpha == "cv"
+    assert info["alpha"] == 0.0 and info["alpha_cv"]["scores"][0] < 1e-12
+    assert sorted(info["alpha_cv"]["held_out"]) == sorted(["A", "B", "C", "A+B", "A+C", "B+C"])
+    assert len(info["alpha_cv"]["scores"]) == len(ALPHA_GRID)
+    np.testing.assert_allclose(fitted.predict_mean("A+B+C"), _true_mean("A+B+C"), atol=1e-6)
+
+
+def test_linear_cv_alpha_shrinks_pure_noise_effects():
+    # perturbations with no effect at all: every non-zero effect is noise, so CV picks a large penalty
+    rng = np.random.default_rng(0)
+    conds = ["control", "A", "B", "C", "A+B", "B+C", "A+C"]
+    blocks, labels = [], []
+    for cond in conds:
+        blocks.append(MU0 + rng.normal(size=(5, G)))
+        labels += [cond] * 5
+    adata = ad.AnnData(X=np.concatenate(blocks).astype(np.float32),
+                       obs=pd.DataFrame({"pert": pd.Categorical(labels)}, index=[f"c{i}" for i in range(len(labels))]),
+                       var=pd.DataFrame(index=[f"g{j}" for j in range(G)]))
+    info = LinearBaseline().fit(from_anndata(adata, "pert", "control")).fitted.info
+    assert info["alpha"] >= 1.0
+
+
+def test_linear_cv_alpha_without_in_span_conditions_says_so(singles):
+    info = LinearBaseline().fit(singles).fitted.info
+    assert info["alpha"] == FALLBACK_ALPHA and info["alpha_cv"]["held_out"] == []
+    assert "cannot be cross-validated" in info["alpha_cv"]["note"]
+    with pytest.raises(ValueError, match="'cv'"):
+        LinearBaseline(alpha="loo")

@@ -29,10 +29,11 @@ __all__ = [
 ]
 
 
-def standard_baselines(*, alpha: float = 0.1, unmeasured: str = "error") -> list[Baseline]:
+def standard_baselines(*, alpha: float | str = "cv", unmeasured: str = "error") -> list[Baseline]:
     """Unfitted control, pooled-mean, additive and linear baselines (in that order).
 
-    ``unmeasured`` is passed to the additive and linear baselines (``"error"`` or ``"zero"``).
+    ``unmeasured`` is passed to the additive and linear baselines (``"error"`` or ``"zero"``);
+    ``alpha`` is the linear baseline's ridge penalty (``"cv"``: chosen on the training conditions).
     """
     return [
         ControlBaseline(),

@@ -9,10 +9,38 @@ from typing import ClassVar, Literal
 import numpy as np
 
 from perturbax.baselines.base import TrainingSummary, _Fitted, _ShiftBaseline
+from perturbax.theory.holdouts import in_span_holdouts
 
-__all__ = ["LinearBaseline"]
+__all__ = ["LinearBaseline", "ridge_loo_scores", "ALPHA_GRID"]
 
 _UNMEASURED = ("error", "zero")
+
+#: Ridge penalties tried by ``alpha="cv"`` (labels are on the dose scale, ~1 per component).
+ALPHA_GRID = (0.0, *np.round(np.logspace(-3, 2, 16), 6).tolist())
+#: Penalty used by ``alpha="cv"`` when no training condition can be held out inside the span.
+FALLBACK_ALPHA = 0.1
+
+
+def ridge_loo_scores(L: np.ndarray, D: np.ndarray, rows: np.ndarray, alphas) -> np.ndarray:
+    """Leave-one-condition-out squared error of ridge fits of ``D`` on ``L``, for each alpha.
+
+    Exact closed form: with the ridge hat matrix ``H = L (L^T L + alpha I)^+ L^T`` the residual of
+    row ``j`` refitted without it is ``(D_j - (H D)_j) / (1 - H_jj)``. Returns, per alpha, the mean
+    over ``rows`` (which must lie in the span of the other rows) of the per-gene mean squared
+    residual.
+    """
+    U, s, _ = np.linalg.svd(np.asarray(L, dtype=np.float64), full_matrices=False)
+    keep = s > 1e-8 * (s[0] if s.size else 0.0)
+    U, s2 = U[:, keep], s[keep] ** 2
+    UtD = U.T @ D
+    scores = []
+    for a in alphas:
+        shrink = s2 / (s2 + float(a))
+        fitted = U[rows] @ (shrink[:, None] * UtD)
+        h = np.sum(U[rows] ** 2 * shrink, axis=1)
+        resid = (D[rows] - fitted) / (1.0 - h)[:, None]
+        scores.append(float(np.mean(resid**2)))
+    return np.asarray(scores)
 
 
 @dataclass(frozen=True, repr=False)
@@ -38,14 +66,17 @@ class LinearBaseline(_ShiftBaseline):
         ``"error"`` (default) raises when a label contains it; ``"zero"`` predicts no effect for it.
     """
 
-    alpha: float = 0.1
+    alpha: float | Literal["cv"] = "cv"
     unmeasured: Literal["error", "zero"] = "error"
     name: ClassVar[str] = "linear"
 
     def __post_init__(self) -> None:
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float, np.floating, np.integer)) \
+        if isinstance(self.alpha, str):
+            if self.alpha != "cv":
+                raise ValueError(f"alpha must be a finite number >= 0 or 'cv', got {self.alpha!r}.")
+        elif isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float, np.floating, np.integer)) \
                 or not math.isfinite(self.alpha) or self.alpha < 0:
-            raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha!r}.")
+            raise ValueError(f"alpha must be a finite number >= 0 or 'cv', got {self.alpha!r}.")
         if self.unmeasured not in _UNMEASURED:
             raise ValueError(f"unmeasured must be one of {_UNMEASURED}, got {self.unmeasured!r}.")
 
@@ -60,8 +91,9 @@ class LinearBaseline(_ShiftBaseline):
             )
         L = summary.design[rows]
         D = summary.deltas[rows]
-        if self.alpha > 0:
-            W = np.linalg.solve(L.T @ L + float(self.alpha) * np.eye(K), L.T @ D)
+        alpha, cv = self._choose_alpha(L, D, [summary.conditions[r] for r in rows])
+        if alpha > 0:
+            W = np.linalg.solve(L.T @ L + alpha * np.eye(K), L.T @ D)
         else:
             W = np.linalg.lstsq(L, D, rcond=None)[0]
         absent = np.flatnonzero(~summary.in_training)
@@ -75,5 +107,25 @@ class LinearBaseline(_ShiftBaseline):
                     f"condition containing it."
                 )
         info = {"rank": int(np.linalg.matrix_rank(L)), "n_conditions": int(rows.size),
-                "zero_effect": [names[k] for k in absent] if self.unmeasured == "zero" else []}
+                "zero_effect": [names[k] for k in absent] if self.unmeasured == "zero" else [],
+                "alpha": alpha, "alpha_cv": cv}
         return _Fitted(summary, np.zeros(G), W, blocked, info=info)
+
+    def _choose_alpha(self, L: np.ndarray, D: np.ndarray, conditions: list[str]) -> tuple[float, dict | None]:
+        """The penalty to use and, for ``alpha="cv"``, what the cross-validation saw."""
+        if self.alpha != "cv":
+            return float(self.alpha), None
+        held = in_span_holdouts(L)
+        if held.size == 0:
+            return FALLBACK_ALPHA, {
+                "alphas": [], "scores": [], "held_out": [],
+                "note": f"no training condition lies in the span of the others, so the penalty cannot "
+                        f"be cross-validated; used {FALLBACK_ALPHA}",
+            }
+        scores = ridge_loo_scores(L, D, held, ALPHA_GRID)
+        best = int(np.argmin(scores))
+        return float(ALPHA_GRID[best]), {
+            "alphas": list(ALPHA_GRID), "scores": scores.tolist(),
+            "held_out": [conditions[j] for j in held],
+            "note": f"leave-one-condition-out over {held.size} in-span training conditions",
+        }
