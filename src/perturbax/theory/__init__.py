@@ -6,6 +6,8 @@ Design level (no data needed):
   training labels), with residuals, coefficients, convex-hull (extrapolation) flags, identified
   elementary perturbations, rank vs latent dimension; returns a :class:`DesignReport`.
 - :func:`suggest_additions` -- a small set of experiments to add so that targets become covered.
+- :func:`in_span_holdouts` -- training conditions that the rest of the design identifies (the
+  conditions in-span cross-validation may hold out).
 - :class:`RowSpace` -- the row-space machinery (rank with explicit tolerances, projections).
 
 Dynamics level (latent dynamical causal programs):
@@ -45,6 +47,7 @@ from perturbax.theory.dynamics import (
     natural_parameters,
     w_to_bs,
 )
+from perturbax.theory.holdouts import in_span_holdouts, label_leverage
 from perturbax.theory.report import FAIL, OK, WARNING
 from perturbax.theory.rowspace import DEFAULT_RESIDUAL_RTOL, DEFAULT_RTOL, RowSpace
 from perturbax.theory.suggest import SuggestionReport, suggest_additions
@@ -82,6 +85,8 @@ __all__ = [
     "check_design",
     "SuggestionReport",
     "suggest_additions",
+    "in_span_holdouts",
+    "label_leverage",
     "ContextReport",
     "VariabilityReport",
     "TargetReport",
