@@ -1210,7 +1210,7 @@ def main(argv=None) -> int:
     cmds = list(dict.fromkeys(r["command"].replace(" --no-doc", "") for r in results.values()
                               if isinstance(r, dict) and "command" in r))
     text = section(results, "`; `".join(cmds) or cmd)
-    write_section("dynamics", text, Path(args.doc) if args.doc else DOC)
+    write_section("dynamics", text, Path(args.doc) if args.doc else DOC, sources=[__file__])
     print(text)
     return 0
 

@@ -345,7 +345,7 @@ def main(argv=None) -> int:
         return 0
     text = section(folder)
     shutil.copy(folder / "report" / "predicted_vs_true.png", DOC.parent / "pdae_sim_predicted_vs_true.png")
-    write_section("pdae-sim", text)
+    write_section("pdae-sim", text, sources=[__file__])
     print(f"wrote {DOC}")
     return 0
 

@@ -713,7 +713,7 @@ def report(results, meta, *, doc: Path | None, quick: bool) -> None:
                            load_end=meta["load_end"], total_seconds=meta["total_seconds"],
                            cpu_seconds=meta.get("children_cpu_seconds", float("nan")), png_name=png.name,
                            slopes=slopes)
-    write_section("speed-additive", section, doc)
+    write_section("speed-additive", section, doc, sources=[__file__])
     print(f"wrote {doc} and {png}")
 
 

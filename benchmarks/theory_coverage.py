@@ -116,7 +116,7 @@ def main(argv=None) -> int:
             md(grp),
             "",
             verdict,
-        ]))
+        ]), sources=[__file__])
     return 0
 
 
