@@ -46,30 +46,28 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def stamp(name: str, sources, *, commit: str | None = None, worktree: str | None = None) -> str:
-    """The stamp line of section ``name`` for the current checkout (``commit``/``worktree`` override
-    what git says, for sections produced at an earlier commit)."""
-    if commit is None:
-        commit = _git("rev-parse", "--short=7", "HEAD") or "unknown"
-    if worktree is None:
-        dirty = _git("status", "--porcelain", "--", "src", "benchmarks")
-        worktree = "unknown" if dirty is None else ("modified" if dirty else "clean")
+def stamp(name: str, sources, *, root: Path = ROOT) -> str:
+    """The stamp line of section ``name`` for the current checkout (source paths relative to
+    ``root``)."""
+    commit = _git("rev-parse", "--short=7", "HEAD") or "unknown"
+    dirty = _git("status", "--porcelain", "--", "src", "benchmarks")
+    worktree = "unknown" if dirty is None else ("modified" if dirty else "clean")
     parts = []
     for src in sources:
         path = Path(src).resolve()
-        parts.append(f"{path.relative_to(ROOT).as_posix()}:{source_digest(path)}")
+        parts.append(f"{path.relative_to(root).as_posix()}:{source_digest(path)}")
     if not parts:
         raise ValueError(f"section {name!r}: name at least one source file (its script).")
     return f"{STAMP}section={name} commit={commit} worktree={worktree} sources={','.join(parts)} -->"
 
 
-def write_section(name: str, section: str, doc: Path = DOC, *, sources) -> None:
+def write_section(name: str, section: str, doc: Path = DOC, *, sources, root: Path = ROOT) -> None:
     """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` (appended if absent)
     by a fresh stamp (``sources``: the script, ``Path(__file__)``, and local modules it uses) and
     ``section``."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     text = doc.read_text() if doc.exists() else HEADER
-    block = f"{start}\n{stamp(name, sources)}\n{section.rstrip()}\n{end}"
+    block = f"{start}\n{stamp(name, sources, root=root)}\n{section.rstrip()}\n{end}"
     if start in text and end in text:
         head, _, rest = text.partition(start)
         _, _, tail = rest.partition(end)
