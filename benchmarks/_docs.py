@@ -25,7 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 HEADER = (
     "# Benchmarks\n\nTables written by the scripts in `benchmarks/`; each section names the command that "
-    "produced it. Protocols: DESIGN.md section 6.\n"
+    "produced it. Protocols: DESIGN.md section 6. Each section starts with a stamp (an HTML comment, written "
+    "by `benchmarks/_docs.py`: the commit it was produced at and the SHA-256 of its scripts); "
+    "`tests/test_docs.py` fails when a script changed after its section's numbers, unless the section says "
+    "in a **Stale** line which later change it predates.\n"
 )
 STAMP = "<!-- perturbax-benchmark "
 STALE = "> **Stale:**"
