@@ -158,7 +158,7 @@ def test_section_check_catches_a_changed_script(tmp_path):
     # regenerating the section stamps the new hash and drops the stale line
     _docs.write_section("demo", "## Demo\n\n| a |\n|---|\n| 2 |", doc, sources=[script], root=tmp_path)
     text = doc.read_text()
-    assert "Stale" not in text and _docs.check_sections(text, root=tmp_path) == []
+    assert _docs.STALE not in text and _docs.check_sections(text, root=tmp_path) == []
     # a section without a stamp is reported
     bare = text.replace(_docs._STAMP.search(text).group(0) + "\n", "")
     assert "has 0 stamps" in _docs.check_sections(bare, root=tmp_path)[0]
