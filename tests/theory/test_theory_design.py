@@ -273,3 +273,16 @@ def test_coefficient_norm_is_the_least_squares_error_amplification():
     # unit-free: the same design and test in doses 1000 times smaller have the same coefficients
     small = check_design(np.vstack([np.zeros(4), D * 1e-3]), t[None, :] * 1e-3).tests[0]
     assert small.coefficient_norm == pytest.approx(res.coefficient_norm, rel=1e-8)
+
+
+def test_elementary_coefficient_norms_at_unit_dose():
+    rep = check_design(["control", "A:0.000001", "B", "B+C"], names=["A", "B", "C"])
+    norms = rep.elementary_coefficient_norms
+    assert norms[0] == pytest.approx(1e6, rel=1e-6) and norms[1] == pytest.approx(1.0)
+    assert norms[2] == pytest.approx(math.sqrt(2))  # C = (B+C) - B
+    assert rep.ill_conditioned_elementary == ("A",) and "ill-conditioned at unit dose" in rep.render()
+    assert rep.status == OK  # the unit dose depends on the dose unit: shown, not a warning
+    d = json.loads(rep.to_json())
+    assert d["ill_conditioned_elementary"] == ["A"] and d["elementary_coefficient_norms"]["B"] == pytest.approx(1.0)
+    unident = check_design(["control", "A"], names=["A", "B"])
+    assert unident.to_dict()["elementary_coefficient_norms"] == {"A": pytest.approx(1.0), "B": None}

@@ -45,7 +45,10 @@ that is the sum of ``k`` measured singles has ``||c||_2 = sqrt(k)``; a test reac
 training row at dose ``1e-6`` has ``||c||_2 = 1e6``. A covered test with ``||c||_2`` above
 ``max_coefficient_norm`` (default ``10``: the prediction is at least 10 times as noisy as a measured
 condition, which would take 100 times the cells per condition to make up) is **ill-conditioned**:
-flagged, and the report is at least a warning.
+flagged, and the report is at least a warning. The same norm is reported for each identified
+elementary perturbation at unit dose ``e_k`` (method ``"svd"`` only, i.e. at most 256 active
+columns); it depends on the unit of the doses, so it is shown but does not change the status --
+pass the doses you mean to predict as tests.
 
 JSON form (``DesignReport.to_dict()``; ``perturbax check-design --json``), schema
 ``perturbax.check_design/1``::
@@ -69,6 +72,9 @@ JSON form (``DesignReport.to_dict()``; ``perturbax check-design --json``), schem
       "identified_elementary": [str],
       "unidentified_elementary": [str],
       "elementary_residuals": {name: float}, # distance of e_k to the row space
+      "elementary_coefficient_norms": {name: float | null},  # ||c||_2 of e_k (null: not identified
+                                             # or method "peel")
+      "ill_conditioned_elementary": [str],   # identified, unit dose with ||c||_2 above max_coefficient_norm
       "n_tests": int, "n_covered": int, "n_extrapolating": int,
       "max_coefficient_norm": float,         # limit on ||c||_2 above which a test is ill-conditioned
       "n_ill_conditioned": int,
@@ -245,6 +251,7 @@ class DesignReport(ReportMixin):
     min_pivot: float | None
     identified: np.ndarray
     elementary_residuals: np.ndarray
+    elementary_coefficient_norms: np.ndarray
     latent_dim: int | None
     tests: tuple[CoverageResult, ...]
     covered: np.ndarray
@@ -269,6 +276,12 @@ class DesignReport(ReportMixin):
     @property
     def unidentified_elementary(self) -> tuple[str, ...]:
         return tuple(n for n, ok in zip(self.names, self.identified) if not ok)
+
+    @property
+    def ill_conditioned_elementary(self) -> tuple[str, ...]:
+        """Identified elementary perturbations whose unit dose has ``||c||_2 > max_coefficient_norm``."""
+        norms = self.elementary_coefficient_norms
+        return tuple(n for n, c in zip(self.names, norms) if np.isfinite(c) and c > self.max_coefficient_norm)
 
     @property
     def latent_dim_ok(self) -> bool | None:
@@ -336,6 +349,10 @@ class DesignReport(ReportMixin):
             "identified_elementary": list(self.identified_elementary),
             "unidentified_elementary": list(self.unidentified_elementary),
             "elementary_residuals": {n: float(r) for n, r in zip(self.names, self.elementary_residuals)},
+            "elementary_coefficient_norms": {
+                n: (float(c) if np.isfinite(c) else None) for n, c in zip(self.names, self.elementary_coefficient_norms)
+            },
+            "ill_conditioned_elementary": list(self.ill_conditioned_elementary),
             "n_tests": len(self.tests),
             "n_covered": int(np.sum(self.covered)),
             "n_extrapolating": len(self.extrapolating),
@@ -362,6 +379,13 @@ class DesignReport(ReportMixin):
         lines.append(f"  identified: {join_names(self.identified_elementary)}")
         if not self.full_rank or self.unidentified_elementary:
             lines.append(f"  not identified: {join_names(self.unidentified_elementary)}")
+        ill_elem = self.ill_conditioned_elementary
+        if ill_elem:
+            norms = dict(zip(self.names, self.elementary_coefficient_norms))
+            listed = ", ".join(f"{n} (||c||_2 {fmt(norms[n])})" for n in ill_elem[:8])
+            more = f", ... ({len(ill_elem) - 8} more)" if len(ill_elem) > 8 else ""
+            lines.append(f"  ill-conditioned at unit dose (reached only through much smaller or cancelling labels): "
+                         f"{listed}{more}")
         if self.latent_dim is not None:
             ok = "ok" if self.latent_dim_ok else "TOO LOW"
             lines.append(f"  latent dimension {self.latent_dim}: rank {self.rank} {ok}")
@@ -520,6 +544,10 @@ def check_design(
     space = RowSpace.from_rows(prep.D, rtol=rtol, method=method)
     elem_res = space.elementary_residuals()
     identified = elem_res <= residual_rtol
+    elem_norms = np.full(reg.K, np.nan)
+    if space.method == "svd" and identified.any():
+        idx = np.flatnonzero(identified)
+        elem_norms[idx] = np.linalg.norm(min_norm_coefficients(prep.D, space, np.eye(reg.K)[idx]), axis=1)
 
     T, tlabels = prep.differences(tests, "tests")
     m = T.shape[0]
@@ -700,6 +728,7 @@ def check_design(
         min_pivot=float(space.pivots.min()) if space.pivots.size else None,
         identified=identified,
         elementary_residuals=elem_res,
+        elementary_coefficient_norms=elem_norms,
         latent_dim=None if latent_dim is None else int(latent_dim),
         tests=tuple(results),
         covered=covered,
