@@ -8,7 +8,10 @@ machine-readable stamp that says where its numbers come from::
 ``commit`` is the ``git rev-parse --short HEAD`` of the run (``worktree=modified`` when ``src/`` or
 ``benchmarks/`` had uncommitted changes), ``sources`` the SHA-256 of the files the section's
 numbers depend on beyond the library (its script, and local modules the script imports).
-:func:`write_section` writes the stamp, so a regenerated section is always stamped.
+:func:`write_section` writes the stamp, so a regenerated section is always stamped. A script that
+rebuilds its section from results kept by an earlier run records :func:`provenance` with those
+results and passes it back (``produced=``): the stamp then names the commit of the run, not of
+the rebuild (``commit=unknown`` when the results carry none, which the check refuses).
 :func:`check_sections` (run by tests/test_docs.py) reports a section whose sources changed since
 its numbers, unless the section says it is stale in a visible line ``> **Stale:** ...`` naming
 the later change it predates (:func:`mark_stale`; rewriting the section drops the line).
@@ -49,12 +52,31 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def stamp(name: str, sources, *, root: Path = ROOT) -> str:
-    """The stamp line of section ``name`` for the current checkout (source paths relative to
-    ``root``)."""
+def provenance() -> dict[str, str]:
+    """``{"commit", "worktree"}`` of the checkout now; keep it with a run's results."""
     commit = _git("rev-parse", "--short=7", "HEAD") or "unknown"
     dirty = _git("status", "--porcelain", "--", "src", "benchmarks")
     worktree = "unknown" if dirty is None else ("modified" if dirty else "clean")
+    return {"commit": commit, "worktree": worktree}
+
+
+def common_provenance(records) -> dict[str, str]:
+    """The provenance shared by several kept results (``commit=unknown`` if any lacks one or they
+    differ)."""
+    provs = [r.get("provenance") or {} for r in records]
+    commits = {p.get("commit", "unknown") for p in provs}
+    worktrees = {p.get("worktree", "unknown") for p in provs}
+    return {
+        "commit": commits.pop() if len(commits) == 1 else "unknown",
+        "worktree": worktrees.pop() if len(worktrees) == 1 else "unknown",
+    }
+
+
+def stamp(name: str, sources, *, root: Path = ROOT, produced: dict | None = None) -> str:
+    """The stamp line of section ``name`` (source paths relative to ``root``; ``produced``: the
+    :func:`provenance` recorded with the results, default the checkout now)."""
+    prov = provenance() if produced is None else produced
+    commit, worktree = prov.get("commit") or "unknown", prov.get("worktree") or "unknown"
     parts = []
     for src in sources:
         path = Path(src).resolve()
@@ -64,13 +86,15 @@ def stamp(name: str, sources, *, root: Path = ROOT) -> str:
     return f"{STAMP}section={name} commit={commit} worktree={worktree} sources={','.join(parts)} -->"
 
 
-def write_section(name: str, section: str, doc: Path = DOC, *, sources, root: Path = ROOT) -> None:
+def write_section(
+    name: str, section: str, doc: Path = DOC, *, sources, root: Path = ROOT, produced: dict | None = None
+) -> None:
     """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` (appended if absent)
-    by a fresh stamp (``sources``: the script, ``Path(__file__)``, and local modules it uses) and
-    ``section``."""
+    by a fresh stamp (``sources``: the script, ``Path(__file__)``, and local modules it uses;
+    ``produced``: see :func:`stamp`) and ``section``."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     text = doc.read_text() if doc.exists() else HEADER
-    block = f"{start}\n{stamp(name, sources, root=root)}\n{section.rstrip()}\n{end}"
+    block = f"{start}\n{stamp(name, sources, root=root, produced=produced)}\n{section.rstrip()}\n{end}"
     if start in text and end in text:
         head, _, rest = text.partition(start)
         _, _, tail = rest.partition(end)

@@ -159,6 +159,13 @@ def test_section_check_catches_a_changed_script(tmp_path):
     _docs.write_section("demo", "## Demo\n\n| a |\n|---|\n| 2 |", doc, sources=[script], root=tmp_path)
     text = doc.read_text()
     assert _docs.STALE not in text and _docs.check_sections(text, root=tmp_path) == []
+    # a section rebuilt from kept results names the commit of the run that produced them
+    _docs.write_section("demo", "## Demo", doc, sources=[script], root=tmp_path,
+                        produced={"commit": "23799d5", "worktree": "clean"})
+    assert _docs.sections(doc.read_text())["demo"]["stamps"][0]["commit"] == "23799d5"
+    _docs.write_section("demo", "## Demo", doc, sources=[script], root=tmp_path, produced={})  # not recorded
+    assert "malformed stamp" in _docs.check_sections(doc.read_text(), root=tmp_path)[0]
+    assert _docs.common_provenance([{"provenance": {"commit": "abc1234", "worktree": "clean"}}, {}])["commit"] == "unknown"
     # a section without a stamp is reported
     bare = text.replace(_docs._STAMP.search(text).group(0) + "\n", "")
     assert "has 0 stamps" in _docs.check_sections(bare, root=tmp_path)[0]
