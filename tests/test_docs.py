@@ -169,3 +169,21 @@ def test_section_check_catches_a_changed_script(tmp_path):
     # a section without a stamp is reported
     bare = text.replace(_docs._STAMP.search(text).group(0) + "\n", "")
     assert "has 0 stamps" in _docs.check_sections(bare, root=tmp_path)[0]
+
+
+def test_readme_quotes_the_pdae_sim_errors_inside_and_outside_the_hull():
+    """The README's "in the span means identified, not accurate" paragraph quotes the measured errors
+    of docs/benchmarks.md (pdae-sim, by group); a rerun that changes them must update the README."""
+    body = _docs.sections(_docs.DOC.read_text())["pdae-sim"]["body"]
+    rows = {}
+    for line in body.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0] in ("dose-in-hull", "double", "dose-outside-hull"):
+            rows[(cells[0], cells[1])] = (float(cells[3]), cells[4])
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "identified, not accurate" in readme
+    for group in ("dose-in-hull", "double", "dose-outside-hull"):
+        energy, coverage = rows[(group, "model_energy")]
+        additive, _ = rows[(group, "additive")]
+        for quoted in (f"{energy:.2g}", f"{float(coverage):.2f}", f"{additive:.2g}"):
+            assert quoted in readme, f"README does not quote the pdae-sim {group} value {quoted}"
