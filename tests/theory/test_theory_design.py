@@ -286,3 +286,18 @@ def test_elementary_coefficient_norms_at_unit_dose():
     assert d["ill_conditioned_elementary"] == ["A"] and d["elementary_coefficient_norms"]["B"] == pytest.approx(1.0)
     unident = check_design(["control", "A"], names=["A", "B"])
     assert unident.to_dict()["elementary_coefficient_norms"] == {"A": pytest.approx(1.0), "B": None}
+
+
+def test_elementary_coefficient_norms_match_the_explicit_coefficients():
+    rng = np.random.default_rng(1)
+    low = rng.standard_normal((9, 2)) @ rng.standard_normal((2, 5))  # rank 2 in 5 columns
+    L = np.vstack([np.zeros(6), np.c_[low, np.zeros(9)], np.eye(6)[[0, 1]]])  # + e1, e2; column 6 unused
+    rep = check_design(L)
+    assert rep.method == "svd"
+    ident = np.flatnonzero(rep.identified)
+    assert rep.rank == 4 and rep.largest_dropped is not None and ident.tolist() == [0, 1]
+    explicit = [rep.coefficients([np.eye(6)[k]])[0] for k in ident]
+    np.testing.assert_allclose(
+        rep.elementary_coefficient_norms[ident], [np.linalg.norm(list(c.values())) for c in explicit], rtol=1e-8
+    )
+    assert np.isnan(rep.elementary_coefficient_norms[~rep.identified]).all()

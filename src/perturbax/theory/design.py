@@ -545,9 +545,14 @@ def check_design(
     elem_res = space.elementary_residuals()
     identified = elem_res <= residual_rtol
     elem_norms = np.full(reg.K, np.nan)
-    if space.method == "svd" and identified.any():
-        idx = np.flatnonzero(identified)
-        elem_norms[idx] = np.linalg.norm(min_norm_coefficients(prep.D, space, np.eye(reg.K)[idx]), axis=1)
+    if space.method == "svd" and space.basis.shape[1]:
+        # D = U S V^T on the active columns: the minimum-norm c of e_k is U S^-1 V^T e_k, so
+        # ||c||_2 = ||(row k of V) / s|| -- O(K r), without forming the (K, n_rows) coefficients
+        r = space.basis.shape[1]
+        norms = np.linalg.norm(space.basis / space.singular_values[:r], axis=1)
+        cols = np.asarray(space.block_cols)
+        ok = identified[cols]
+        elem_norms[cols[ok]] = norms[ok]
 
     T, tlabels = prep.differences(tests, "tests")
     m = T.shape[0]
