@@ -238,7 +238,7 @@ measured alone, outside the span (the theory module should flag them as not iden
 
 </details>
 """
-    write_section("baselines", section, Path(args.doc))
+    write_section("baselines", section, Path(args.doc), sources=[__file__])
     print(f"\nWrote the baselines section of {args.doc} ({elapsed:.0f} s)")
     return 0
 

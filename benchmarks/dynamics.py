@@ -46,7 +46,7 @@ import sys as _sys
 from pathlib import Path as _Path
 
 _sys.path.insert(0, str(_Path(__file__).resolve().parent))
-from _docs import DOC, write_section  # noqa: E402
+from _docs import DOC, common_provenance, provenance, write_section  # noqa: E402
 
 import argparse
 import datetime as dt
@@ -1200,9 +1200,10 @@ def main(argv=None) -> int:
     if not args.doc_only:
         for key, part, fn in (("sim", {"a", "b"}, run_sim), ("real", {"c"}, run_real), ("speed", {"d"}, run_speed)):
             if parts & part:
-                t0 = time.perf_counter()
+                t0, prov = time.perf_counter(), provenance()
                 res = fn(args)
-                res.update(command=cmd, seconds=time.perf_counter() - t0, date=dt.date.today().isoformat())
+                res.update(command=cmd, seconds=time.perf_counter() - t0, date=dt.date.today().isoformat(),
+                           provenance=prov)
                 (folder / f"{key}.json").write_text(json.dumps(res, indent=1, default=float))
     if args.no_doc or (args.quick and args.doc is None):
         return 0
@@ -1210,7 +1211,8 @@ def main(argv=None) -> int:
     cmds = list(dict.fromkeys(r["command"].replace(" --no-doc", "") for r in results.values()
                               if isinstance(r, dict) and "command" in r))
     text = section(results, "`; `".join(cmds) or cmd)
-    write_section("dynamics", text, Path(args.doc) if args.doc else DOC)
+    write_section("dynamics", text, Path(args.doc) if args.doc else DOC, sources=[__file__],
+                  produced=common_provenance(results.values()))
     print(text)
     return 0
 

@@ -541,7 +541,8 @@ def main(argv=None) -> int:
                                 default=str) + "\n")
     if args.no_doc or args.quick or args.folds is not None or overrides:
         return 0
-    write_section(SECTION, render(args, settings, tabs, notes, timing, elapsed, table), Path(args.doc))
+    text = render(args, settings, tabs, notes, timing, elapsed, table)
+    write_section(SECTION, text, Path(args.doc), sources=[__file__])
     print(f"Wrote the norman-models section of {args.doc}")
     return 0
 

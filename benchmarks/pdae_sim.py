@@ -29,7 +29,7 @@ import numpyro.distributions as dist
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _docs import DOC, write_section  # noqa: E402
+from _docs import DOC, provenance, write_section  # noqa: E402
 
 from perturbax.inference import EnergyOptions  # noqa: E402
 from perturbax.models.blocks import (  # noqa: E402
@@ -128,7 +128,7 @@ def run(args, seeds: list[int], folder: Path, command: str) -> None:
     """Fit and score every seed; keep the tables, the settings and the first seed's plot in ``folder``."""
     objectives = tuple(args.objectives.split(","))
     rows, per_cond, t0 = [], [], time.perf_counter()
-    first = None
+    first, prov = None, provenance()
     for seed in seeds:
         t = time.perf_counter()
         res = run_pdae_sim(
@@ -167,7 +167,7 @@ def run(args, seeds: list[int], folder: Path, command: str) -> None:
     pd.concat(rows, ignore_index=True).to_csv(folder / "summary.csv", index=False)
     pd.concat(per_cond, ignore_index=True).to_csv(folder / "table.csv", index=False)
     meta = dict(vars(args), seeds=seeds, command=command, minutes=(time.perf_counter() - t0) / 60,
-                date=time.strftime("%Y-%m-%d"))
+                date=time.strftime("%Y-%m-%d"), provenance=prov)
     (folder / "run.json").write_text(json.dumps(meta, indent=1))
 
 
@@ -345,7 +345,8 @@ def main(argv=None) -> int:
         return 0
     text = section(folder)
     shutil.copy(folder / "report" / "predicted_vs_true.png", DOC.parent / "pdae_sim_predicted_vs_true.png")
-    write_section("pdae-sim", text)
+    produced = json.loads((folder / "run.json").read_text()).get("provenance", {})
+    write_section("pdae-sim", text, sources=[__file__], produced=produced)
     print(f"wrote {DOC}")
     return 0
 

@@ -46,7 +46,7 @@ import sys as _sys
 from pathlib import Path as _Path
 
 _sys.path.insert(0, str(_Path(__file__).resolve().parent))
-from _docs import write_section  # noqa: E402
+from _docs import provenance, write_section  # noqa: E402
 
 import argparse
 import datetime as dt
@@ -713,7 +713,7 @@ def report(results, meta, *, doc: Path | None, quick: bool) -> None:
                            load_end=meta["load_end"], total_seconds=meta["total_seconds"],
                            cpu_seconds=meta.get("children_cpu_seconds", float("nan")), png_name=png.name,
                            slopes=slopes)
-    write_section("speed-additive", section, doc)
+    write_section("speed-additive", section, doc, sources=[__file__], produced=meta.get("provenance", {}))
     print(f"wrote {doc} and {png}")
 
 
@@ -742,6 +742,7 @@ def main(argv=None) -> int:
         return 0
 
     load_start = os.getloadavg()
+    prov = provenance()
     facts = machine_facts()
     date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(f"{date}; nproc {facts['nproc']}, jax {facts['jax']}, load average at start "
@@ -762,7 +763,7 @@ def main(argv=None) -> int:
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     meta = dict(date=date, facts=facts, load_start=list(load_start), load_end=list(os.getloadavg()),
                 total_seconds=time.perf_counter() - t_all, quick=args.quick,
-                children_cpu_seconds=ru.ru_utime + ru.ru_stime)
+                children_cpu_seconds=ru.ru_utime + ru.ru_stime, provenance=prov)
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     report(results, meta, doc=doc, quick=args.quick)

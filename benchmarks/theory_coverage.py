@@ -71,6 +71,7 @@ def main(argv=None) -> int:
             "covered": bool(t.covered),
             "in_convex_hull": t.in_convex_hull,
             "residual": round(float(t.residual), 4),
+            "coef_norm": float("nan") if t.coefficient_norm is None else round(t.coefficient_norm, 3),
             "energy_model": energy_distance(cells, fresh),
             "energy_noise_floor": energy_distance(other, fresh),
         })
@@ -107,7 +108,10 @@ def main(argv=None) -> int:
             "into the network, 200 cells per condition). Training: " + ", ".join(f"`{t}`" for t in TRAIN)
             + " — P4 and P5 are only measured together. The additive-shift model (energy objective, "
             f"{args.steps} steps) predicts each test; energy = unbiased energy distance to 200 fresh cells of "
-            "the true population; the noise floor scores a second fresh sample.",
+            "the true population; the noise floor scores a second fresh sample. `coef_norm` = `||c||_2` of the "
+            "minimum-norm coefficients of a covered test (the factor by which its prediction amplifies the "
+            "estimation error of a measured condition; `check_design` flags it above "
+            f"{report.max_coefficient_norm:g}; nan = not covered).",
             "",
             "`check_design` says: " + report.message,
             "",
@@ -116,7 +120,7 @@ def main(argv=None) -> int:
             md(grp),
             "",
             verdict,
-        ]))
+        ]), sources=[__file__])
     return 0
 
 

@@ -219,3 +219,85 @@ def test_max_details_and_on_request_coefficients():
     assert later[0] == pytest.approx({"e2": 1.0, "e3": 0.5})
     assert later[1] == pytest.approx({"e3": 3.0})
     assert rep.coefficients([[1.0, 0, 0]])[0] == pytest.approx({"e1": 1.0})
+
+
+@pytest.mark.parametrize("method", ["svd", "peel"])
+def test_direction_reached_only_through_a_tiny_dose_is_ill_conditioned(method):
+    # issue 16 item 8: A is measured only at dose 1e-6, so A = 1e6 * (A:1e-6) is covered (identified)
+    # but its predicted shift is the measured one blown up a million-fold
+    train = ["control", "A:0.000001", "B"]
+    rep = check_design(train, ["A", "A+B", "B", "B:0.5"], names=["A", "B"], method=method)
+    a, ab, b, half = rep.tests
+    assert all(t.covered for t in rep.tests)
+    assert a.coefficient_norm == pytest.approx(1e6, rel=1e-6) and a.coefficient_l1 == pytest.approx(1e6, rel=1e-6)
+    assert ab.coefficient_norm == pytest.approx(math.sqrt(1e12 + 1), rel=1e-6)
+    assert ab.coefficient_l1 == pytest.approx(1e6 + 1, rel=1e-6)
+    assert a.ill_conditioned and ab.ill_conditioned and "ill-conditioned" in a.message
+    assert b.coefficient_norm == pytest.approx(1.0) and half.coefficient_norm == pytest.approx(0.5)
+    assert not b.ill_conditioned and not half.ill_conditioned and "ill-conditioned" not in b.message
+    assert rep.ill_conditioned == ("A", "A+B")
+    assert rep.status == WARNING and "2 covered test(s) are ill-conditioned" in rep.message
+    d = json.loads(rep.to_json())
+    assert d["max_coefficient_norm"] == 10.0 and d["n_ill_conditioned"] == 2
+    assert d["tests"][0]["ill_conditioned"] is True and d["tests"][0]["coefficient_norm"] == pytest.approx(1e6)
+    assert d["tests"][2]["ill_conditioned"] is False
+    assert "ILL-CONDITIONED" in rep.render()
+    # the limit is a parameter; inf turns the flag off
+    assert check_design(train, ["A"], names=["A", "B"], max_coefficient_norm=math.inf).ill_conditioned == ()
+    with pytest.raises(ValueError, match="max_coefficient_norm"):
+        check_design(train, ["A"], names=["A", "B"], max_coefficient_norm=0)
+
+
+def test_normal_design_is_well_conditioned():
+    train = np.array([ZERO, E[0], E[1], E[2], E[0] + E[1]])
+    tests = np.array([0.5 * E[0] + 0.5 * E[1], E[0] + E[1] + E[2], E[1] + E[2]])
+    rep = check_design(train, tests, names=["A", "B", "C"])
+    assert all(rep.covered) and rep.ill_conditioned == ()
+    assert all(t.coefficient_norm is not None and t.coefficient_norm <= math.sqrt(3) + 1e-12 for t in rep.tests)
+    assert "ill-conditioned" not in rep.message
+    assert check_design(train, tests[:1], names=["A", "B", "C"]).status == OK
+
+
+def test_coefficient_norm_is_the_least_squares_error_amplification():
+    # the minimum-norm coefficients are the weights of the least-squares prediction t^T pinv(D) Y of
+    # the test's shift from the measured shifts Y, so ||c||_2 scales an equal per-condition error
+    rng = np.random.default_rng(0)
+    D = rng.standard_normal((6, 4)) * np.array([1.0, 1.0, 1.0, 1e-3])
+    t = rng.standard_normal(4)
+    rep = check_design(np.vstack([np.zeros(4), D]), t[None, :])
+    (res,) = rep.tests
+    c = np.linalg.pinv(D).T @ t
+    assert res.coefficient_norm == pytest.approx(np.linalg.norm(c), rel=1e-8)
+    assert res.coefficient_l1 == pytest.approx(np.abs(c).sum(), rel=1e-8)
+    assert res.ill_conditioned == (np.linalg.norm(c) > 10)
+    # unit-free: the same design and test in doses 1000 times smaller have the same coefficients
+    small = check_design(np.vstack([np.zeros(4), D * 1e-3]), t[None, :] * 1e-3).tests[0]
+    assert small.coefficient_norm == pytest.approx(res.coefficient_norm, rel=1e-8)
+
+
+def test_elementary_coefficient_norms_at_unit_dose():
+    rep = check_design(["control", "A:0.000001", "B", "B+C"], names=["A", "B", "C"])
+    norms = rep.elementary_coefficient_norms
+    assert norms[0] == pytest.approx(1e6, rel=1e-6) and norms[1] == pytest.approx(1.0)
+    assert norms[2] == pytest.approx(math.sqrt(2))  # C = (B+C) - B
+    assert rep.ill_conditioned_elementary == ("A",) and "ill-conditioned at unit dose" in rep.render()
+    assert rep.status == OK  # the unit dose depends on the dose unit: shown, not a warning
+    d = json.loads(rep.to_json())
+    assert d["ill_conditioned_elementary"] == ["A"] and d["elementary_coefficient_norms"]["B"] == pytest.approx(1.0)
+    unident = check_design(["control", "A"], names=["A", "B"])
+    assert unident.to_dict()["elementary_coefficient_norms"] == {"A": pytest.approx(1.0), "B": None}
+
+
+def test_elementary_coefficient_norms_match_the_explicit_coefficients():
+    rng = np.random.default_rng(1)
+    low = rng.standard_normal((9, 2)) @ rng.standard_normal((2, 5))  # rank 2 in 5 columns
+    L = np.vstack([np.zeros(6), np.c_[low, np.zeros(9)], np.eye(6)[[0, 1]]])  # + e1, e2; column 6 unused
+    rep = check_design(L)
+    assert rep.method == "svd"
+    ident = np.flatnonzero(rep.identified)
+    assert rep.rank == 4 and rep.largest_dropped is not None and ident.tolist() == [0, 1]
+    explicit = [rep.coefficients([np.eye(6)[k]])[0] for k in ident]
+    np.testing.assert_allclose(
+        rep.elementary_coefficient_norms[ident], [np.linalg.norm(list(c.values())) for c in explicit], rtol=1e-8
+    )
+    assert np.isnan(rep.elementary_coefficient_norms[~rep.identified]).all()

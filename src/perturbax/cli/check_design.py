@@ -38,12 +38,18 @@ Prints a readable report; --json OUT.json also writes (--json - prints only) a J
   rank, full_rank, latent_dim, latent_dim_ok, method, rtol, tolerance, residual_rtol,
   hull_atol, singular_values, smallest_retained, largest_dropped, n_eliminated, min_pivot,
   identified_elementary [names], unidentified_elementary [names],
-  elementary_residuals {name: float}, n_tests, n_covered, n_extrapolating,
+  elementary_residuals {name: float}, elementary_coefficient_norms {name: float|null},
+  ill_conditioned_elementary [names], n_tests, n_covered, n_extrapolating,
+  max_coefficient_norm, n_ill_conditioned,
   tests: [{label, covered, residual, relative_residual, in_convex_hull (bool|null),
            coefficients ({training label: float}|null), hull_coefficients,
+           coefficient_norm, coefficient_l1, ill_conditioned,
            missing_direction {name: float}, suggested_additions [labels], details, message}]
 Coefficients c satisfy  test - control = sum_e c_e (training_e - control)  over the distinct
 training labels (minimum-norm); they are computed for the first --max-details tests.
+||c||_2 (coefficient_norm) is the factor by which the prediction amplifies the estimation error
+of one measured condition; a covered test with ||c||_2 > 10 (e.g. reached only through a tiny
+dose) is flagged ill-conditioned and the status is at least "warning".
 
 Exit status 0 when the report was produced (whatever it says); 2 for bad usage or unknown
 perturbation names; 1 for unreadable or invalid input files.

@@ -3,8 +3,9 @@
 Design level (no data needed):
 
 - :func:`check_design` -- which test perturbations a training design covers (affine hull of the
-  training labels), with residuals, coefficients, convex-hull (extrapolation) flags, identified
-  elementary perturbations, rank vs latent dimension; returns a :class:`DesignReport`.
+  training labels), with residuals, coefficients and their norm (how much a prediction amplifies
+  estimation error; large norms are flagged ill-conditioned), convex-hull (extrapolation) flags,
+  identified elementary perturbations, rank vs latent dimension; returns a :class:`DesignReport`.
 - :func:`suggest_additions` -- a small set of experiments to add so that targets become covered.
 - :func:`in_span_holdouts` -- training conditions that the rest of the design identifies (the
   conditions in-span cross-validation may hold out).

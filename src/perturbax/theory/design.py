@@ -32,6 +32,24 @@ is given as ``hull_coefficients`` and the test counts as inside the hull. Coeffi
 ``O(n_rows)`` per test, so they are computed for the first ``max_details`` tests (default 100);
 :meth:`DesignReport.coefficients` computes them for any test on request.
 
+Conditioning
+------------
+Covered is a statement about identification, not accuracy. The minimum-norm coefficients are the
+weights of the least-squares prediction: if the shifts of the distinct measured conditions are
+estimated with independent errors of equal variance ``sigma^2``, the predicted shift of the test is
+``sum_e c_e y_e`` and its error has standard deviation ``sigma * ||c||_2`` -- no other
+representation does better. So ``coefficient_norm = ||c||_2`` is the factor by which the prediction
+amplifies the estimation error of one measured condition (``||c||_1`` bounds it for errors of equal
+size and any correlation). Both are unit-free: rescaling all doses leaves ``c`` unchanged. A test
+that is the sum of ``k`` measured singles has ``||c||_2 = sqrt(k)``; a test reached only through a
+training row at dose ``1e-6`` has ``||c||_2 = 1e6``. A covered test with ``||c||_2`` above
+``max_coefficient_norm`` (default ``10``: the prediction is at least 10 times as noisy as a measured
+condition, which would take 100 times the cells per condition to make up) is **ill-conditioned**:
+flagged, and the report is at least a warning. The same norm is reported for each identified
+elementary perturbation at unit dose ``e_k`` (method ``"svd"`` only, i.e. at most 256 active
+columns); it depends on the unit of the doses, so it is shown but does not change the status --
+pass the doses you mean to predict as tests.
+
 JSON form (``DesignReport.to_dict()``; ``perturbax check-design --json``), schema
 ``perturbax.check_design/1``::
 
@@ -54,7 +72,12 @@ JSON form (``DesignReport.to_dict()``; ``perturbax check-design --json``), schem
       "identified_elementary": [str],
       "unidentified_elementary": [str],
       "elementary_residuals": {name: float}, # distance of e_k to the row space
+      "elementary_coefficient_norms": {name: float | null},  # ||c||_2 of e_k (null: not identified
+                                             # or method "peel")
+      "ill_conditioned_elementary": [str],   # identified, unit dose with ||c||_2 above max_coefficient_norm
       "n_tests": int, "n_covered": int, "n_extrapolating": int,
+      "max_coefficient_norm": float,         # limit on ||c||_2 above which a test is ill-conditioned
+      "n_ill_conditioned": int,
       "tests": [
         {
           "label": str,                      # as given (strings) or canonical (vectors)
@@ -64,6 +87,10 @@ JSON form (``DesignReport.to_dict()``; ``perturbax check-design --json``), schem
           "in_convex_hull": bool | null,     # null: not determined (see "details")
           "coefficients": {training label: float} | null,      # null: not computed
           "hull_coefficients": {training label: float} | null, # convex representation, if found by LP
+          "coefficient_norm": float | null,  # ||c||_2 of the minimum-norm coefficients (error amplification)
+          "coefficient_l1": float | null,    # ||c||_1
+          "ill_conditioned": bool,           # covered with coefficient_norm > max_coefficient_norm
+                                             # (or coefficients that did not converge)
           "missing_direction": {name: float},  # unit direction of the unmeasured part (uncovered tests)
           "suggested_additions": [str],      # labels to add so that this test becomes covered
           "details": bool,                   # coefficients / directions computed for this test
@@ -74,8 +101,8 @@ JSON form (``DesignReport.to_dict()``; ``perturbax check-design --json``), schem
 
 Only coefficients with ``|c| > 1e-12 * max(1, max|c|)`` are listed; missing labels have 0.
 Statuses: ``fail`` if a test is not covered or ``rank < latent_dim``; ``warning`` if a covered test
-needs extrapolation, the control is not among the training rows, or -- when no tests are given --
-some elementary perturbation is not identified; ``ok`` otherwise.
+needs extrapolation or is ill-conditioned, the control is not among the training rows, or -- when
+no tests are given -- some elementary perturbation is not identified; ``ok`` otherwise.
 """
 
 from __future__ import annotations
@@ -107,10 +134,18 @@ from perturbax.theory.rowspace import (
 )
 from perturbax.theory.suggest import greedy_unit_additions
 
-__all__ = ["CoverageResult", "DesignReport", "check_design", "DEFAULT_HULL_ATOL", "SCHEMA"]
+__all__ = [
+    "CoverageResult",
+    "DesignReport",
+    "check_design",
+    "DEFAULT_HULL_ATOL",
+    "DEFAULT_MAX_COEFFICIENT_NORM",
+    "SCHEMA",
+]
 
 SCHEMA = "perturbax.check_design/1"
 DEFAULT_HULL_ATOL = 1e-8
+DEFAULT_MAX_COEFFICIENT_NORM = 10.0
 _LP_MAX_ROWS = 2000
 _COEF_DROP = 1e-12
 
@@ -134,6 +169,13 @@ class CoverageResult:
         ``{training label: c_e}`` of the minimum-norm representation (``None``: not computed).
     hull_coefficients
         A convex representation when the minimum-norm one is not convex but one exists.
+    coefficient_norm, coefficient_l1
+        ``||c||_2`` and ``||c||_1`` of the minimum-norm coefficients (``None``: not computed): the
+        factor by which the prediction amplifies the estimation error of a measured condition
+        (module docstring, Conditioning).
+    ill_conditioned
+        Covered, but ``coefficient_norm`` exceeds the report's ``max_coefficient_norm`` (or the
+        coefficients did not converge on a very ill-conditioned large design).
     missing_direction
         For uncovered tests: the unit direction of ``t - P t`` (largest entries, signs as in the
         test), i.e. what the design never measures.
@@ -157,6 +199,9 @@ class CoverageResult:
     suggested_additions: tuple[str, ...]
     details: bool
     message: str
+    coefficient_norm: float | None = None
+    coefficient_l1: float | None = None
+    ill_conditioned: bool = False
 
     @property
     def extrapolation(self) -> bool:
@@ -172,6 +217,9 @@ class CoverageResult:
             "in_convex_hull": self.in_convex_hull,
             "coefficients": None if self.coefficients is None else dict(self.coefficients),
             "hull_coefficients": None if self.hull_coefficients is None else dict(self.hull_coefficients),
+            "coefficient_norm": self.coefficient_norm,
+            "coefficient_l1": self.coefficient_l1,
+            "ill_conditioned": bool(self.ill_conditioned),
             "missing_direction": dict(self.missing_direction),
             "suggested_additions": list(self.suggested_additions),
             "details": bool(self.details),
@@ -203,10 +251,12 @@ class DesignReport(ReportMixin):
     min_pivot: float | None
     identified: np.ndarray
     elementary_residuals: np.ndarray
+    elementary_coefficient_norms: np.ndarray
     latent_dim: int | None
     tests: tuple[CoverageResult, ...]
     covered: np.ndarray
     relative_residuals: np.ndarray
+    max_coefficient_norm: float
     space: RowSpace = field(repr=False)
     design: PreparedDesign = field(repr=False)
 
@@ -228,6 +278,12 @@ class DesignReport(ReportMixin):
         return tuple(n for n, ok in zip(self.names, self.identified) if not ok)
 
     @property
+    def ill_conditioned_elementary(self) -> tuple[str, ...]:
+        """Identified elementary perturbations whose unit dose has ``||c||_2 > max_coefficient_norm``."""
+        norms = self.elementary_coefficient_norms
+        return tuple(n for n, c in zip(self.names, norms) if np.isfinite(c) and c > self.max_coefficient_norm)
+
+    @property
     def latent_dim_ok(self) -> bool | None:
         return None if self.latent_dim is None else self.rank >= self.latent_dim
 
@@ -238,6 +294,11 @@ class DesignReport(ReportMixin):
     @property
     def extrapolating(self) -> tuple[str, ...]:
         return tuple(t.label for t in self.tests if t.extrapolation)
+
+    @property
+    def ill_conditioned(self) -> tuple[str, ...]:
+        """Covered tests whose coefficient norm exceeds ``max_coefficient_norm``."""
+        return tuple(t.label for t in self.tests if t.ill_conditioned)
 
     def test(self, label: str) -> CoverageResult:
         """The result of the test with this label (as given)."""
@@ -288,9 +349,15 @@ class DesignReport(ReportMixin):
             "identified_elementary": list(self.identified_elementary),
             "unidentified_elementary": list(self.unidentified_elementary),
             "elementary_residuals": {n: float(r) for n, r in zip(self.names, self.elementary_residuals)},
+            "elementary_coefficient_norms": {
+                n: (float(c) if np.isfinite(c) else None) for n, c in zip(self.names, self.elementary_coefficient_norms)
+            },
+            "ill_conditioned_elementary": list(self.ill_conditioned_elementary),
             "n_tests": len(self.tests),
             "n_covered": int(np.sum(self.covered)),
             "n_extrapolating": len(self.extrapolating),
+            "max_coefficient_norm": float(self.max_coefficient_norm),
+            "n_ill_conditioned": len(self.ill_conditioned),
             "tests": [t.to_dict() for t in self.tests],
         }
 
@@ -312,6 +379,13 @@ class DesignReport(ReportMixin):
         lines.append(f"  identified: {join_names(self.identified_elementary)}")
         if not self.full_rank or self.unidentified_elementary:
             lines.append(f"  not identified: {join_names(self.unidentified_elementary)}")
+        ill_elem = self.ill_conditioned_elementary
+        if ill_elem:
+            norms = dict(zip(self.names, self.elementary_coefficient_norms))
+            listed = ", ".join(f"{n} (||c||_2 {fmt(norms[n])})" for n in ill_elem[:8])
+            more = f", ... ({len(ill_elem) - 8} more)" if len(ill_elem) > 8 else ""
+            lines.append(f"  ill-conditioned at unit dose (reached only through much smaller or cancelling labels): "
+                         f"{listed}{more}")
         if self.latent_dim is not None:
             ok = "ok" if self.latent_dim_ok else "TOO LOW"
             lines.append(f"  latent dimension {self.latent_dim}: rank {self.rank} {ok}")
@@ -323,6 +397,9 @@ class DesignReport(ReportMixin):
                     state = "covered    "
                     hull = {True: "inside hull", False: "OUTSIDE hull (extrapolation)", None: ""}[t.in_convex_hull]
                     extra = hull
+                    if t.coefficient_norm is not None:
+                        flag = " ILL-CONDITIONED" if t.ill_conditioned else ""
+                        extra += f"; ||c||_2 {fmt(t.coefficient_norm)}{flag}"
                     if t.coefficients is not None:
                         coefs = ", ".join(f"{k} {v:.3g}" for k, v in list(t.coefficients.items())[:6])
                         more = " ..." if len(t.coefficients) > 6 else ""
@@ -358,6 +435,18 @@ def _coef_map(c: np.ndarray, keys: Sequence[str]) -> dict[str, float]:
     cut = _COEF_DROP * max(1.0, float(np.max(np.abs(c))))
     idx = np.flatnonzero(np.abs(c) > cut)
     return dict(zip([keys[i] for i in idx.tolist()], c[idx].tolist()))
+
+
+def _ill_conditioned_message(
+    label: str, c: np.ndarray, keys: Sequence[str], norm: float, limit: float
+) -> str:
+    k = int(np.argmax(np.abs(c)))
+    return (
+        f"It is ill-conditioned: its coefficients have norm ||c||_2 = {fmt(norm)} (above {fmt(limit)}; "
+        f"largest {fmt(float(c[k]))} on {keys[k]}), so its prediction amplifies the estimation error "
+        f"of a measured condition {fmt(norm)}-fold -- it is reached only through training labels much "
+        f"smaller than it or nearly cancelling each other; measure {label} or labels of comparable size."
+    )
 
 
 def _uncovered_message(
@@ -401,6 +490,7 @@ def check_design(
     rtol: float = DEFAULT_RTOL,
     residual_rtol: float = DEFAULT_RESIDUAL_RTOL,
     hull_atol: float = DEFAULT_HULL_ATOL,
+    max_coefficient_norm: float = DEFAULT_MAX_COEFFICIENT_NORM,
     max_details: int | None = 100,
     suggest: bool = True,
     method: str = "auto",
@@ -426,6 +516,9 @@ def check_design(
         Requested latent dimension ``d``; ``rank(D) < d`` fails.
     rtol, residual_rtol, hull_atol
         Tolerances (module docstring).
+    max_coefficient_norm
+        A covered test whose minimum-norm coefficients have ``||c||_2`` above this is flagged
+        ill-conditioned (module docstring, Conditioning); ``inf`` turns the flag off.
     max_details
         Number of tests (from the first) that get coefficients, convex-hull checks, missing
         directions and suggestions; ``None`` for all. Coverage and residuals are always computed
@@ -438,6 +531,10 @@ def check_design(
     for name, val in (("residual_rtol", residual_rtol), ("hull_atol", hull_atol)):
         if not (0 <= val < 1):
             raise ValueError(f"{name} must be in [0, 1), got {val}.")
+    if not max_coefficient_norm > 0:
+        raise ValueError(
+            f"max_coefficient_norm must be > 0 (inf turns the check off), got {max_coefficient_norm}."
+        )
     if latent_dim is not None and (int(latent_dim) != latent_dim or latent_dim < 1):
         raise ValueError(f"latent_dim must be a positive integer, got {latent_dim!r}.")
     if max_details is not None and max_details < 0:
@@ -447,6 +544,15 @@ def check_design(
     space = RowSpace.from_rows(prep.D, rtol=rtol, method=method)
     elem_res = space.elementary_residuals()
     identified = elem_res <= residual_rtol
+    elem_norms = np.full(reg.K, np.nan)
+    if space.method == "svd" and space.basis.shape[1]:
+        # D = U S V^T on the active columns: the minimum-norm c of e_k is U S^-1 V^T e_k, so
+        # ||c||_2 = ||(row k of V) / s|| -- O(K r), without forming the (K, n_rows) coefficients
+        r = space.basis.shape[1]
+        norms = np.linalg.norm(space.basis / space.singular_values[:r], axis=1)
+        cols = np.asarray(space.block_cols)
+        ok = identified[cols]
+        elem_norms[cols[ok]] = norms[ok]
 
     T, tlabels = prep.differences(tests, "tests")
     m = T.shape[0]
@@ -488,11 +594,14 @@ def check_design(
                 f"ill-conditioned: rank margin {fmt(space.smallest_retained)})."
             )
             results.append(
-                CoverageResult(label, True, float(res[i]), float(rel[i]), None, None, None, {}, (), True, msg)
+                CoverageResult(label, True, float(res[i]), float(rel[i]), None, None, None, {}, (), True, msg,
+                               None, None, True)
             )
         elif covered[i]:
             c = coef_rows[i]
             coefs = _coef_map(c, keys)
+            c_norm, c_l1 = float(np.linalg.norm(c)), float(np.abs(c).sum())
+            ill = c_norm > max_coefficient_norm
             hull_coefs = None
             inside: bool | None = is_convex(c, reference_is_row=prep.reference_is_row, atol=hull_atol)
             if not inside and not unique_repr:
@@ -517,8 +626,11 @@ def check_design(
                     f"{label} is covered; whether it lies inside the convex hull was not determined "
                     f"(more than {_LP_MAX_ROWS} distinct training labels, or the linear program did not finish)."
                 )
+            if ill:
+                msg += " " + _ill_conditioned_message(label, c, keys, c_norm, max_coefficient_norm)
             results.append(
-                CoverageResult(label, True, float(res[i]), float(rel[i]), inside, coefs, hull_coefs, {}, (), True, msg)
+                CoverageResult(label, True, float(res[i]), float(rel[i]), inside, coefs, hull_coefs, {}, (), True, msg,
+                               c_norm, c_l1, ill)
             )
         else:
             missing = top_weights(Rd[i], reg.names, fix_sign=False)
@@ -584,6 +696,21 @@ def check_design(
                 f"{len(ext)} covered test(s) lie outside the convex hull of the training labels "
                 f"(extrapolation): {join_names(ext, 8)}."
             )
+        ill = [r for r in results if r.ill_conditioned]
+        if ill:
+            statuses.append(WARNING)
+            text = (
+                f"{len(ill)} covered test(s) are ill-conditioned (coefficient norm ||c||_2 above "
+                f"{fmt(max_coefficient_norm)}): {join_names([r.label for r in ill], 8)}"
+            )
+            normed = [r for r in ill if r.coefficient_norm is not None]
+            if normed:
+                worst = max(normed, key=lambda r: r.coefficient_norm)
+                text += (
+                    f"; the worst, {worst.label}, amplifies the estimation error of a measured condition "
+                    f"{fmt(worst.coefficient_norm)}-fold"
+                )
+            parts.append(text + ".")
     status = max(statuses, key=[OK, WARNING, FAIL].index)
     return DesignReport(
         status=status,
@@ -606,10 +733,12 @@ def check_design(
         min_pivot=float(space.pivots.min()) if space.pivots.size else None,
         identified=identified,
         elementary_residuals=elem_res,
+        elementary_coefficient_norms=elem_norms,
         latent_dim=None if latent_dim is None else int(latent_dim),
         tests=tuple(results),
         covered=covered,
         relative_residuals=rel,
+        max_coefficient_norm=float(max_coefficient_norm),
         space=space,
         design=prep,
     )
