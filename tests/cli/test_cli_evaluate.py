@@ -61,7 +61,7 @@ def test_help_lists_commands():
 
 def test_evaluate_matches_the_api(files, tmp_path):
     p = files["paths"]
-    out = tmp_path / "sub" / "table.csv"
+    out = tmp_path / "table.csv"
     res = _run(["evaluate", str(p["pred"]), str(p["truth"]), "--perturbation-key", KEY, "--control",
                 "control", "--reference", str(p["train"]), "--n-pcs", "5", "--top-k", "4", "--out", str(out)])
     assert res.exit_code == 0, res.output
