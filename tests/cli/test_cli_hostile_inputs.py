@@ -100,10 +100,21 @@ def test_outputs_never_overwrite_inputs(env, unchanged, tmp_path):
     assert not (tmp_path / "x.h5ad").exists()
 
 
-def test_fit_overwrite_only_replaces_a_saved_fit(env, unchanged, tmp_path):
+def test_fit_overwrite_only_replaces_a_saved_fit(env, unchanged, tmp_path, monkeypatch):
+    import perturbax.inference.fitting as fitting
+
     (tmp_path / "notes.txt").write_text("mine")
     _refused(_run(["fit", unchanged["data"], *FIT_ARGS, "--out", tmp_path, "--overwrite"]), "did not write")
     assert (tmp_path / "notes.txt").read_text() == "mine"
+    # a saved fit is replaced with --overwrite (the fit itself stubbed: this is about the folder)
+    good = FitResult.load(unchanged["model"])
+    monkeypatch.setattr(fitting, "fit", lambda *a, **k: dataclasses.replace(good, info={**good.info, "seed": 99}))
+    target = _copy_model(unchanged["model"], tmp_path / "m")
+    _refused(_run(["fit", unchanged["data"], *FIT_ARGS, "--out", target]), "--overwrite")
+    res = _run(["fit", unchanged["data"], *FIT_ARGS, "--out", target, "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert FitResult.load(target).info["seed"] == 99
+    assert sorted(os.listdir(tmp_path)) == ["m", "notes.txt"]
 
 
 # ------------------------------------------------------------------ item 14: one-line errors

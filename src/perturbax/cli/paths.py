@@ -12,7 +12,7 @@ import click
 
 __all__ = ["check_outputs", "resolved"]
 
-Named = Mapping[str, "str | os.PathLike | None"]
+Named = Mapping[str, object]  # option or argument name -> path (str or os.PathLike) or None
 
 
 def resolved(path) -> Path:
@@ -34,16 +34,16 @@ def _inside(a: Path, folder: Path) -> bool:
     return _same(a, folder) or folder in a.parents
 
 
-def _named(items: Named) -> dict[str, tuple[str, Path]]:
-    return {opt: (os.fspath(p), resolved(p)) for opt, p in items.items() if p is not None}
+def _named(items: Named | None) -> dict[str, tuple[str, Path]]:
+    return {opt: (os.fspath(p), resolved(p)) for opt, p in (items or {}).items() if p is not None}
 
 
 def check_outputs(
-    files: Named = {},
+    files: Named | None = None,
     *,
-    folders: Named = {},
-    inputs: Named = {},
-    input_folders: Named = {},
+    folders: Named | None = None,
+    inputs: Named | None = None,
+    input_folders: Named | None = None,
     overwrite: bool = False,
     replaceable: frozenset[str] = frozenset(),
 ) -> None:
