@@ -92,7 +92,7 @@ def check_outputs(
                 )
     for opt, (text, path) in out_files.items():
         if path.is_dir():
-            raise click.UsageError(f"{opt} {text} is a folder; give a file name (e.g. {text.rstrip('/')}/out.h5ad).")
+            raise click.UsageError(f"{opt} {text} is a folder; give the name of a file (e.g. one inside it).")
     for opt, (text, path) in out_dirs.items():
         if path.exists() and not path.is_dir():
             raise click.UsageError(f"{opt} {text} is a file; give a folder (new or empty).")

@@ -527,7 +527,7 @@ def _check_meta(meta: dict, meta_file: Path) -> None:
         ("gene_names", _is_str_list(meta["gene_names"]) and len(meta["gene_names"]) > 0, "a non-empty list of strings"),
         ("perturbation_key", isinstance(meta["perturbation_key"], str), "a string"),
         ("train_conditions", _is_str_list(meta["train_conditions"]), "a list of strings"),
-        ("n_train", _is_int(meta["n_train"]) and meta["n_train"] >= 1, "a positive integer"),
+        ("n_train", _is_int(meta["n_train"]) and 1 <= meta["n_train"] < 2**31, "a positive integer below 2**31"),
         ("objective", meta["objective"] in ("energy", "elbo"), "'energy' or 'elbo'"),
         ("global_guide", isinstance(meta["global_guide"], str), "a string"),
         ("param_layout", isinstance(meta["param_layout"], dict) and all(
