@@ -36,7 +36,7 @@ def _run(args):
 
 def test_csv_design_json(design_csv, tmp_path):
     out = tmp_path / "report.json"
-    res = _run(["--design", design_csv, "--test", "A+B,A:0.5+C:2", "--test", "B:3", "--json", out])
+    res = _run(["--design", design_csv, "--perturbations", "A+B,A:0.5+C:2", "--perturbations", "B:3", "--json", out])
     assert res.exit_code == 0, res.output
     assert "Design check: FAIL" in res.output and f"JSON report written to {out}" in res.output
     rep = json.loads(out.read_text())
@@ -59,7 +59,7 @@ def test_csv_design_json(design_csv, tmp_path):
 
 
 def test_json_to_stdout_and_latent_dim(design_csv):
-    res = _run(["--design", design_csv, "-t", "A", "--json", "-", "--latent-dim", "3"])
+    res = _run(["--design", design_csv, "-p", "A", "--json", "-", "--latent-dim", "3"])
     assert res.exit_code == 0, res.output
     rep = json.loads(res.output)
     assert rep["latent_dim"] == 3 and rep["latent_dim_ok"] is False and rep["status"] == "fail"
@@ -70,7 +70,7 @@ def test_json_to_stdout_and_latent_dim(design_csv):
 def test_h5ad_design(small_h5ad, tmp_path):
     out = tmp_path / "r.json"
     res = _run([small_h5ad, "--perturbation-key", "perturbation", "--control", "ctrl",
-                "--test", "KLF1:2+MAPK1,TGFBR2,TGFBR2+MAPK1", "--json", out])
+                "--perturbations", "KLF1:2+MAPK1,TGFBR2,TGFBR2+MAPK1", "--json", out])
     assert res.exit_code == 0, res.output
     rep = json.loads(out.read_text())
     assert rep["elementary"] == ["KLF1", "MAPK1", "TGFBR2"]
@@ -85,15 +85,15 @@ def test_h5ad_design(small_h5ad, tmp_path):
 
 
 def test_unknown_names_are_an_error(design_csv):
-    res = _run(["--design", design_csv, "--test", "A+X,Y"])
+    res = _run(["--design", design_csv, "--perturbations", "A+X,Y"])
     assert res.exit_code != 0
-    assert "Unknown perturbation name(s) in --test" in res.output
+    assert "Unknown perturbation name(s) in --perturbations" in res.output
     assert "'X' (in 'A+X')" in res.output and "'Y'" in res.output
     assert "Known elementary perturbations (3): A, B, C" in res.output
 
 
 def test_bad_usage(design_csv, small_h5ad, tmp_path):
-    neither = _run(["--test", "A"])
+    neither = _run(["--perturbations", "A"])
     assert neither.exit_code == 2 and "Give exactly one design" in neither.output
     both = _run([small_h5ad, "--design", design_csv, "--perturbation-key", "perturbation", "--control", "ctrl"])
     assert both.exit_code == 2 and "Give exactly one design" in both.output
@@ -118,7 +118,7 @@ def test_bad_csv(tmp_path):
 def test_csv_with_label_column(tmp_path):
     path = tmp_path / "labelled.csv"
     pd.DataFrame({"label": ["ctrl", "A", "B"], "A": [0, 1, 0], "B": [0, 0, 1]}).to_csv(path, index=False)
-    res = _run(["--design", path, "--control", "ctrl", "--test", "A+B,ctrl", "--json", "-"])
+    res = _run(["--design", path, "--control", "ctrl", "--perturbations", "A+B,ctrl", "--json", "-"])
     assert res.exit_code == 0, res.output
     rep = json.loads(res.output)
     assert rep["reference"] == "ctrl" and [t["covered"] for t in rep["tests"]] == [True, True]

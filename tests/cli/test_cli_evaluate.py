@@ -61,7 +61,7 @@ def test_help_lists_commands():
 
 def test_evaluate_matches_the_api(files, tmp_path):
     p = files["paths"]
-    out = tmp_path / "sub" / "table.csv"
+    out = tmp_path / "table.csv"
     res = _run(["evaluate", str(p["pred"]), str(p["truth"]), "--perturbation-key", KEY, "--control",
                 "control", "--reference", str(p["train"]), "--n-pcs", "5", "--top-k", "4", "--out", str(out)])
     assert res.exit_code == 0, res.output
@@ -119,3 +119,19 @@ def test_evaluate_errors_name_the_problem(files):
     assert res.exit_code == 1 and "Did you mean 'perturbation'" in res.output
     res = _run(["evaluate", str(p["pred"]), str(p["truth"]), "-k", KEY])
     assert res.exit_code == 2 and "--control" in res.output
+
+
+def test_evaluate_default_pca_space_is_the_control_cells(files, tmp_path):
+    """Issue 16 item 9: without --reference the PCA is fit on TRUTH's control cells only."""
+    p = files["paths"]
+    out = tmp_path / "table.csv"
+    res = _run(["evaluate", str(p["pred"]), str(p["truth"]), "--perturbation-key", KEY, "--control", "control", "--n-pcs", "4",
+                "--top-k", "4", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    table = pd.read_csv(out)
+    truth = {lab: files["truth"][lab] for lab in files["labels"]}
+    on_control = evaluate_conditions(files["pred"], truth, files["ctrl"], reference=files["ctrl"], n_pcs=4, top_k=4)
+    with_test = evaluate_conditions(files["pred"], truth, files["ctrl"], n_pcs=4, top_k=4,
+                                    reference=np.vstack([files["ctrl"], *truth.values()]))
+    np.testing.assert_allclose(table["energy_pca"], on_control["energy_pca"], rtol=1e-5, atol=1e-7)
+    assert not np.allclose(table["energy_pca"], with_test["energy_pca"], rtol=1e-3)

@@ -101,8 +101,8 @@ def test_columns_agree_with_the_standalone_metrics():
     pred = {"A": sample("A", 40, 3), "unused": sample("ctrl", 5, 4)}
     df = evaluate_conditions(pred, truth, control, n_pcs=4, top_k=3, energy_form="V")
     assert "method" not in df.columns and len(df) == 1
-    # default reference: control + truth cells
-    pca = PCAProjector.fit(np.vstack([control, truth["A"]]), n_components=4)
+    # default reference: the control cells only (issue 16 item 9: never the evaluated cells)
+    pca = PCAProjector.fit(control, n_components=4)
     zp, zt = pca.transform(pred["A"]), pca.transform(truth["A"])
     row = df.iloc[0]
     assert row["energy_pca"] == pytest.approx(energy_distance(zp, zt, form="V"), rel=1e-10)
@@ -114,6 +114,21 @@ def test_columns_agree_with_the_standalone_metrics():
     dm = pred["A"].mean(0)[genes] - truth["A"].mean(0)[genes]
     assert row["mse_top3"] == pytest.approx(np.mean(dm**2))
     assert row["mean_l2"] == pytest.approx(np.linalg.norm(pred["A"].mean(0) - truth["A"].mean(0)))
+
+
+def test_default_pca_space_does_not_depend_on_the_evaluated_cells():
+    """Issue 16 item 9: by default the PCA is fit on the control cells, so the distributional
+    metrics of a condition do not change when other evaluated conditions are added."""
+    sample = _synthetic(g=12)
+    control = sample("ctrl", 60, 1)
+    truth = {"A": sample("A", 50, 2)}
+    pred = {"A": sample("A", 40, 3), "A+B": sample("A+B", 40, 4)}
+    alone = evaluate_conditions(pred, truth, control, n_pcs=3, top_k=3)
+    more = evaluate_conditions(pred, {**truth, "A+B": sample("A+B", 50, 5) * 5.0}, control, n_pcs=3, top_k=3)
+    for col in ("energy_pca", "mmd_pca"):
+        assert more[col].iloc[0] == pytest.approx(alone[col].iloc[0], rel=1e-12)
+    explicit = evaluate_conditions(pred, truth, control, reference=control, n_pcs=3, top_k=3)
+    assert alone["energy_pca"].iloc[0] == pytest.approx(explicit["energy_pca"].iloc[0], rel=1e-12)
 
 
 def test_evaluate_errors():

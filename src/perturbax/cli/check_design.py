@@ -12,6 +12,9 @@ from pathlib import Path
 import click
 import numpy as np
 
+from perturbax.cli.fit import FiniteFloat, check_sep
+from perturbax.cli.paths import check_outputs
+
 __all__ = ["check_design", "design_from_csv", "design_from_h5ad", "parse_tests"]
 
 _HELP = """Check which test perturbations a training design covers.
@@ -24,7 +27,7 @@ Give the design either as
 
 \b
 Tests are label strings, comma-separated and/or repeated:
-  --test "A+B,A:0.5+C:2"   (A:0.5 = A at dose 0.5; plain A = dose 1)
+  --perturbations "A+B,A:0.5+C:2"   (A:0.5 = A at dose 0.5; plain A = dose 1)
 
 A test is covered when its label minus the control lies in the span of the training labels
 minus the control (the affine hull of the design): the model can then predict it from the
@@ -46,7 +49,8 @@ Prints a readable report; --json OUT.json also writes (--json - prints only) a J
            coefficient_norm, coefficient_l1, ill_conditioned,
            missing_direction {name: float}, suggested_additions [labels], details, message}]
 Coefficients c satisfy  test - control = sum_e c_e (training_e - control)  over the distinct
-training labels (minimum-norm); they are computed for the first --max-details tests.
+training labels (minimum-norm); they are computed for the first --max-details tests. --json must not name DATA or
+the design CSV.
 ||c||_2 (coefficient_norm) is the factor by which the prediction amplifies the estimation error
 of one measured condition; a covered test with ||c||_2 > 10 (e.g. reached only through a tiny
 dose) is flagged ill-conditioned and the status is at least "warning".
@@ -124,28 +128,27 @@ def design_from_h5ad(
 
 
 def parse_tests(values: tuple[str, ...], registry, sep: str) -> list[str]:
-    """Split ``--test`` values on commas, check every name against the registry."""
+    """Split ``--perturbations`` values on commas, check every name against the registry."""
     tests: list[str] = []
     for value in values:
-        parts = [value] if sep == "," else value.split(",")
-        for part in parts:
+        for part in value.split(","):
             part = part.strip()
             if not part:
-                raise click.UsageError(f"Empty test label in --test {value!r}.")
+                raise click.UsageError(f"Empty test label in --perturbations {value!r}.")
             tests.append(part)
     unknown: dict[str, list[str]] = {}
     for label in tests:
         try:
             missing = registry.unknown(label)
         except ValueError as err:
-            raise click.UsageError(f"--test {label!r}: {err}") from None
+            raise click.UsageError(f"--perturbations {label!r}: {err}") from None
         for name in missing:
             unknown.setdefault(name, []).append(label)
     if unknown:
         listing = "; ".join(f"{n!r} (in {', '.join(repr(x) for x in labs)})" for n, labs in unknown.items())
         known = ", ".join(registry.names)
         raise click.UsageError(
-            f"Unknown perturbation name(s) in --test: {listing}. Known elementary perturbations "
+            f"Unknown perturbation name(s) in --perturbations: {listing}. Known elementary perturbations "
             f"({registry.K}): {known}. The control label is {registry.control!r}."
         )
     return tests
@@ -153,25 +156,29 @@ def parse_tests(values: tuple[str, ...], registry, sep: str) -> list[str]:
 
 @click.command("check-design", help=_HELP, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("data", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--perturbation-key", "-p", default=None, help="obs column with perturbation labels (with DATA).")
+@click.option("--perturbation-key", "-k", default=None, help="obs column with perturbation labels (with DATA).")
 @click.option("--control", "-c", default=None, help="Control label (required with DATA; names the zero row of a CSV).")
 @click.option("--design", "design_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Design CSV instead of DATA.")
-@click.option("--test", "-t", "tests", multiple=True, help="Test perturbations, comma-separated; repeatable.")
+@click.option("--perturbations", "-p", "tests", multiple=True,
+              help="Test perturbations, comma-separated; repeatable.")
 @click.option("--json", "json_out", default=None, help="Write the JSON report here ('-' for stdout only).")
 @click.option("--latent-dim", "-d", type=click.IntRange(min=1), default=None,
               help="Requested latent dimension d (rank < d fails).")
-@click.option("--sep", default="+", show_default=True, help="Separator of combined perturbations.")
+@click.option("--sep", default="+", show_default=True, callback=check_sep,
+              help="Separator of combined perturbations (not ',' or ':').")
 @click.option("--dose-key", default=None, help="obs column of doses aligned with the components (with DATA).")
-@click.option("--rtol", type=click.FloatRange(min=0, min_open=True, max=1, max_open=True), default=1e-8,
+@click.option("--rtol", type=FiniteFloat(min=0, min_open=True, max=1, max_open=True), default=1e-8,
               show_default=True, help="Rank tolerance relative to the largest singular value.")
-@click.option("--residual-rtol", type=click.FloatRange(min=0, max=1, max_open=True), default=1e-6,
+@click.option("--residual-rtol", type=FiniteFloat(min=0, max=1, max_open=True), default=1e-6,
               show_default=True, help="A test is covered if its relative residual is at most this.")
 @click.option("--max-details", type=click.IntRange(min=0), default=1000, show_default=True,
               help="Tests (from the first) that get coefficients, hull checks and suggestions.")
 def check_design(data, perturbation_key, control, design_csv, tests, json_out, latent_dim, sep, dose_key,
                  rtol, residual_rtol, max_details):
     from perturbax.theory.design import check_design as run_check
+
+    check_outputs({"--json": None if json_out == "-" else json_out}, inputs={"DATA": data, "--design": design_csv})
 
     if (data is None) == (design_csv is None):
         raise click.UsageError(

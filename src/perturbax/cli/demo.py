@@ -11,7 +11,7 @@ __all__ = ["demo"]
 
 
 @click.command("demo")
-@click.option("--out", default="perturbax_demo", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", "-o", default="perturbax_demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the report (report.md, evaluation.csv, summary.csv, plots).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the simulation and the fits.")
 @click.option("--steps", default=5000, show_default=True, type=click.IntRange(min=1), help="Optimiser steps per fit.")

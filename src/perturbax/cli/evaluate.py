@@ -10,6 +10,9 @@ import click
 import numpy as np
 import pandas as pd
 
+from perturbax.cli.fit import check_sep, read_h5ad
+from perturbax.cli.paths import check_outputs
+
 __all__ = ["evaluate", "evaluate_files", "markdown_table", "summary_table", "text_table"]
 
 _ID_COLUMNS = ("method", "fold", "group", "condition", "n_pred", "n_true")
@@ -117,18 +120,18 @@ def evaluate_files(
     Every perturbed condition of the predictions must be measured in the truth (labels are
     compared in canonical form, so ``"B+A"`` matches ``"A+B"``). The control cells come from
     the truth (or, if it has none, from the reference); the PCA is fit on the reference cells
-    (default: the truth's control and evaluated cells). Genes are matched by name.
+    (the training cells) or, without a reference, on the control cells only: never on the
+    evaluated cells, so the space does not adapt to the held-out conditions. Genes are matched
+    by name.
 
     Returns the per-condition table and a list of notes (e.g. truth conditions not predicted).
     """
-    import anndata as ad
-
     from perturbax.data.io import cells_by_condition
     from perturbax.metrics import evaluate_conditions
 
     notes: list[str] = []
-    truth_ad = ad.read_h5ad(truth_path)
-    pred_ad = ad.read_h5ad(pred_path)
+    truth_ad = read_h5ad(truth_path)
+    pred_ad = read_h5ad(pred_path)
     genes = [str(g) for g in truth_ad.var_names]
     truth = cells_by_condition(truth_ad, perturbation_key, control, layer, sep=sep)
     try:
@@ -141,7 +144,7 @@ def evaluate_files(
     reference = None
     ref_cells: dict[str, np.ndarray] = {}
     if reference_path is not None:
-        ref_ad = ad.read_h5ad(reference_path)
+        ref_ad = read_h5ad(reference_path)
         try:
             ref_cells = cells_by_condition(ref_ad, perturbation_key, control, layer, sep=sep, genes=genes)
         except KeyError as err:
@@ -205,13 +208,13 @@ def evaluate_files(
 @click.argument("pred", type=click.Path(exists=True, dir_okay=False))
 @click.argument("truth", type=click.Path(exists=True, dir_okay=False))
 @click.option("--perturbation-key", "-k", required=True, help="obs column with perturbation labels.")
-@click.option("--control", required=True, help="Label of control (unperturbed) cells.")
+@click.option("--control", "-c", required=True, help="Label of control (unperturbed) cells.")
 @click.option(
     "--reference",
     type=click.Path(exists=True, dir_okay=False),
     default=None,
-    help="Training cells (h5ad): the PCA is fit on them (default: TRUTH's control + evaluated cells); "
-    "their control cells are used if TRUTH has none.",
+    help="Training cells (h5ad): the PCA is fit on them (default: on TRUTH's control cells only, never on the "
+    "evaluated cells); their control cells are used if TRUTH has none.",
 )
 @click.option("--n-pcs", default=50, show_default=True, type=click.IntRange(min=1), help="PCs for energy/MMD.")
 @click.option("--top-k", default=20, show_default=True, type=click.IntRange(min=1), help="Top DE genes.")
@@ -219,20 +222,24 @@ def evaluate_files(
     "--energy-form", default="U", show_default=True, type=click.Choice(["U", "V"]),
     help="U: unbiased (noise floor ~0); V: biased, always >= 0.",
 )
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the per-condition table as CSV.")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
+              help="Write the per-condition table as CSV (its folder must exist).")
 @click.option("--layer", default=None, help="Layer of TRUTH/REFERENCE with expression (default X).")
 @click.option("--pred-layer", default=None, help="Layer of PRED with expression (default X).")
 @click.option("--pred-perturbation-key", default=None, help="obs column of PRED if it differs.")
-@click.option("--sep", default="+", show_default=True, help="Separator of combined perturbations.")
+@click.option("--sep", default="+", show_default=True, callback=check_sep,
+              help="Separator of combined perturbations (not ',' or ':').")
 @click.option("--method", default=None, help="Name in the method column (default: PRED's file stem).")
 def evaluate(pred, truth, perturbation_key, control, reference, n_pcs, top_k, energy_form, out, layer,
              pred_layer, pred_perturbation_key, sep, method):
     """Score predicted cells PRED.h5ad against measured cells TRUTH.h5ad, per condition.
 
     Metrics: energy distance and RBF MMD in a PCA space, mean L2, Pearson delta (all genes and
-    top-k DE genes), R^2 and MSE of the means on the top-k DE genes. Prints the table with
-    mean/median rows; --out writes the per-condition rows as CSV.
+    top-k DE genes), R^2 and MSE of the means on the top-k DE genes. The PCA space is fit on
+    --reference (training cells) or, by default, on TRUTH's control cells only. Prints the table
+    with mean/median rows; --out writes the per-condition rows as CSV.
     """
+    check_outputs({"--out": out}, inputs={"PRED": pred, "TRUTH": truth, "--reference": reference})
     try:
         table, notes = evaluate_files(
             pred, truth, perturbation_key=perturbation_key, control=control, reference_path=reference,
@@ -245,6 +252,8 @@ def evaluate(pred, truth, perturbation_key, control, reference, n_pcs, top_k, en
         click.echo(f"note: {note}", err=True)
     click.echo(text_table(with_summary_rows(table)))
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(out, index=False)
+        try:
+            table.to_csv(out, index=False)
+        except OSError as err:
+            raise click.ClickException(f"Cannot write {out}: {err}") from None
         click.echo(f"\nWrote {len(table)} rows to {out}")

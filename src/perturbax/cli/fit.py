@@ -4,6 +4,7 @@ dynamics model) to an h5ad file and save the fit."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import shlex
 import warnings
@@ -13,7 +14,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-__all__ = ["fit", "fit_file", "default_objective", "cli_message", "split_list", "check_out_parent", "read_h5ad"]
+__all__ = ["fit", "fit_file", "default_objective", "cli_message", "split_list", "read_h5ad", "FiniteFloat",
+           "check_sep"]
 
 # Python keyword spellings in library messages -> the flags of this CLI.
 _FLAG_OF = {
@@ -62,6 +64,33 @@ def split_list(text: str | None, what: str, option: str | None = None) -> list[s
     return items
 
 
+class FiniteFloat(click.FloatRange):
+    """``click.FloatRange`` that also refuses ``nan`` and ``inf`` (which compare false to any bound)."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+def check_sep(ctx, param, value):
+    """Callback of ``--sep``: a non-empty separator other than ``,`` (commas separate the items of
+    list options such as ``predict --perturbations``) and ``:`` (dose marker, ``A:0.5``)."""
+    if value is None:
+        return value
+    if value == "" or value.strip() != value or "," in value or ":" in value:
+        raise click.BadParameter(
+            f"{value!r} cannot separate combined perturbations: it must be non-empty, without spaces at its ends, "
+            f"and without ',' (which separates list items, e.g. --perturbations 'A+B,C') or ':' (doses, 'A:0.5'); "
+            f"use e.g. '+' or '_'.",
+            ctx=ctx, param=param,
+        )
+    return value
+
+
 def read_h5ad(path):
     """``anndata.read_h5ad`` with any failure turned into a ``ValueError`` that names the file."""
     import anndata as ad
@@ -70,18 +99,6 @@ def read_h5ad(path):
         return ad.read_h5ad(path)
     except Exception as err:  # h5py/anndata raise many types for a file that is not h5ad
         raise ValueError(f"Cannot read {path} as an h5ad file ({type(err).__name__}: {err}).") from None
-
-
-def check_out_parent(path: str, option: str) -> Path:
-    """Fail early (before any work) if the folder that would hold ``path`` does not exist."""
-    p = Path(path)
-    parent = p.expanduser().resolve().parent
-    if not parent.is_dir():
-        raise click.ClickException(
-            f"{option} {path}: the folder {parent} does not exist. Create it first "
-            f"(mkdir -p {parent}) or choose another path."
-        )
-    return p
 
 
 def default_objective(likelihood: str) -> str:
@@ -113,13 +130,15 @@ def fit_file(
     time_key: str | None = None,
     time_scale: float = 1.0,
     mean_weight: float = 0.0,
+    overwrite: bool = False,
 ):
     """Read ``data_path`` (h5ad), drop the ``holdout`` conditions, fit the additive shift model
     (``model="additive"``) or the latent dynamics model (``model="dynamics"``, which needs the
     ``time_key`` column of times since the perturbation; ``time_scale`` is the time over which the
     programs relax, in the units of that column) and save it to the folder ``out``.
     ``mean_weight`` is :class:`~perturbax.inference.EnergyOptions` ``mean_weight`` (energy
-    objective only).
+    objective only). An existing non-empty ``out`` holding a saved fit is replaced only with
+    ``overwrite``; nothing is saved if the loss was not finite from the first steps.
 
     Returns ``(fit_result, data_used, held_out_labels)``. Library errors (ValueError/KeyError)
     propagate with their messages.
@@ -170,6 +189,14 @@ def fit_file(
             if canon not in held:
                 held.append(canon)
         data = data.select(held, exclude=True)
+    perturbed = [c for c in data.conditions if c != data.control]
+    if not perturbed:
+        raise ValueError(
+            f"{data_path} holds only control cells ({control!r} in obs[{perturbation_key!r}])"
+            + (" once --holdout is left out" if held else "")
+            + "; the model learns perturbation effects from perturbed cells, so fit data with at least one "
+            "perturbed condition (or check --perturbation-key and --control)."
+        )
     sizes = dict(
         n_genes=data.n_genes,
         n_perturbations=data.K,
@@ -208,17 +235,27 @@ def fit_file(
         "time_scale": time_scale,
         "mean_weight": mean_weight,
     }
+    if result.info.get("stop_reason") == "nan" and not result.info.get("steps_run"):
+        raise ValueError(
+            f"The loss was not finite from the first steps (--learning-rate {learning_rate:g}), so nothing was "
+            f"learned and nothing was saved. Try a smaller --learning-rate or a larger --batch-size, and check "
+            f"the data for extreme values."
+        )
     result = dataclasses.replace(result, info={**result.info, "cli": record})
-    result.save(out)
+    try:
+        result.save(out, overwrite=overwrite)
+    except (OSError, TypeError) as err:
+        raise ValueError(f"Could not save the fit to {out} ({type(err).__name__}: {err}).") from None
     return result, data, held
 
 
 @click.command("fit")
 @click.argument("data", type=click.Path(exists=True, dir_okay=False))
 @click.option("--perturbation-key", "-k", required=True, help="obs column with perturbation labels.")
-@click.option("--control", required=True, help="Label of control (unperturbed) cells.")
+@click.option("--control", "-c", required=True, help="Label of control (unperturbed) cells.")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=True, file_okay=False),
-              help="Folder to save the fit in (created; its parent must exist).")
+              help="Folder to save the fit in (created; its parent must exist; new or empty unless --overwrite).")
+@click.option("--overwrite", is_flag=True, help="Replace the fit saved in a non-empty --out folder.")
 @click.option("--objective", type=click.Choice(["energy", "elbo"]), default=None,
               help="Training objective [default: energy for gaussian/implicit, elbo for negative_binomial; "
                    "elbo for --model dynamics].")
@@ -229,12 +266,13 @@ def fit_file(
 @click.option("--steps", default=2000, show_default=True, type=click.IntRange(min=1), help="Optimiser steps.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the fit.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Cells per step.")
-@click.option("--latent-dim", default=10, show_default=True, type=click.IntRange(min=1), help="Latent dimension d.")
-@click.option("--learning-rate", default=2e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--latent-dim", "-d", default=10, show_default=True, type=click.IntRange(min=1), help="Latent dimension d.")
+@click.option("--learning-rate", default=2e-3, show_default=True, type=FiniteFloat(min=0, min_open=True),
               help="Initial Adam step size (cosine-decayed).")
 @click.option("--layer", default=None, help="Layer with the expression to fit (default X); e.g. counts.")
 @click.option("--dose-key", default=None, help="obs column of doses aligned with the components ('0.5+2').")
-@click.option("--sep", default="+", show_default=True, help="Separator of combined perturbations.")
+@click.option("--sep", default="+", show_default=True, callback=check_sep,
+              help="Separator of combined perturbations (not ',' or ':').")
 @click.option("--covariate-keys", default=None, help="Comma-separated categorical obs columns (e.g. batch,line).")
 @click.option("--holdout", default=None,
               help='Comma-separated conditions to leave out of training, e.g. "A+B,C".')
@@ -242,13 +280,13 @@ def fit_file(
               help="additive: additive latent shift model; dynamics: latent dynamical causal programs over "
                    "time (needs --time-key).")
 @click.option("--time-key", default=None, help="Numeric obs column of time since the perturbation (--model dynamics).")
-@click.option("--time-scale", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--time-scale", default=1.0, show_default=True, type=FiniteFloat(min=0, min_open=True),
               help="Time over which the latent programs relax, in the units of --time-key (--model dynamics).")
-@click.option("--mean-weight", default=0.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--mean-weight", default=0.0, show_default=True, type=FiniteFloat(min=0),
               help="Energy objective: weight of the squared distance between simulated and real condition means "
                    "added to the energy score; helps with hundreds of genes (1 on Norman 2019), not with tens.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def fit(data, perturbation_key, control, out, objective, likelihood, steps, seed, batch_size, latent_dim,
+def fit(data, perturbation_key, control, out, overwrite, objective, likelihood, steps, seed, batch_size, latent_dim,
         learning_rate, layer, dose_key, sep, covariate_keys, holdout, model, time_key, time_scale, mean_weight,
         no_progress):
     """Fit the additive latent shift model to DATA (h5ad) and save it to --out.
@@ -264,7 +302,11 @@ def fit(data, perturbation_key, control, out, objective, likelihood, steps, seed
     `perturbax predict MODEL_DIR --perturbations ...`; predictions are in the expression space of
     the fitted matrix (X or --layer).
     """
-    check_out_parent(out, "--out")
+    from perturbax.cli.paths import check_outputs
+    from perturbax.inference.result import META_FILE, SAVED_FILES
+
+    check_outputs(folders={"--out": out}, inputs={"DATA": data}, overwrite=overwrite,
+                  replaceable=frozenset((META_FILE, *SAVED_FILES)))
     covs = split_list(covariate_keys, "covariate keys", "--covariate-keys")
     held = split_list(holdout, "held-out conditions", "--holdout")
     with warnings.catch_warnings(record=True) as caught:
@@ -276,7 +318,7 @@ def fit(data, perturbation_key, control, out, objective, likelihood, steps, seed
                 likelihood=likelihood, steps=steps, seed=seed, batch_size=batch_size, latent_dim=latent_dim,
                 learning_rate=learning_rate, layer=layer, dose_key=dose_key, sep=sep, covariate_keys=covs,
                 holdout=held, progress=not no_progress, model=model, time_key=time_key, time_scale=time_scale,
-                mean_weight=mean_weight,
+                mean_weight=mean_weight, overwrite=overwrite,
             )
         except (ValueError, KeyError) as err:
             raise click.ClickException(cli_message(err)) from None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,9 +13,11 @@ import click
 import numpy as np
 import pandas as pd
 
-from perturbax.cli.fit import check_out_parent, cli_message, read_h5ad, split_list
+from perturbax.cli.fit import FiniteFloat, cli_message, read_h5ad, split_list
+from perturbax.cli.paths import check_outputs
 
-__all__ = ["predict", "predict_dir", "load_fit", "prediction_summary_table", "parse_times", "read_source_cells"]
+__all__ = ["predict", "predict_dir", "load_fit", "prediction_summary_table", "parse_times", "read_source_cells",
+           "prediction_bytes", "available_memory"]
 
 SUMMARY_COLUMNS = ("perturbation", "gene", "mean", "lower", "upper")
 
@@ -29,7 +33,7 @@ def load_fit(model_dir):
         return FitResult.load(path)
     except (FileNotFoundError, ValueError) as err:
         raise ValueError(str(err.args[0]) if err.args else str(err)) from None
-    except (KeyError, TypeError, AttributeError, IndexError) as err:  # meta.json parses but is malformed
+    except (KeyError, TypeError, AttributeError, IndexError, OverflowError) as err:  # malformed meta.json
         if isinstance(err, KeyError) and err.args:
             what = f"missing entry {err.args[0]!r}"
         else:
@@ -89,6 +93,8 @@ def parse_times(text: str | None) -> list[float] | None:
     for item in split_list(text, "times", "--times"):
         try:
             out.append(float(item))
+            if not math.isfinite(out[-1]):
+                raise ValueError
         except ValueError:
             raise click.BadParameter(f"{item!r} is not a number; give times like '2,4,8'.", param_hint="--times") from None
     return out
@@ -116,6 +122,63 @@ def read_source_cells(path, fit_result):
     )
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``, else the free
+    physical pages), or ``None`` where neither can be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def prediction_bytes(n_genes: int, n_columns: int, n_cells: int, num_samples: int, n_source: int,
+                     n_param_values: int = 0) -> int:
+    """A rough upper estimate of the memory of :func:`perturbax.inference.predict`: float32 cells
+    (``num_samples * ceil(n_cells / num_samples)`` per column, held twice: per column and
+    concatenated), the per-draw means (float32 and float64 copies, quantile work), one decoding
+    of the source cells, and the posterior draws of the parameters."""
+    per_draw = -(-n_cells // num_samples)
+    cells = n_columns * num_samples * per_draw * n_genes * 4
+    means = n_columns * num_samples * n_genes * (4 + 8 + 16)
+    return 2 * cells + means + 3 * n_source * n_genes * 4 + num_samples * n_param_values * 4
+
+
+def _check_memory(fit_result, n_labels, times, n_cells, num_samples, source) -> None:
+    """Refuse, before predicting, a request whose estimated memory exceeds what is available
+    (``source``: ``None``, ``"control"``, ``"prior"`` or the observed cells to move)."""
+    import jax
+
+    n_ctrl = int(np.shape(fit_result.basal["library"])[0])
+    timed = times is not None
+    if source is not None and not isinstance(source, str):
+        n_src = source.n_cells
+    elif source == "prior" and not timed:
+        n_src = max(1000, n_cells or 0)
+    elif timed and (source == "prior" or (source is None and getattr(fit_result.config, "heterogeneity", None) == "relaxing")):
+        n_src = min(4096, max(512, n_ctrl))
+    else:
+        n_src = n_ctrl
+    cells = n_cells if n_cells is not None else n_src
+    n_values = sum(int(np.size(v)) for v in jax.tree_util.tree_leaves(fit_result.params))
+    columns = n_labels * (len(times) if timed else 1)
+    need = prediction_bytes(len(fit_result.gene_names), columns, cells, num_samples, n_src, n_values)
+    have = available_memory()
+    if have is not None and need > have:
+        raise ValueError(
+            f"This prediction ({n_labels} perturbation(s)" + (f" x {len(times)} time(s)" if timed else "")
+            + f" x {cells} cells x {len(fit_result.gene_names)} genes, {num_samples} posterior draws) needs about "
+            f"{need / 2**30:.3g} GiB of memory, more than the {have / 2**30:.3g} GiB available. Ask for fewer "
+            f"--n-cells, --num-samples or perturbations, or split the request."
+        )
+
+
 def predict_dir(
     model_dir,
     perturbations: Sequence[str],
@@ -129,18 +192,20 @@ def predict_dir(
     times: Sequence[float] | None = None,
     source_cells=None,
 ):
-    """Load the fit in ``model_dir`` and predict ``perturbations`` (at ``times`` for a model of
-    time); ``source_cells`` (an h5ad path, see :func:`read_source_cells`) moves those observed
+    """Load the fit in ``model_dir`` (or take an already loaded ``FitResult``) and predict
+    ``perturbations`` (at ``times`` for a model of time); ``source_cells`` (an h5ad path, see :func:`read_source_cells`) moves those observed
     cells instead of generating new ones. Returns ``(adata, fit)``."""
     from perturbax.inference.prediction import predict as predict_api
+    from perturbax.inference.result import FitResult
 
-    fit_result = load_fit(model_dir)
+    fit_result = model_dir if isinstance(model_dir, FitResult) else load_fit(model_dir)
     if source_cells is not None:
         if source is not None:
             raise ValueError(
                 f"--source {source} and --source-cells both say where predictions start; pass only one."
             )
         source = read_source_cells(source_cells, fit_result)
+    _check_memory(fit_result, len(perturbations), times, n_cells, num_samples, source)
     adata = predict_api(
         fit_result,
         list(perturbations),
@@ -170,7 +235,7 @@ def predict_dir(
               help="Posterior draws of the global parameters.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the prediction.")
 @click.option("--interval", default=0.9, show_default=True,
-              type=click.FloatRange(0, 1, min_open=True, max_open=True), help="Credible level of the intervals.")
+              type=FiniteFloat(0, 1, min_open=True, max_open=True), help="Credible level of the intervals.")
 @click.option("--source", default=None, type=click.Choice(["control", "prior"]),
               help="Basal states: training control cells, or draws from the base distribution "
                    "[default: control; prior for the dynamics model with relaxing programs].")
@@ -204,14 +269,20 @@ def predict(model_dir, perturbations, out, summary, n_cells, num_samples, seed, 
     """
     labels = split_list(perturbations, "perturbations", "--perturbations")
     time_list = parse_times(times)
-    out_path = check_out_parent(out, "--out")
-    summary_path = check_out_parent(summary, "--summary") if summary is not None else None
+    outputs = {"--out": out, "--summary": summary}
+    check_outputs(outputs, inputs={"--source-cells": source_cells}, input_folders={"MODEL_DIR": model_dir})
+    out_path, summary_path = Path(out), None if summary is None else Path(summary)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         warnings.simplefilter("always", RuntimeWarning)
         try:
+            fit_result = load_fit(model_dir)
+            trained_on = (fit_result.info.get("cli") or {}).get("data")
+            if isinstance(trained_on, str):  # the training data of the fit: an input too
+                check_outputs(outputs, inputs={"the training data": trained_on, "--source-cells": source_cells},
+                              input_folders={"MODEL_DIR": model_dir})
             adata, fit_result = predict_dir(
-                model_dir, labels, n_cells=n_cells, num_samples=num_samples, seed=seed, interval=interval,
+                fit_result, labels, n_cells=n_cells, num_samples=num_samples, seed=seed, interval=interval,
                 source=source, allow_unseen=allow_unseen, times=time_list, source_cells=source_cells,
             )
         except (ValueError, KeyError) as err:

@@ -3,15 +3,20 @@
 A saved fit is a folder::
 
     meta.json     format version, package version, model name, config, registry, gene names,
-                  training design, fit settings and the parameter layout
+                  training design, fit settings, the parameter layout and the size and SHA-256
+                  of each .npz (written last; load refuses a folder whose files differ)
     params.npz    fitted parameters (one array per leaf of the parameter pytree)
     basal.npz     basal states of the training control cells (prediction sources)
     history.npz   loss curves
+
+:meth:`FitResult.save` writes the folder beside its destination and renames it into place, so an
+interrupted save leaves the destination as it was.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -195,15 +200,28 @@ class FitResult:
         )
 
     # ------------------------------------------------------------------ save
-    def save(self, path: str | Path) -> Path:
-        """Write the fit to the folder ``path`` (created if needed; files inside are replaced)."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the fit to the folder ``path`` atomically.
+
+        The files are written to a new folder beside ``path`` (``meta.json`` last, with the size
+        and SHA-256 of every ``.npz``), which is then renamed to ``path``: an interrupted save
+        leaves ``path`` as it was. An existing non-empty ``path`` is replaced only with
+        ``overwrite=True`` and only if it holds nothing but a saved fit's files (the old folder is
+        moved aside, the new one moved in, the old one deleted).
+        """
+        import os
+        import shutil
+        import tempfile
+        import uuid
+
+        path = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
         if not hasattr(self.config, "to_dict"):
             raise TypeError(
                 f"Cannot save a config of type {type(self.config).__name__}: it needs to_dict()/from_dict() "
                 f"(e.g. a dataclass like perturbax.models.AdditiveShiftConfig)."
             )
+        _check_replaceable(path, overwrite)
+        path.parent.mkdir(parents=True, exist_ok=True)
         flat = _flatten(self.params)
         meta = {
             "format": FORMAT,
@@ -224,10 +242,29 @@ class FitResult:
             "param_layout": {k: list(v.shape) for k, v in flat.items()},
             "info": self.info,
         }
-        np.savez(path / "params.npz", **flat)
-        np.savez(path / "basal.npz", **self.basal)
-        np.savez(path / "history.npz", **self.history)
-        (path / "meta.json").write_text(json.dumps(meta, indent=1, default=_json_default))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
+        try:
+            files = {}
+            for name, arrays in (("params.npz", flat), ("basal.npz", self.basal), ("history.npz", self.history)):
+                np.savez(tmp / name, **arrays)
+                files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            meta["files"] = files
+            # meta.json last: a folder without it, or whose npz files differ from what it records, never loads
+            _write_synced(tmp / META_FILE, json.dumps(meta, indent=1, default=_json_default))
+            if path.exists():
+                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+                os.rename(path, old)
+                try:
+                    os.rename(tmp, path)
+                except BaseException:
+                    os.rename(old, path)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return path
 
     @classmethod
@@ -235,35 +272,32 @@ class FitResult:
         """Read a fit written by :meth:`save`.
 
         A built-in model is rebuilt from its name; a custom model function (and, if its config has
-        no ``from_dict``, its config) must be passed. Fails with a clear message if the folder is not
-        a perturbax fit, was written by an incompatible version, or is corrupted.
+        no ``from_dict``, its config) must be passed. The folder is untrusted input: ``meta.json``
+        is size- and depth-limited and type-checked, every ``.npz`` must have the size and SHA-256
+        that ``meta.json`` records, and array shapes are read from the ``.npz`` headers and checked
+        against the recorded layout and config before any array is read. Fails with a one-line
+        ``ValueError`` (``FileNotFoundError`` without ``meta.json``) if the folder is not a
+        perturbax fit, was written by an incompatible version, or is incomplete or corrupted.
         """
         from perturbax.inference.fitting import BUILTIN_MODELS
         from perturbax.inference.guides import make_guide
 
         path = Path(path)
-        meta_file = path / "meta.json"
+        meta_file = path / META_FILE
         if not meta_file.is_file():
             raise FileNotFoundError(f"{path} is not a saved perturbax fit (no meta.json). Save one with fit.save(dir).")
-        try:
-            meta = json.loads(meta_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{meta_file} is corrupted (not valid JSON: {err}). Re-save the fit.") from None
-        if not isinstance(meta, dict):
-            raise ValueError(f"{meta_file} is malformed (expected a JSON object). Re-save the fit.")
+        meta = _read_meta(meta_file)
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} holds format {meta.get('format')!r}, not a perturbax fit ({FORMAT!r}).")
+            raise ValueError(f"{path} holds format {_short(meta.get('format'))}, not a perturbax fit ({FORMAT!r}).")
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(
-                f"{path} was written in fit format version {meta.get('format_version')} by perturbax "
-                f"{meta.get('perturbax_version')}; this perturbax ({__version__}) reads version {FORMAT_VERSION}. "
-                f"Load it with perturbax=={meta.get('perturbax_version')} or refit."
+                f"{path} was written in fit format version {_short(meta.get('format_version'))} by perturbax "
+                f"{_short(meta.get('perturbax_version'))}; this perturbax ({__version__}) reads version "
+                f"{FORMAT_VERSION}. Load it with the perturbax version that wrote it or refit."
             )
-        required = ("model_name", "config", "registry", "gene_names", "perturbation_key", "train_conditions",
-                    "train_design", "n_train", "objective", "global_guide")
-        missing = [k for k in required if k not in meta]
-        if missing:
-            raise ValueError(f"{meta_file} is malformed: missing {missing}. Re-save the fit.")
+        _check_meta(meta, meta_file)
+        headers = {name: _verified_npz(path, name, meta["files"]) for name in SAVED_FILES}
+        _check_arrays(meta, headers, path)
         name = meta["model_name"]
         if model is None:
             if name not in BUILTIN_MODELS:
@@ -273,21 +307,18 @@ class FitResult:
             cfg_cls = BUILTIN_MODELS[name][1] if name in BUILTIN_MODELS else None
             if cfg_cls is None:
                 raise ValueError(f"{path} holds the custom model {name!r}; pass config= as well.")
-            config = cfg_cls.from_dict(meta["config"])
+            try:
+                config = cfg_cls.from_dict(meta["config"])
+            except (TypeError, ValueError, KeyError) as err:
+                raise ValueError(f"{meta_file} holds an invalid config ({_short(err, 200)}). Re-save the fit.") from None
+        _check_config_sizes(config, meta, headers, path)
         try:
-            with np.load(path / "params.npz") as f:
-                flat = {k: f[k] for k in f.files}
-            with np.load(path / "basal.npz") as f:
-                basal = {k: f[k] for k in f.files}
-            with np.load(path / "history.npz") as f:
-                history = {k: f[k] for k in f.files}
-        except FileNotFoundError as err:
-            raise ValueError(f"{path} is incomplete: {err.filename} is missing. Re-save the fit.") from None
-        except Exception as err:  # zipfile/pickle errors of a damaged file
-            raise ValueError(f"{path} is corrupted ({type(err).__name__}: {err}). Re-save the fit.") from None
+            flat, basal, history = ({k: v for k, v in _read_npz(path / n).items()} for n in SAVED_FILES)
+        except Exception as err:  # zipfile/format errors of a damaged file
+            raise ValueError(f"{path} is corrupted ({type(err).__name__}: {_short(err, 200)}). Re-save the fit.") from None
 
         registry = PerturbationRegistry(tuple(meta["registry"]["names"]), meta["registry"]["control"], meta["registry"]["sep"])
-        n_train = int(meta["n_train"])
+        n_train = meta["n_train"]
         dummy = _dummy_batch(config)
         kwargs = {"config": config, "n_cells": n_train}
         guide, global_names = make_guide(
@@ -390,3 +421,240 @@ def _encode(model, guide, params, config, data: PerturbationData, cells: np.ndar
         )
         out.append(np.asarray(enc(batch)))
     return np.concatenate(out) if out else np.zeros((0, config.latent_dim), np.float32)
+
+
+# ------------------------------------------------------------------ safe save / load helpers
+META_FILE = "meta.json"
+SAVED_FILES = ("params.npz", "basal.npz", "history.npz")
+MAX_META_BYTES = 256 * 2**20  # gene names, design and settings; far above any real fit
+MAX_META_DEPTH = 32
+_NUMERIC_KINDS = "biuf"
+
+
+def _short(value, n: int = 60) -> str:
+    text = repr(value) if not isinstance(value, BaseException) else str(value.args[0] if value.args else value)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _sha256(file: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_synced(file: Path, text: str) -> None:
+    import os
+
+    with open(file, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _check_replaceable(path: Path, overwrite: bool) -> None:
+    """Refuse to replace anything but an empty folder or, with ``overwrite``, a saved fit."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ValueError(f"{path} exists and is not a folder; save the fit to a new folder.")
+    entries = sorted(p.name for p in path.iterdir())
+    if not entries:
+        return
+    foreign = [e for e in entries if e not in (*SAVED_FILES, META_FILE)]
+    if foreign:
+        raise ValueError(
+            f"{path} holds files that are not a saved fit (e.g. {foreign[0]!r}); save to a new or empty folder."
+        )
+    if not overwrite:
+        raise FileExistsError(f"{path} already holds a saved fit; pass overwrite=True to replace it.")
+
+
+def _read_meta(meta_file: Path) -> dict:
+    size = meta_file.stat().st_size
+    if size > MAX_META_BYTES:
+        raise ValueError(f"{meta_file} is {size} bytes, more than a fit's meta.json can be ({MAX_META_BYTES}). Re-save the fit.")
+    try:
+        meta = json.loads(meta_file.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{meta_file} is corrupted (not valid JSON: {err}). Re-save the fit.") from None
+    except RecursionError:
+        raise ValueError(f"{meta_file} is malformed (nested too deeply). Re-save the fit.") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_file} is malformed (expected a JSON object). Re-save the fit.")
+    stack = [(meta, 1)]
+    while stack:
+        obj, depth = stack.pop()
+        if depth > MAX_META_DEPTH:
+            raise ValueError(f"{meta_file} is malformed (nested deeper than {MAX_META_DEPTH} levels). Re-save the fit.")
+        if isinstance(obj, dict):
+            stack.extend((v, depth + 1) for v in obj.values())
+        elif isinstance(obj, list):
+            stack.extend((v, depth + 1) for v in obj if isinstance(v, (dict, list)))
+    return meta
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_str_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(s, str) for s in v)
+
+
+def _check_meta(meta: dict, meta_file: Path) -> None:
+    """Types and ranges of the entries of ``meta.json`` (one-line ``ValueError`` naming the entry)."""
+    required = ("model_name", "config", "registry", "gene_names", "perturbation_key", "train_conditions",
+                "train_design", "n_train", "objective", "global_guide", "param_layout")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise ValueError(f"{meta_file} is malformed: missing {missing}. Re-save the fit.")
+    if "files" not in meta:
+        raise ValueError(
+            f"{meta_file} records no sizes and checksums of the .npz files (an older or incomplete save), so the "
+            f"folder cannot be verified. Re-save the fit with this perturbax or refit."
+        )
+    reg = meta["registry"]
+    checks = [
+        ("model_name", isinstance(meta["model_name"], str), "a string"),
+        ("config", isinstance(meta["config"], dict), "an object"),
+        ("registry", isinstance(reg, dict) and _is_str_list(reg.get("names")) and len(reg.get("names")) > 0
+         and isinstance(reg.get("control"), str) and isinstance(reg.get("sep"), str),
+         "an object {names: [strings], control: string, sep: string}"),
+        ("gene_names", _is_str_list(meta["gene_names"]) and len(meta["gene_names"]) > 0, "a non-empty list of strings"),
+        ("perturbation_key", isinstance(meta["perturbation_key"], str), "a string"),
+        ("train_conditions", _is_str_list(meta["train_conditions"]), "a list of strings"),
+        ("n_train", _is_int(meta["n_train"]) and 1 <= meta["n_train"] < 2**31, "a positive integer below 2**31"),
+        ("objective", meta["objective"] in ("energy", "elbo"), "'energy' or 'elbo'"),
+        ("global_guide", isinstance(meta["global_guide"], str), "a string"),
+        ("param_layout", isinstance(meta["param_layout"], dict) and all(
+            isinstance(v, list) and all(_is_int(n) and n >= 0 for n in v) for v in meta["param_layout"].values()),
+         "an object {name: [non-negative integers]}"),
+        ("info", isinstance(meta.get("info", {}), dict), "an object"),
+        ("files", isinstance(meta["files"], dict) and all(
+            isinstance(meta["files"].get(n), dict) and _is_int(meta["files"][n].get("bytes"))
+            and isinstance(meta["files"][n].get("sha256"), str) for n in SAVED_FILES),
+         f"an object {{file: {{bytes, sha256}}}} for {list(SAVED_FILES)}"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"{meta_file} is malformed: {key} must be {expected}, got {_short(meta[key])}. Re-save the fit.")
+    design, K = meta["train_design"], len(reg["names"])
+    if not (isinstance(design, list) and len(design) == len(meta["train_conditions"]) and all(
+            isinstance(row, list) and len(row) == K
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in row)
+            for row in design)):
+        raise ValueError(
+            f"{meta_file} is malformed: train_design must be a {len(meta['train_conditions'])} x {K} list of finite "
+            f"numbers (training conditions x elementary perturbations). Re-save the fit."
+        )
+
+
+def _verified_npz(path: Path, name: str, files: dict) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """``{member: (shape, dtype)}`` of ``path/name`` after checking its size and SHA-256 against
+    ``meta.json``; shapes come from the member headers (no array data is read)."""
+    import zipfile
+
+    file = path / name
+    if not file.is_file():
+        raise ValueError(f"{path} is incomplete: {name} is missing. Re-save the fit.")
+    rec = files[name]
+    size = file.stat().st_size
+    if size != rec["bytes"] or _sha256(file) != rec["sha256"]:
+        raise ValueError(
+            f"{path} is corrupted or mixes two saves (an interrupted save?): {name} ({size} bytes) is not the file "
+            f"meta.json records ({rec['bytes']} bytes, sha256 {_short(rec['sha256'], 20)}). Re-save the fit."
+        )
+    out = {}
+    try:
+        with zipfile.ZipFile(file) as zf:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy") or info.compress_type != zipfile.ZIP_STORED:
+                    raise ValueError(f"member {_short(info.filename)} is not an uncompressed .npy array")
+                with zf.open(info) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+                    elif version == (2, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+                    else:
+                        raise ValueError(f"member {_short(info.filename)} has .npy version {version}")
+                    header = fh.tell()
+                if dtype.hasobject or dtype.kind not in _NUMERIC_KINDS:
+                    raise ValueError(f"member {_short(info.filename)} has dtype {dtype}, not numeric")
+                if header + math.prod(shape) * dtype.itemsize != info.file_size:
+                    raise ValueError(
+                        f"member {_short(info.filename)} declares shape {shape} of {dtype}, which does not fit its "
+                        f"{info.file_size} bytes"
+                    )
+                out[info.filename[: -len(".npy")]] = (tuple(int(n) for n in shape), dtype)
+    except ValueError as err:
+        raise ValueError(f"{path} is corrupted: {name}: {err}. Re-save the fit.") from None
+    except Exception as err:  # zipfile errors of a damaged file
+        raise ValueError(f"{path} is corrupted: {name} ({type(err).__name__}: {_short(err, 200)}). Re-save the fit.") from None
+    return out
+
+
+def _read_npz(file: Path) -> dict[str, np.ndarray]:
+    with np.load(file, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def _check_arrays(meta: dict, headers: dict, path: Path) -> None:
+    """The ``.npz`` member shapes agree with the recorded layout and with each other."""
+    params = headers["params.npz"]
+    layout = {k: tuple(v) for k, v in meta["param_layout"].items()}
+    if {k: s for k, (s, _) in params.items()} != layout:
+        diff = sorted(set(layout) ^ set(params))[:3] or [k for k in layout if layout[k] != params[k][0]][:3]
+        raise ValueError(
+            f"{path} is corrupted: params.npz does not hold the parameter layout recorded in meta.json (e.g. {diff}). "
+            f"Re-save the fit."
+        )
+    basal, history = headers["basal.npz"], headers["history.npz"]
+    shapes = {k: s for k, (s, _) in basal.items()}
+    ok = set(shapes) == {"z", "library", "c"} and len(shapes["z"]) == 2 and len(shapes["library"]) == 1 \
+        and len(shapes["c"]) == 2 and shapes["z"][0] == shapes["library"][0] == shapes["c"][0]
+    if not ok:
+        raise ValueError(
+            f"{path} is corrupted: basal.npz must hold z (n, d), library (n,) and c (n, C); got {shapes}. Re-save the fit."
+        )
+    if not all(len(s) == 1 for s, _ in history.values()) or "loss" not in history:
+        raise ValueError(f"{path} is corrupted: history.npz must hold 1-D loss curves. Re-save the fit.")
+
+
+def _check_config_sizes(config, meta: dict, headers: dict, path: Path) -> None:
+    """Sizes of the config against what the folder holds, before anything is allocated from them:
+    genes, perturbations, latent and covariate dimensions must match; any other size (hidden
+    widths, noise dimension) cannot exceed the number of stored parameter values."""
+    import dataclasses
+
+    z, c = headers["basal.npz"]["z"][0], headers["basal.npz"]["c"][0]
+    expected = {
+        "n_genes": len(meta["gene_names"]),
+        "n_perturbations": len(meta["registry"]["names"]),
+        "latent_dim": z[1],
+        "n_covariates": c[1],
+    }
+    for key, want in expected.items():
+        have = getattr(config, key, want)
+        if have != want:
+            raise ValueError(
+                f"The parameters in {path} do not match the layout of its config: {key} is {_short(have)} but the "
+                f"saved fit has {want}. Re-save the fit."
+            )
+    if not dataclasses.is_dataclass(config):
+        return
+    n_values = sum(math.prod(s) for s, _ in headers["params.npz"].values())
+    for f in dataclasses.fields(config):
+        if f.name in expected or f.name in ("seed", "max_steps"):
+            continue
+        value = getattr(config, f.name)
+        sizes = [value] if _is_int(value) else list(value) if isinstance(value, (tuple, list)) else []
+        if any(_is_int(v) and v > max(n_values, 1) for v in sizes):
+            raise ValueError(
+                f"The parameters in {path} do not match the layout of its config: {f.name}={_short(value)} needs "
+                f"more parameters than the {n_values} stored. Re-save the fit."
+            )

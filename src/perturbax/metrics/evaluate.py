@@ -1,7 +1,8 @@
 """Per-condition evaluation table: distributional metrics in PCA space, gene-level metrics on means.
 
 The protocol of DESIGN.md section 6: energy distance (U-statistic by default) and RBF MMD in a
-PCA space fit on reference (training) cells, mean L2, Pearson delta on all genes and on the
+PCA space fit on reference (training) cells (by default the control cells; never the evaluated
+cells), mean L2, Pearson delta on all genes and on the
 top-k DE genes (:func:`perturbax.metrics.top_de_genes`), R^2 and MSE of the means on the top-k
 DE genes.
 """
@@ -125,8 +126,8 @@ def evaluate_conditions(
     control
         Control cells ``(n_ctrl, G)``: the baseline of the deltas and of the DE ranking.
     reference
-        Cells on which the PCA is fit (the training cells). Default: control and all ``truth``
-        cells stacked.
+        Cells on which the PCA is fit (the training cells). Default: the ``control`` cells only;
+        the evaluated (``truth``) cells are never used, so the space does not adapt to them.
     n_pcs
         Number of principal components (clamped to the rank bound with a warning).
     top_k
@@ -174,7 +175,7 @@ def evaluate_conditions(
         cells_true[c], cells_pred[c] = t, p
 
     if reference is None:
-        ref = np.concatenate([ctrl, *cells_true.values()], axis=0)
+        ref = ctrl
     else:
         ref = _as_cells(reference, "reference")
         _check_same_genes(ref, ctrl, "reference", "control")
