@@ -128,10 +128,10 @@ def test_tiny_dose_is_reported_ill_conditioned(tmp_path):
     # issue 16 item 8: A measured only at dose 1e-6 covers A, through a coefficient of 1e6
     path = tmp_path / "tiny.csv"
     pd.DataFrame({"A": [0, 1e-6, 0], "B": [0, 0, 1]}).to_csv(path, index=False)
-    res = _run(["--design", path, "--test", "A,B"])
+    res = _run(["--design", path, "--perturbations", "A,B"])
     assert res.exit_code == 0, res.output
     assert "Design check: WARNING" in res.output and "ILL-CONDITIONED" in res.output
-    rep = json.loads(_run(["--design", path, "--test", "A,B", "--json", "-"]).output)
+    rep = json.loads(_run(["--design", path, "--perturbations", "A,B", "--json", "-"]).output)
     a, b = rep["tests"]
     assert a["ill_conditioned"] is True and a["coefficient_norm"] == pytest.approx(1e6, rel=1e-6)
     assert b["ill_conditioned"] is False and b["coefficient_norm"] == pytest.approx(1.0)
