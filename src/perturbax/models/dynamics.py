@@ -2,7 +2,8 @@
 
 ``l`` latent programs ``z(t)`` evolve after the perturbation is switched on at ``t = 0``:
 
-    z(0) = z_base ~ N(a, Sigma_0)              a = mu (+ V c): the control steady state
+    z(0) = z_base ~ N(a, Sigma_0)              a = mu (+ V c); the control steady state under the
+                                               default heterogeneity="persistent"
     dz/dt = F(z - a) + S l                     F(0) = 0; Jacobian of F = -I + entries on the
                                                causal mask (default: strictly lower triangular)
     x_i ~ likelihood(decoder([z(t_i), s_i]))   each cell a snapshot at its own time t_i
@@ -36,10 +37,24 @@ Drift variants (``LatentDynamicsConfig.drift``):
     ``B_l`` keeps the mask, so the dynamics stay stable; the equilibrium is
     ``a + (I - B_l)^{-1} S l``.
 
-``heterogeneity`` (as in :func:`perturbax.data.simulate_latent_dynamics`): ``"relaxing"`` (the
-default, DESIGN 2.2 literally: each cell's deviation ``z(0) - a`` relaxes with ``E_t``) or
-``"persistent"`` (each cell's own basal state is its steady state: ``a`` is replaced by
-``z(0)``, so ``z(t) = z(0) + (I - E_t) W l``).
+``heterogeneity`` (as in :func:`perturbax.data.simulate_latent_dynamics`):
+
+``"persistent"`` (the default)
+    Each cell's own basal state is its steady state: ``a`` is replaced by ``z(0)``, so
+    ``z(t) = z(0) + (I - E_t) W l`` and the control population is STATIONARY: ``z(t) = z(0) ~
+    N(a, Sigma_0)`` at every time, so ``N(a, Sigma_0)`` is the control steady state. For the
+    linear drift each snapshot then has the law ``N(a + (I - E_t) W l, Sigma_0)``, the same as an
+    Ornstein-Uhlenbeck process started in its stationary law ``N(a, Sigma_0)`` would give
+    (where one exists: diffusion ``D D^T = -(A Sigma_0 + Sigma_0 A^T)`` positive semi-definite,
+    ``A = B - I``); each cell is one snapshot, so only that law is observed.
+``"relaxing"``
+    DESIGN 2.2 literally: each cell's deviation ``z(0) - a`` relaxes with ``E_t`` and nothing
+    replaces it, so the latent covariance is ``E_t Sigma_0 E_t^T`` (plus the diffusion's
+    ``sigma^2 Q_t``): without diffusion the spread of every population, the control's included,
+    decays to 0 over time. NOT stationary; ``N(a, Sigma_0)`` is the state at ``t = 0`` only.
+
+With ``diffusion=True`` the persistent reading adds ``sigma^2 Q_t`` to ``Sigma_0`` (the control
+spreads over time); only the default (persistent, no diffusion) keeps the control stationary.
 
 Diffusion (``diffusion=True``, linear and mechanism drifts only): ``dz = drift dt + sigma dW``.
 Because each cell is a single snapshot no path is needed: ``z(t)`` is drawn from the EXACT
@@ -375,7 +390,9 @@ class LatentDynamicsConfig:
         ``"learned"``: ``mu ~ N(0, mu_scale^2)``, ``basal_sd ~ HalfNormal(basal_sd_scale)``;
         ``"standard"``: ``mu = 0``, ``Sigma_0 = I`` (removes the affine gauge of the latent space).
     heterogeneity
-        ``"relaxing"`` or ``"persistent"`` (module docstring).
+        ``"persistent"`` (default: the control population is stationary, ``N(a, Sigma_0)`` at every
+        time) or ``"relaxing"`` (every population's spread decays as ``E_t Sigma_0 E_t^T``; not
+        stationary); module docstring.
     diffusion, diffusion_scale
         Add Brownian noise ``sigma dW`` (exact OU transition; linear/mechanism drifts only) with
         ``sigma ~ HalfNormal(diffusion_scale)``.
@@ -416,7 +433,7 @@ class LatentDynamicsConfig:
     basal: Literal["learned", "standard"] = "learned"
     mu_scale: float = 1.0
     basal_sd_scale: float = 1.0
-    heterogeneity: Literal["relaxing", "persistent"] = "relaxing"
+    heterogeneity: Literal["relaxing", "persistent"] = "persistent"
     diffusion: bool = False
     diffusion_scale: float = 0.3
     learn_rate: bool = False
