@@ -213,13 +213,14 @@ def theory_checks(data, truth, *, times_override=None) -> dict:
     times = np.array([tt for _, tt in pairs])
     labels = [data.conditions[e] for e, _ in pairs]
     means = np.stack([truth.latent_mean(lab, tt) for lab, tt in zip(labels, times)])
-    var = np.stack([np.diag(truth.latent_cov(tt)) for tt in times])
+    covs = np.stack([truth.latent_cov(tt) for tt in times])  # (the premise: programs independent per context)
     ref = next(i for i, lab in enumerate(labels) if lab == data.control)
-    rep = check_dynamics(design, times, latent_dim=truth.n_programs, targets=truth.S, means=means, variances=var,
+    rep = check_dynamics(design, times, latent_dim=truth.n_programs, targets=truth.S, means=means, covariances=covs,
                          reference=ref, registry=data.registry)
     out = {"status": rep.status, "message": rep.message, "contexts": rep.contexts.n_contexts}
     if rep.variability is not None:
-        out.update(variability=rep.variability.condition, rank=rep.variability.rank,
+        out.update(variability=rep.variability.condition, identified_up_to=rep.variability.identified_up_to,
+                   rank=rep.variability.rank,
                    required=rep.variability.required, mean_rank=rep.variability.mean_rank)
     if rep.targets is not None:
         out["targets"] = rep.targets.status
@@ -766,8 +767,9 @@ def section(results: dict, cmd: str) -> str:
               f"({', '.join(sim['train_conditions'])}) x 5 times minus the held-out pairs of part b = "
               f"{sim['n_train_cells']} cells. True B (row i, column j: effect of z_j on z_i): {sim['B_true']}.", "",
               f"Theory check on the training design (`theory.check_dynamics` with the true per-context latent "
-              f"means/variances and S): **{th['status']}** — {th['contexts']} contexts, sufficient variability "
-              f"`{th.get('variability')}` (rank {th.get('rank')} of {th.get('required')}), targets "
+              f"means/covariances and S): **{th['status']}** — {th['contexts']} contexts, sufficient variability "
+              f"`{th.get('variability')}` (rank {th.get('rank')} of {th.get('required')}; programs identified up to "
+              f"{th.get('identified_up_to', '?')}), targets "
               f"`{th.get('targets')}`. {th['message']}", "",
               f"Model: `LatentDynamicsConfig(latent_dim=4, decoder/encoder hidden (64, 64), s_prior='horseshoe', "
               f"s_scale=0.5)`, batch 256, lr 5e-3, in three stages: (1) ELBO, {sim['steps']} steps on the default "

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import warnings
 
 import equinox as eqx
 import jax
@@ -35,6 +36,7 @@ from perturbax.models.dynamics import (
     stationary_noise_cov,
     transition_matrix,
 )
+from perturbax.theory import w_to_bs
 
 SMALL = dict(decoder_hidden=(8,), drift_hidden=(8,))
 TIMES = np.array([0.0, 0.0, 0.4, 1.0, 2.0, 3.0, 6.0, 12.0], np.float32)
@@ -557,12 +559,50 @@ def test_order_from_effects_recovers_the_order_of_relabelled_programs(seed):
                                         seed=seed)
     W = equilibrium_shift(truth.B, truth.S)
     perm = np.random.default_rng(seed).permutation(4)  # fitted program i = true program perm[i]
-    order, b_hat = order_from_effects(W[perm])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # single targets: nothing to warn about
+        order, b_hat = order_from_effects(W[perm])
     true_order = [int(np.flatnonzero(perm == j)[0]) for j in range(4)]
     assert order == true_order
     np.testing.assert_allclose(b_hat, truth.B[np.ix_(perm, perm)], atol=1e-8)
     with pytest.raises(ValueError, match="K >= l"):
         order_from_effects(W[:, :3])
+
+
+def _dense_case(seed=0, ell=3):
+    _, truth = simulate_latent_dynamics(n_programs=ell, n_perturbations=ell, edge_prob=1.0, n_cells=2, n_genes=3,
+                                        seed=seed)
+    S = np.random.default_rng(seed).normal(size=(ell, ell))  # every program targeted, none alone
+    return truth.B, S, equilibrium_shift(truth.B, S)
+
+
+def test_order_from_effects_warns_when_dense_targets_leave_the_order_unidentified():
+    """Issue 16 item 4: with dense targets W does not determine the order (a reverse-order B'
+    reproduces W exactly); given the targets' support, order_from_effects says so."""
+    B, S, W = _dense_case()
+    B_rev = np.triu(np.random.default_rng(1).normal(size=B.shape), 1)  # acyclic in the reverse order
+    _, S_rev = w_to_bs(W, B_rev)
+    np.testing.assert_allclose(equilibrium_shift(B_rev, S_rev), W, atol=1e-10)
+    with pytest.warns(UserWarning, match="NOT identified"):
+        order, b_hat = order_from_effects(W, targets=S != 0)
+    assert np.abs(b_hat - B).max() > 0.1  # the order/B read is one of many consistent with W
+
+
+def test_order_from_effects_uses_the_sole_target_perturbations():
+    """Single-target perturbations next to dense ones: with the targets' support the order and B
+    are recovered exactly from the sole-target columns, without a warning."""
+    _, truth = simulate_latent_dynamics(n_programs=4, n_perturbations=4, edge_prob=1.0, n_cells=2, n_genes=3, seed=2)
+    dense = np.random.default_rng(0).normal(size=(4, 3)) * 3.0
+    S = np.hstack([dense, truth.S])  # 3 dense perturbations first, then one per program
+    W = equilibrium_shift(truth.B, S)
+    perm = np.array([2, 0, 3, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        order, b_hat = order_from_effects(W[perm], targets=(S != 0)[perm])
+    assert order == [int(np.flatnonzero(perm == j)[0]) for j in range(4)]
+    np.testing.assert_allclose(b_hat, truth.B[np.ix_(perm, perm)], atol=1e-8)
+    with pytest.raises(ValueError, match="shape of W"):
+        order_from_effects(W, targets=S[:, :3] != 0)
 
 
 def test_acyclicity_penalty_enters_the_log_density():

@@ -148,6 +148,7 @@ __all__ = [
     "order_mask",
     "causal_order",
     "order_from_effects",
+    "order_violation",
     "acyclicity_measure",
     "is_acyclic",
     "check_times",
@@ -210,22 +211,39 @@ def causal_order(B: Any) -> list[int]:
     return order
 
 
-def order_from_effects(W: Any) -> tuple[list[int], np.ndarray]:
+def order_from_effects(
+    W: Any, targets: Any = None, *, cycle_tol: float = 0.05
+) -> tuple[list[int], np.ndarray]:
     """A causal order of the programs read from the total effects ``W = (I - B)^{-1} S``
-    (``l x K``, one column per elementary perturbation, ``K >= l``), assuming each program is the
-    direct target of (at least) one perturbation -- the targeting condition of the theory.
+    (``l x K``, one column per elementary perturbation, ``K >= l``). Returns ``(order, B_hat)``.
 
-    ``l`` perturbations with linearly independent columns of ``W`` are chosen (QR with column
-    pivoting); for them ``W_sub^{-1} = S_sub^{-1} (I - B)``, so the row of a perturbation that
-    targets only program ``i`` is proportional to ``e_i - B[i]``. Programs are matched to perturbations
-    by minimising ``sum 1 / |entry|`` (Hungarian), each matched row is scaled to a unit diagonal,
-    ``B_hat = I - rows`` and the order is :func:`causal_order` of ``B_hat``. ``W`` depends on the
-    program order only through the fit, not through the causal mask, so this reads the order
-    from a fit made under ANY mask (e.g. the default one) -- the ICA-LiNGAM idea applied to the
-    latent shifts. Returns ``(order, B_hat)``.
+    Identified only when every program is the SOLE direct target of some perturbation
+    (:func:`perturbax.theory.check_order_from_effects`); targeting every program is not enough:
+    with programs only ever targeted together, every acyclic ``B'`` reproduces ``W`` with
+    ``S' = (I - B') W``, whatever the order. For ``l`` perturbations that each target one
+    program, ``W_sub^{-1} = S_sub^{-1} (I - B)`` has the row of the perturbation that targets
+    program ``i`` proportional to ``e_i - B[i]``. Programs are matched to perturbations by
+    minimising ``sum 1 / |entry|`` (Hungarian), each matched row is scaled to a unit diagonal,
+    ``B_hat = I - rows`` and the order is :func:`causal_order` of ``B_hat`` (the ICA-LiNGAM idea
+    applied to the latent shifts). ``W`` does not depend on the causal mask of a fit, so this
+    reads the order from a fit made under any mask.
+
+    ``targets`` (``l x K``, the support of ``S`` in the same program labelling, e.g. a fit's
+    ``target_mask``): the condition is checked, and the columns of sole-target perturbations are
+    used; a ``UserWarning`` says when the condition fails (the result is then one of many orders
+    consistent with ``W``). Without ``targets`` the condition cannot be checked from ``W``: ``l``
+    perturbations with linearly independent columns are used (QR with column pivoting) and a
+    ``UserWarning`` is raised only when ``B_hat`` shows the condition fails -- more than
+    ``cycle_tol`` of its squared weight points against the order read (exactly 0 when the chosen
+    perturbations each target one program). Dense targets can still give an acyclic, wrong
+    ``B_hat`` without a warning.
     """
+    import warnings
+
     import scipy.linalg as sla
     from scipy.optimize import linear_sum_assignment
+
+    from perturbax.theory.dynamics import check_order_from_effects
 
     w = np.asarray(W, dtype=np.float64)
     if w.ndim != 2 or w.shape[1] < w.shape[0]:
@@ -233,9 +251,21 @@ def order_from_effects(W: Any) -> tuple[list[int], np.ndarray]:
             f"W must be l x K with K >= l (at least one perturbation per program), got shape {w.shape}. "
             f"With fewer perturbations than programs the causal order cannot be read from the shifts."
         )
-    # l perturbations with linearly independent effects (QR with column pivoting; two
-    # perturbations with the same target have parallel columns), then W_sub^-1 = S_sub^-1 (I - B).
-    cols_used = np.sort(sla.qr(w, mode="r", pivoting=True)[1][: w.shape[0]])
+    ell = w.shape[0]
+    cols_used = None
+    if targets is not None:
+        tm = np.asarray(targets)
+        if tm.shape != w.shape:
+            raise ValueError(f"targets must have the shape of W, {w.shape}, got {tm.shape}.")
+        report = check_order_from_effects(tm)
+        if report.identified:
+            cols_used = np.asarray(report.sole_target)
+        else:
+            warnings.warn(f"order_from_effects: {report.message}", UserWarning, stacklevel=2)
+    if cols_used is None:
+        # l perturbations with linearly independent effects (QR with column pivoting; two
+        # perturbations with the same target have parallel columns), then W_sub^-1 = S_sub^-1 (I - B).
+        cols_used = np.sort(sla.qr(w, mode="r", pivoting=True)[1][:ell])
     m = np.linalg.inv(w[:, cols_used])  # (l, l): rows = the chosen perturbations
     # programs -> perturbations minimising sum 1/|m| (ICA-LiNGAM): m is triangular up to
     # permutations, and the diagonal is the only matching that avoids its zeros.
@@ -244,8 +274,30 @@ def order_from_effects(W: Any) -> tuple[list[int], np.ndarray]:
     diag = np.diag(matched)
     if np.any(np.abs(diag) < 1e-12):
         raise ValueError("A program has no perturbation with a direct effect on it; the order is not identified.")
-    b_hat = np.eye(w.shape[0]) - matched / diag[:, None]
-    return causal_order(b_hat), b_hat
+    b_hat = np.eye(ell) - matched / diag[:, None]
+    order = causal_order(b_hat)
+    backward = order_violation(b_hat, order)
+    if targets is None and backward > cycle_tol:
+        warnings.warn(
+            f"order_from_effects: {backward:.0%} of the squared weight of B_hat read from W points against the "
+            f"order {order}, so the perturbations used do not each target a single program and the causal order "
+            f"is not identified by W (every acyclic B' reproduces W with S' = (I - B') W). Give the targets' "
+            f"support (targets=, e.g. a target_mask) if it is known, or read B from a time course's transients.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return order, b_hat
+
+
+def order_violation(B: Any, order: Sequence[int]) -> float:
+    """Fraction of the squared off-diagonal weight of ``B`` on edges that point against ``order``
+    (causes first): 0 for weights that are acyclic in that order."""
+    b = np.asarray(B, dtype=np.float64) ** 2
+    off = b * (1 - np.eye(b.shape[0]))
+    total = float(off.sum())
+    if total == 0:
+        return 0.0
+    return float((off * (1 - order_mask(order))).sum() / total)
 
 
 def acyclicity_measure(B: Float[Array, "l l"]) -> Float[Array, ""]:
