@@ -389,7 +389,8 @@ def test_dynamics_layout_and_per_time_means(ldc_both):
 
 def test_dynamics_with_diffusion_matches_euler_maruyama():
     adata, truth = simulate_latent_dynamics(
-        n_programs=3, n_perturbations=2, times=(0.5, 3.0), n_cells=1500, n_genes=4, diffusion=0.5, seed=9
+        n_programs=3, n_perturbations=2, times=(0.5, 3.0), n_cells=1500, n_genes=4, diffusion=0.5, seed=9,
+        heterogeneity="relaxing",  # the SDE below is anchored at mu
     )
     labels = _labels_of(adata)
     times = adata.obs["time"].to_numpy()
@@ -438,3 +439,19 @@ def test_dynamics_counts_and_sampling():
     cov = truth.latent_cov(2.0)
     se = np.sqrt(np.diag(cov) / 4000)
     assert np.all(np.abs(zs.mean(axis=0) - truth.latent_mean("P0+P1", 2.0)) < 4 * se)
+
+
+def test_default_dynamics_control_cells_are_stationary():
+    """Issue 16 item 5: with the defaults the simulated control cells have the same latent law at
+    every time (N(mu, Sigma_0), the control steady state), in the data and in the truth's moments."""
+    adata, truth = simulate_latent_dynamics(
+        n_programs=3, n_perturbations=2, times=(0.5, 8.0), n_cells=1500, n_genes=3, edge_prob=1.0, seed=3
+    )
+    labels, times = _labels_of(adata), adata.obs["time"].to_numpy()
+    sd = np.sqrt(np.diag(truth.Sigma_0))
+    tol = 4 * np.sqrt((np.outer(sd**2, sd**2) + truth.Sigma_0**2) / 1500)
+    for t in (0.5, 8.0):
+        z = adata.obsm["z_true"][(labels == "control") & (times == t)]
+        assert np.all(np.abs(np.cov(z.T) - truth.Sigma_0) < tol), t
+        assert np.all(np.abs(z.mean(0) - truth.mu) < 4 * sd / np.sqrt(1500)), t
+        np.testing.assert_allclose(truth.latent_cov(t), truth.Sigma_0, atol=1e-12)

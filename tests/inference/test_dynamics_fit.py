@@ -135,7 +135,9 @@ def test_prediction_layout_over_time(dyn_fit, layout_pred):
     keys = [pair_key(lab, t) for lab in labels for t in times]
     assert meta["labels"] == keys and keys[1] == "P0 @ t=3"
     assert meta["perturbations"] == ["P0"] * 3 + ["P0+P1"] * 3 and meta["times"] == times * 2
-    assert meta["source"] == "prior"  # relaxing programs: z(0) drawn from each draw's N(mu, Sigma_0)
+    # the default (persistent) dynamics keep the control population stationary, so the control cells'
+    # basal states are a sample of it at any time
+    assert meta["source"] == "control"
     assert pred.n_obs == 60 and list(pred.obs.columns) == ["perturbation", "time", "draw"]
     counts = pred.obs.groupby(["perturbation", "time"], observed=True).size()
     assert (counts == 10).all() and len(counts) == 6
@@ -180,9 +182,14 @@ def test_predict_moves_observed_cells_to_another_time(sim, dyn_fit):
 
 def test_long_time_limit_is_the_additive_shift_with_equilibrium_w(dyn_fit):
     """At t -> inf the relaxing dynamics reach z = mu + (I - B)^{-1} S l for every cell: the
-    prediction equals the additive-shift prediction with W = equilibrium_shift(B, S) from z_base = mu."""
+    prediction equals the additive-shift prediction with W = equilibrium_shift(B, S) from z_base = mu.
+    (The fitted parameters read under heterogeneity="relaxing"; the default, persistent dynamics
+    move each cell by the same W l, checked at the end.)"""
     labels = ["P0", "P1", "P0+P1"]
     n_draws = 200
+    persistent = dyn_fit
+    assert persistent.config.heterogeneity == "persistent"
+    dyn_fit = dataclasses.replace(dyn_fit, config=dataclasses.replace(dyn_fit.config, heterogeneity="relaxing"))
     pred = predict(dyn_fit, labels, times=[1e4, 0.0], n_cells=2, num_samples=n_draws, seed=2)
     lat = pred.uns["latent_mean_draws"][0::2]  # (labels, draws, d) at t = 1e4
     xm = pred.uns["mean_draws"][0::2]  # (labels, draws, G)
@@ -212,6 +219,14 @@ def test_long_time_limit_is_the_additive_shift_with_equilibrium_w(dyn_fit):
     # the limit is the equilibrium, far from the t = 0 prediction (no effect yet)
     gap = np.abs(pred.varm["pred_mean"][:, 0] - pred.varm["pred_mean"][:, 1]).max()
     assert gap > 10 * np.abs(xm.mean(1)[0] - x_add.mean(0)[0]).max()
+    # persistent (the default): every control cell's basal state moves by exactly W l (same draws and
+    # cells at both times without the bootstrap), so the latent shift's posterior is that of W l
+    p = predict(persistent, labels, times=[1e4, 0.0], n_cells=2, num_samples=n_draws, seed=2, bootstrap=False)
+    shift = p.uns["latent_mean_draws"][0::2] - p.uns["latent_mean_draws"][1::2]  # (labels, draws, d)
+    wl = np.einsum("sdk,pk->spd", np.asarray(W), L)
+    sd = wl.std(0) + 1e-3
+    np.testing.assert_array_less(np.abs(shift.mean(1) - wl.mean(0)), 5 * sd / np.sqrt(n_draws) + 1e-3)
+    np.testing.assert_allclose(shift.std(1), wl.std(0), rtol=0.3, atol=2e-3)
 
 
 def _B_of(fit_result, g):

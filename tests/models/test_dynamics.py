@@ -2,6 +2,7 @@
 
 import functools
 import json
+import warnings
 
 import equinox as eqx
 import jax
@@ -35,6 +36,7 @@ from perturbax.models.dynamics import (
     stationary_noise_cov,
     transition_matrix,
 )
+from perturbax.theory import w_to_bs
 
 SMALL = dict(decoder_hidden=(8,), drift_hidden=(8,))
 TIMES = np.array([0.0, 0.0, 0.4, 1.0, 2.0, 3.0, 6.0, 12.0], np.float32)
@@ -202,6 +204,7 @@ def test_mechanism_weights_replace_targeted_rows():
             likelihood="implicit",
             drift="mechanism",
             diffusion=True,
+            heterogeneity="relaxing",
             mechanism_targets=((1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0)),
         ),
     ],
@@ -252,6 +255,8 @@ def test_model_traces_with_documented_sites(kwargs):
     # z(t) is the closed form from the traced globals and z_base (with rate, covariates, mechanisms).
     t = np.asarray(batch.t) * (float(v["rate"]) if cfg.learn_rate else 1.0)
     anchor = v["mu"] + (batch.c @ v["V"].T if C else 0.0)
+    if cfg.heterogeneity == "persistent":  # the default: each cell's basal state is its steady state
+        anchor = v["z_base"]
     Bc = mechanism_weights(v["B"], v["B_delta"], batch.l) if cfg.drift == "mechanism" else v["B"]
     z_det = linear_solution(v["z_base"], jnp.asarray(t), Bc, batch.l @ v["S"].T, anchor, nilpotent=True)
     if cfg.diffusion:
@@ -343,18 +348,19 @@ def test_model_neural_drift_matches_reference_solver():
     assert "B" not in v and np.all(np.asarray(v["ode_failure#log_factor"]) == 0.0)
     g = _numpy_causal_mlp(params["drift$params"], cfg.mask.astype(float))
     assert np.abs(g(rng.normal(size=ell)) - g(np.zeros(ell))).max() > 1e-3  # a nonlinear drift, not -u
-    mu, lab = np.asarray(v["mu"], np.float64), np.asarray(batch.l, np.float64)
+    assert cfg.heterogeneity == "persistent"  # the default: the drift is anchored at each cell's z(0)
+    lab = np.asarray(batch.l, np.float64)
     g0 = g(np.zeros(ell))
     for i, t in enumerate(np.asarray(batch.t, np.float64)):
         if t == 0:
             np.testing.assert_array_equal(np.asarray(v["z"][i]), np.asarray(v["z_base"][i]))
             continue
+        z0 = np.asarray(v["z_base"][i], np.float64)
 
-        def rhs(_t, y, i=i):
-            u = y - mu
+        def rhs(_t, y, i=i, z0=z0):
+            u = y - z0
             return -u + g(u) - g0 + S @ lab[i]
 
-        z0 = np.asarray(v["z_base"][i], np.float64)
         ref = scipy.integrate.solve_ivp(rhs, (0.0, t), z0, method="DOP853", rtol=1e-10, atol=1e-10)
         np.testing.assert_allclose(np.asarray(v["z"][i]), ref.y[:, -1], rtol=1e-4, atol=1e-4)
 
@@ -422,6 +428,26 @@ def test_model_mean_over_cells_matches_simulator_population():
     z = np.asarray(v["z"], np.float64)
     np.testing.assert_allclose(z.mean(0), truth.latent_mean(label, t), atol=0.05)
     np.testing.assert_allclose(np.cov(z.T), truth.latent_cov(t), atol=0.02)
+
+
+def test_default_control_population_is_stationary():
+    """Issue 16 item 5: with the defaults, N(mu, Sigma_0) is the control steady state: the control
+    population's latent law is the same at t = 0 and at a late time, in the simulator (exact
+    moments and samples) and in the model (the same sites drawn at both times)."""
+    _, truth = simulate_latent_dynamics(n_programs=3, n_perturbations=2, edge_prob=1.0, n_cells=2, n_genes=4, seed=4)
+    late = 30.0
+    np.testing.assert_allclose(truth.latent_cov(late), truth.Sigma_0, atol=1e-12)
+    np.testing.assert_allclose(truth.latent_mean("control", late), truth.mu, atol=1e-12)
+    n = 4000
+    for t, seed in ((0.0, 1), (late, 2)):
+        z_sim = truth.sample_latent("control", t, n, seed=seed)
+        np.testing.assert_allclose(np.cov(z_sim.T), truth.Sigma_0, atol=0.02)
+        cfg = LatentDynamicsConfig(n_genes=4, n_perturbations=2, latent_dim=3, likelihood="implicit", **SMALL)
+        batch = Batch(x=None, l=jnp.zeros((n, 2)), t=jnp.full((n,), t))
+        v, _ = _run(cfg, batch, _truth_sites(truth), n_cells=n, seed=seed)
+        z = np.asarray(v["z"], np.float64)
+        np.testing.assert_allclose(z.mean(0), truth.mu, atol=0.03)
+        np.testing.assert_allclose(np.cov(z.T), truth.Sigma_0, atol=0.02)
 
 
 # ------------------------------------------------------------------------------------------
@@ -533,12 +559,50 @@ def test_order_from_effects_recovers_the_order_of_relabelled_programs(seed):
                                         seed=seed)
     W = equilibrium_shift(truth.B, truth.S)
     perm = np.random.default_rng(seed).permutation(4)  # fitted program i = true program perm[i]
-    order, b_hat = order_from_effects(W[perm])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # single targets: nothing to warn about
+        order, b_hat = order_from_effects(W[perm])
     true_order = [int(np.flatnonzero(perm == j)[0]) for j in range(4)]
     assert order == true_order
     np.testing.assert_allclose(b_hat, truth.B[np.ix_(perm, perm)], atol=1e-8)
     with pytest.raises(ValueError, match="K >= l"):
         order_from_effects(W[:, :3])
+
+
+def _dense_case(seed=0, ell=3):
+    _, truth = simulate_latent_dynamics(n_programs=ell, n_perturbations=ell, edge_prob=1.0, n_cells=2, n_genes=3,
+                                        seed=seed)
+    S = np.random.default_rng(seed).normal(size=(ell, ell))  # every program targeted, none alone
+    return truth.B, S, equilibrium_shift(truth.B, S)
+
+
+def test_order_from_effects_warns_when_dense_targets_leave_the_order_unidentified():
+    """Issue 16 item 4: with dense targets W does not determine the order (a reverse-order B'
+    reproduces W exactly); given the targets' support, order_from_effects says so."""
+    B, S, W = _dense_case()
+    B_rev = np.triu(np.random.default_rng(1).normal(size=B.shape), 1)  # acyclic in the reverse order
+    _, S_rev = w_to_bs(W, B_rev)
+    np.testing.assert_allclose(equilibrium_shift(B_rev, S_rev), W, atol=1e-10)
+    with pytest.warns(UserWarning, match="NOT identified"):
+        order, b_hat = order_from_effects(W, targets=S != 0)
+    assert np.abs(b_hat - B).max() > 0.1  # the order/B read is one of many consistent with W
+
+
+def test_order_from_effects_uses_the_sole_target_perturbations():
+    """Single-target perturbations next to dense ones: with the targets' support the order and B
+    are recovered exactly from the sole-target columns, without a warning."""
+    _, truth = simulate_latent_dynamics(n_programs=4, n_perturbations=4, edge_prob=1.0, n_cells=2, n_genes=3, seed=2)
+    dense = np.random.default_rng(0).normal(size=(4, 3)) * 3.0
+    S = np.hstack([dense, truth.S])  # 3 dense perturbations first, then one per program
+    W = equilibrium_shift(truth.B, S)
+    perm = np.array([2, 0, 3, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        order, b_hat = order_from_effects(W[perm], targets=(S != 0)[perm])
+    assert order == [int(np.flatnonzero(perm == j)[0]) for j in range(4)]
+    np.testing.assert_allclose(b_hat, truth.B[np.ix_(perm, perm)], atol=1e-8)
+    with pytest.raises(ValueError, match="shape of W"):
+        order_from_effects(W, targets=S[:, :3] != 0)
 
 
 def test_acyclicity_penalty_enters_the_log_density():

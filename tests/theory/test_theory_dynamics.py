@@ -5,15 +5,18 @@ import json
 import numpy as np
 import pytest
 
+from perturbax.data import simulate_latent_dynamics
 from perturbax.theory import (
     FAIL,
     OK,
     WARNING,
     bs_to_w,
     check_dynamics,
+    check_order_from_effects,
     check_targets,
     check_variability,
     count_contexts,
+    dynamics_context_moments,
     equivalent_bs,
     natural_parameters,
     w_to_bs,
@@ -25,14 +28,18 @@ VARS = np.array([[1, 1], [1, 1], [1, 1], [2, 1], [1, 2]], dtype=float)
 
 
 def test_full_sufficient_variability():
-    rep = check_variability(means=MEANS, variances=VARS)
+    rep = check_variability(means=MEANS, variances=VARS, independent=True)
     # differences of eta = [m/v, -1/(2v)] are e1, e2, 0.25 e3, 0.25 e4
     assert rep.condition == "full" and rep.status == OK
+    assert rep.identified_up_to == "permutation and scaling"
     assert rep.rank == 4 == rep.required and rep.mean_rank == 2
     np.testing.assert_allclose(rep.singular_values, [1, 1, 0.25, 0.25], atol=1e-12)
     assert rep.variance_varies.tolist() == [True, True]
     same = check_variability(natural_parameters(MEANS, VARS))
     assert same.condition == "full" and same.rank == 4
+    # without the independence premise (not checked) the rank alone claims no more than an affine map
+    assert same.status == WARNING and same.independent is None and same.identified_up_to == "affine map at best"
+    assert "not checked" in same.message and "permutation and scaling" not in same.identified_up_to
 
 
 def test_mean_only_is_the_weaker_case():
@@ -123,8 +130,8 @@ def test_check_dynamics_combines():
     design = np.vstack([np.zeros(2), np.eye(2), np.eye(2)])
     times = [0, 1, 1, 2, 2]
     S = np.eye(2)
-    rep = check_dynamics(design, times, targets=S, means=MEANS, variances=VARS)
-    assert rep.status == OK
+    rep = check_dynamics(design, times, targets=S, means=MEANS, covariances=np.stack([np.diag(v) for v in VARS]))
+    assert rep.status == OK and rep.variability.independent
     assert rep.contexts.n_contexts == 5 and rep.contexts.latent_dim == 2
     assert rep.variability.condition == "full" and rep.targets.status == OK
     d = json.loads(rep.to_json())
@@ -161,3 +168,73 @@ def test_bs_to_w_is_differentiable_in_jax():
     # dW = W dB W, so d W[1, 0] / d B[i, j] = W[1, i] W[j, 0] with W = [[1, 0], [0.5, 1]]
     g = jax.grad(lambda b: bs_to_w(b, S)[1, 0])(B)
     np.testing.assert_allclose(np.asarray(g), [[0.5, 0.25], [1.0, 0.5]], atol=1e-6)
+
+
+def test_check_order_from_effects_needs_a_sole_target_per_program():
+    """Issue 16 item 4: every program targeted is not enough to read the order from W; each
+    program needs a perturbation that targets it alone."""
+    dense = np.array([[1.0, 0.5, 0.0], [0.3, 1.0, 0.4], [0.0, 0.2, 1.0]])
+    rep = check_order_from_effects(dense, program_names=["a", "b", "c"])
+    assert rep.status == FAIL and not rep.identified and rep.missing == ("a", "b", "c")
+    assert rep.sole_target == (-1, -1, -1) and "NOT identified" in rep.message
+    assert check_targets(dense, control_present=True).status == OK  # the targeting condition holds
+    single = np.hstack([dense[:, :2], np.diag([2.0, -1.0, 0.0]), dense[:, 2:]])  # sole targets of a and b
+    rep2 = check_order_from_effects(single)
+    assert rep2.status == FAIL and rep2.sole_target == (2, 3, -1) and rep2.missing == ("z3",)
+    ok = check_order_from_effects(np.hstack([single, [[0.0], [0.0], [0.7]]]))
+    assert ok.status == OK and ok.identified and ok.sole_target == (2, 3, 6)
+    assert json.loads(ok.to_json())["sole_target"] == {"z1": 2, "z2": 3, "z3": 6}
+    assert "Causal order from W: OK" in ok.render()
+    with pytest.raises(ValueError, match="n_programs, K"):
+        check_order_from_effects(np.ones(3))
+
+
+def _dynamics_design():
+    """The training contexts of benchmarks/dynamics.py: control, 4 singles and the training doubles,
+    each at 5 times; 4 programs with every edge j -> i."""
+    _, truth = simulate_latent_dynamics(n_programs=4, n_perturbations=4, edge_prob=1.0, n_cells=2, n_genes=3, seed=0)
+    times = (0.25, 0.5, 1.0, 2.0, 3.0)
+    labels = [lab for lab in truth.train_labels for _ in times]
+    ts = np.array([t for _ in truth.train_labels for t in times])
+    design = np.stack([truth.label_vector(lab) for lab in labels])
+    return truth, labels, design, ts
+
+
+def test_variability_verdict_for_the_dynamics_model_needs_independent_programs():
+    """Issue 16 item 6: the rank-2l condition met by the latent dynamics model's contexts does not
+    identify its programs up to permutation and scaling: they are correlated within a context."""
+    truth, labels, design, ts = _dynamics_design()
+    # relaxing dynamics (as in the benchmark): the variances change over time and reach rank 2l ...
+    means = np.stack([truth.latent_mean(lab, t) for lab, t in zip(labels, ts)])
+    covs = np.stack([truth.expm(t) @ truth.Sigma_0 @ truth.expm(t).T for t in ts])  # relaxing, no diffusion
+    variances = np.diagonal(covs, axis1=1, axis2=2)
+    rep = check_variability(means=means, variances=variances)
+    assert rep.rank == 8 and rep.condition == "full"
+    assert "permutation and scaling" not in rep.message.split("which would")[0]
+    assert rep.status == WARNING and "affine map at best" in rep.message
+    # ... but the programs are strongly correlated within each context: the premise fails
+    rep = check_variability(means=means, covariances=covs)
+    assert rep.independent is False and rep.max_correlation > 0.5
+    assert rep.identified_up_to == "affine map at best" and "NOT independent" in rep.message
+    m2, c2 = dynamics_context_moments(truth.B, truth.S, truth.mu, truth.Sigma_0, design, ts, heterogeneity="relaxing")
+    np.testing.assert_allclose(m2, means, atol=1e-10)
+    np.testing.assert_allclose(c2, covs, atol=1e-10)
+    # the default (persistent) dynamics: only the means move, the affine class at best
+    m, c = dynamics_context_moments(truth.B, truth.S, truth.mu, truth.Sigma_0, design, ts)
+    dyn = check_dynamics(design, ts, latent_dim=4, targets=truth.S, means=m, covariances=c)
+    assert dyn.variability.condition == "mean_only" and dyn.variability.identified_up_to == "affine map at best"
+    assert "permutation and scaling" not in dyn.message
+
+
+def test_variability_verdict_claims_permutation_and_scaling_when_the_premises_hold():
+    """Independent programs whose means and variances vary in all 2l directions."""
+    covs = np.stack([np.diag(v) for v in VARS])
+    rep = check_variability(means=MEANS, covariances=covs)
+    assert rep.status == OK and rep.independent and rep.max_correlation == 0.0
+    assert rep.identified_up_to == "permutation and scaling" and "permutation and scaling" in rep.message
+    covs[3, 0, 1] = covs[3, 1, 0] = 0.5  # one correlated context breaks the premise
+    bad = check_variability(means=MEANS, covariances=covs)
+    assert bad.status == WARNING and bad.independent is False and bad.identified_up_to == "affine map at best"
+    assert "programs independent given the context: NO" in bad.render()
+    with pytest.raises(ValueError, match="covariances"):
+        check_variability(means=MEANS, variances=VARS, covariances=covs)

@@ -646,13 +646,15 @@ class LatentDynamicsTruth:
     Basal state ``z(0) ~ N(mu, Sigma_0)``; the perturbation is switched on at ``t = 0``; cells are
     decoded as ``x = f([z(t), eta])``. Two readings of the drift (``heterogeneity``):
 
+    - ``"persistent"`` (the default): every cell's basal state is its own steady state,
+      ``dz/dt = (B - I)(z - z(0)) + S l``, so ``z(t) = z(0) + (I - e^{At}) W_eq l``; control cells
+      stay at ``z(0)`` and the covariance stays ``Sigma_0``: the control population is stationary
+      (mean-only context effects). Per snapshot this is the law an Ornstein-Uhlenbeck process started
+      in a stationary law ``N(mu, Sigma_0)`` would give (where a diffusion making it stationary exists).
     - ``"relaxing"`` (DESIGN 2.2 literally): ``dz/dt = (B - I)(z - mu) + S l``; a cell's deviation
       from ``mu`` relaxes, so ``z(t) = mu + (I - e^{At}) W_eq l + e^{At}(z(0) - mu)`` and the
-      covariance of ``z(t)`` shrinks from ``Sigma_0`` (time-dependent covariances are extra
-      information about ``B``). Control cells are ``mu + e^{At}(z(0) - mu)``.
-    - ``"persistent"``: every cell's basal state is its own steady state,
-      ``dz/dt = (B - I)(z - z(0)) + S l``, so ``z(t) = z(0) + (I - e^{At}) W_eq l``; control cells
-      stay at ``z(0)`` and the covariance stays ``Sigma_0`` (mean-only context effects).
+      covariance of ``z(t)`` shrinks from ``Sigma_0`` to 0 for every population, the control
+      included (not stationary). Control cells are ``mu + e^{At}(z(0) - mu)``.
 
     With ``diffusion > 0`` a Brownian term ``diffusion * dW`` is added in both readings.
     The population mean ``mu + (I - e^{At}) W_eq l`` is the same for both.
@@ -686,7 +688,7 @@ class LatentDynamicsTruth:
     test_labels: tuple[str, ...]
     groups: Mapping[str, str]
     seed: int
-    heterogeneity: str = "relaxing"
+    heterogeneity: str = "persistent"
 
     @property
     def n_programs(self) -> int:
@@ -857,7 +859,7 @@ def simulate_latent_dynamics(
     target: Literal["single", "random"] | np.ndarray = "single",
     doubles: DoublesSpec = "half",
     diffusion: float = 0.0,
-    heterogeneity: Literal["relaxing", "persistent"] = "relaxing",
+    heterogeneity: Literal["relaxing", "persistent"] = "persistent",
     edge_weight: tuple[float, float] = (0.5, 1.5),
     target_strength: tuple[float, float] = (1.0, 2.0),
     basal_sd: tuple[float, float] = (0.3, 0.6),
@@ -873,17 +875,18 @@ def simulate_latent_dynamics(
 ) -> tuple[Any, LatentDynamicsTruth]:
     """Simulate time courses under the linear latent dynamical causal model (DESIGN 2.2).
 
-    ``dz/dt = (B - I)(z - mu) + S l``, ``z(0) ~ N(mu, Sigma_0)`` (the control state), the
-    perturbation switched on at ``t = 0``; each cell is a snapshot at its own time
+    ``dz/dt = (B - I)(z - a) + S l`` with ``a = z(0)`` (default) or ``mu`` (``heterogeneity``),
+    ``z(0) ~ N(mu, Sigma_0)`` (the control state), the perturbation switched on at ``t = 0``; each cell is a snapshot at its own time
     (``obs["time"]``, hours) decoded by the same kind of random decoder as
     :func:`simulate_additive_shift`.
 
     ``heterogeneity`` chooses what happens to a cell's basal deviation ``z(0) - mu`` (see
-    :class:`LatentDynamicsTruth`): ``"relaxing"`` (default, DESIGN 2.2 as written) lets it decay
-    with ``e^{(B-I)t}``, so the latent covariance shrinks over time for every condition, the
-    control included; ``"persistent"`` makes ``z(0)`` each cell's own steady state,
-    ``dz/dt = (B - I)(z - z(0)) + S l``, so control cells stay at ``z(0)`` and the covariance stays
-    ``Sigma_0``. Both have the same population mean ``mu + (I - e^{(B-I)t}) W_equilibrium l``.
+    :class:`LatentDynamicsTruth`): ``"persistent"`` (default) makes ``z(0)`` each cell's own steady
+    state, ``dz/dt = (B - I)(z - z(0)) + S l``, so control cells stay at ``z(0)`` and the covariance
+    stays ``Sigma_0`` (the control population is stationary); ``"relaxing"`` (DESIGN 2.2 as
+    written) lets it decay with ``e^{(B-I)t}``, so the latent covariance shrinks to 0 over time for
+    every condition, the control included. Both have the same population mean
+    ``mu + (I - e^{(B-I)t}) W_equilibrium l``.
 
     - ``B``: strictly lower triangular; each edge ``j -> i`` (``j < i``) present with probability
       ``edge_prob``, random sign, ``|w| ~ U(edge_weight)``. ``B - I`` then has all eigenvalues -1,

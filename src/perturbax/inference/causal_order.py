@@ -8,6 +8,12 @@ of ``B`` come out wrong. :func:`refit_in_causal_order` reads the order from the 
 effects ``W = (I - B)^{-1} S`` -- which do not depend on the mask -- with
 :func:`~perturbax.models.order_from_effects` and refits on the mask of that order, starting from
 the fitted encoder and decoder so the latent coordinates stay where they are.
+
+The order is identified by ``W`` only when every program is the sole direct target of some
+perturbation (:func:`perturbax.theory.check_order_from_effects`). With a ``target_mask`` in the
+fit's config that condition is checked (a ``UserWarning`` when it fails); without one it cannot
+be checked from ``W`` and the order read is an assumption (a warning only when ``B_hat`` shows it
+fails, see :func:`~perturbax.models.order_from_effects`).
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ __all__ = ["fitted_causal_order", "refit_in_causal_order"]
 
 def fitted_causal_order(result: FitResult, *, num_samples: int = 200, seed: int = 0) -> tuple[list[int], np.ndarray]:
     """``(order, B_hat)`` from the posterior-mean total effects ``W`` of a linear or mechanism
-    latent dynamics fit (:func:`~perturbax.models.order_from_effects`; needs at least as many
-    elementary perturbations as programs)."""
+    latent dynamics fit (:func:`~perturbax.models.order_from_effects`, with the config's
+    ``target_mask`` as the targets' support when it has one; needs at least as many elementary
+    perturbations as programs). Warns when the order is not identified (module docstring)."""
     cfg = result.config
     if not isinstance(cfg, LatentDynamicsConfig) or cfg.drift == "neural":
         raise ValueError(
@@ -39,7 +46,7 @@ def fitted_causal_order(result: FitResult, *, num_samples: int = 200, seed: int 
         )
     draws = posterior_draws(result, num_samples, seed=seed)
     W = np.asarray(draws["W"], dtype=np.float64).mean(0)
-    return order_from_effects(W)
+    return order_from_effects(W, targets=cfg.target_mask)
 
 
 def refit_in_causal_order(
@@ -65,7 +72,10 @@ def refit_in_causal_order(
     one, so the refit with the lowest held-out loss is returned (ties and no held-out split: the
     later one). ``info["causal_order"]`` of the result holds the order of its mask (causes
     first), ``info["order_rounds"]`` the orders read in each round, ``info["order_round_losses"]``
-    the held-out loss of each refit and ``info["order_from"]`` the last ``B_hat``. If the first
+    the held-out loss of each refit, ``info["order_from"]`` the last ``B_hat`` and
+    ``info["order_identified"]`` whether the targets' support makes the order identifiable from ``W``
+    (:func:`~perturbax.theory.check_order_from_effects` on the config's ``target_mask``; ``None``
+    without one: not checkable from ``W``). If the first
     order read matches the input fit's mask, the input fit is returned unchanged (apart from those
     ``info`` entries).
     """
@@ -95,8 +105,17 @@ def refit_in_causal_order(
     # the refit with the lowest held-out loss (the last one when there is no held-out split)
     best = min(reversed(refits), key=_held_out_loss) if refits else result
     info = {**best.info, "causal_order": causal_order(best.config.mask), "order_rounds": rounds,
-            "order_round_losses": [_held_out_loss(r) for r in refits], "order_from": b_hat.tolist()}
+            "order_round_losses": [_held_out_loss(r) for r in refits], "order_from": b_hat.tolist(),
+            "order_identified": _order_identified(result.config)}
     return dataclasses.replace(best, info=info)  # (the input fit is never modified)
+
+
+def _order_identified(cfg: LatentDynamicsConfig) -> bool | None:
+    if cfg.target_mask is None:
+        return None
+    from perturbax.theory.dynamics import check_order_from_effects
+
+    return check_order_from_effects(np.asarray(cfg.target_mask)).identified
 
 
 def _held_out_loss(res: FitResult) -> float:

@@ -2,7 +2,8 @@
 
 ``l`` latent programs ``z(t)`` evolve after the perturbation is switched on at ``t = 0``:
 
-    z(0) = z_base ~ N(a, Sigma_0)              a = mu (+ V c): the control steady state
+    z(0) = z_base ~ N(a, Sigma_0)              a = mu (+ V c); the control steady state under the
+                                               default heterogeneity="persistent"
     dz/dt = F(z - a) + S l                     F(0) = 0; Jacobian of F = -I + entries on the
                                                causal mask (default: strictly lower triangular)
     x_i ~ likelihood(decoder([z(t_i), s_i]))   each cell a snapshot at its own time t_i
@@ -36,10 +37,24 @@ Drift variants (``LatentDynamicsConfig.drift``):
     ``B_l`` keeps the mask, so the dynamics stay stable; the equilibrium is
     ``a + (I - B_l)^{-1} S l``.
 
-``heterogeneity`` (as in :func:`perturbax.data.simulate_latent_dynamics`): ``"relaxing"`` (the
-default, DESIGN 2.2 literally: each cell's deviation ``z(0) - a`` relaxes with ``E_t``) or
-``"persistent"`` (each cell's own basal state is its steady state: ``a`` is replaced by
-``z(0)``, so ``z(t) = z(0) + (I - E_t) W l``).
+``heterogeneity`` (as in :func:`perturbax.data.simulate_latent_dynamics`):
+
+``"persistent"`` (the default)
+    Each cell's own basal state is its steady state: ``a`` is replaced by ``z(0)``, so
+    ``z(t) = z(0) + (I - E_t) W l`` and the control population is STATIONARY: ``z(t) = z(0) ~
+    N(a, Sigma_0)`` at every time, so ``N(a, Sigma_0)`` is the control steady state. For the
+    linear drift each snapshot then has the law ``N(a + (I - E_t) W l, Sigma_0)``, the same as an
+    Ornstein-Uhlenbeck process started in its stationary law ``N(a, Sigma_0)`` would give
+    (where one exists: diffusion ``D D^T = -(A Sigma_0 + Sigma_0 A^T)`` positive semi-definite,
+    ``A = B - I``); each cell is one snapshot, so only that law is observed.
+``"relaxing"``
+    DESIGN 2.2 literally: each cell's deviation ``z(0) - a`` relaxes with ``E_t`` and nothing
+    replaces it, so the latent covariance is ``E_t Sigma_0 E_t^T`` (plus the diffusion's
+    ``sigma^2 Q_t``): without diffusion the spread of every population, the control's included,
+    decays to 0 over time. NOT stationary; ``N(a, Sigma_0)`` is the state at ``t = 0`` only.
+
+With ``diffusion=True`` the persistent reading adds ``sigma^2 Q_t`` to ``Sigma_0`` (the control
+spreads over time); only the default (persistent, no diffusion) keeps the control stationary.
 
 Diffusion (``diffusion=True``, linear and mechanism drifts only): ``dz = drift dt + sigma dW``.
 Because each cell is a single snapshot no path is needed: ``z(t)`` is drawn from the EXACT
@@ -133,6 +148,7 @@ __all__ = [
     "order_mask",
     "causal_order",
     "order_from_effects",
+    "order_violation",
     "acyclicity_measure",
     "is_acyclic",
     "check_times",
@@ -195,22 +211,39 @@ def causal_order(B: Any) -> list[int]:
     return order
 
 
-def order_from_effects(W: Any) -> tuple[list[int], np.ndarray]:
+def order_from_effects(
+    W: Any, targets: Any = None, *, cycle_tol: float = 0.05
+) -> tuple[list[int], np.ndarray]:
     """A causal order of the programs read from the total effects ``W = (I - B)^{-1} S``
-    (``l x K``, one column per elementary perturbation, ``K >= l``), assuming each program is the
-    direct target of (at least) one perturbation -- the targeting condition of the theory.
+    (``l x K``, one column per elementary perturbation, ``K >= l``). Returns ``(order, B_hat)``.
 
-    ``l`` perturbations with linearly independent columns of ``W`` are chosen (QR with column
-    pivoting); for them ``W_sub^{-1} = S_sub^{-1} (I - B)``, so the row of a perturbation that
-    targets only program ``i`` is proportional to ``e_i - B[i]``. Programs are matched to perturbations
-    by minimising ``sum 1 / |entry|`` (Hungarian), each matched row is scaled to a unit diagonal,
-    ``B_hat = I - rows`` and the order is :func:`causal_order` of ``B_hat``. ``W`` depends on the
-    program order only through the fit, not through the causal mask, so this reads the order
-    from a fit made under ANY mask (e.g. the default one) -- the ICA-LiNGAM idea applied to the
-    latent shifts. Returns ``(order, B_hat)``.
+    Identified only when every program is the SOLE direct target of some perturbation
+    (:func:`perturbax.theory.check_order_from_effects`); targeting every program is not enough:
+    with programs only ever targeted together, every acyclic ``B'`` reproduces ``W`` with
+    ``S' = (I - B') W``, whatever the order. For ``l`` perturbations that each target one
+    program, ``W_sub^{-1} = S_sub^{-1} (I - B)`` has the row of the perturbation that targets
+    program ``i`` proportional to ``e_i - B[i]``. Programs are matched to perturbations by
+    minimising ``sum 1 / |entry|`` (Hungarian), each matched row is scaled to a unit diagonal,
+    ``B_hat = I - rows`` and the order is :func:`causal_order` of ``B_hat`` (the ICA-LiNGAM idea
+    applied to the latent shifts). ``W`` does not depend on the causal mask of a fit, so this
+    reads the order from a fit made under any mask.
+
+    ``targets`` (``l x K``, the support of ``S`` in the same program labelling, e.g. a fit's
+    ``target_mask``): the condition is checked, and the columns of sole-target perturbations are
+    used; a ``UserWarning`` says when the condition fails (the result is then one of many orders
+    consistent with ``W``). Without ``targets`` the condition cannot be checked from ``W``: ``l``
+    perturbations with linearly independent columns are used (QR with column pivoting) and a
+    ``UserWarning`` is raised only when ``B_hat`` shows the condition fails -- more than
+    ``cycle_tol`` of its squared weight points against the order read (exactly 0 when the chosen
+    perturbations each target one program). Dense targets can still give an acyclic, wrong
+    ``B_hat`` without a warning.
     """
+    import warnings
+
     import scipy.linalg as sla
     from scipy.optimize import linear_sum_assignment
+
+    from perturbax.theory.dynamics import check_order_from_effects
 
     w = np.asarray(W, dtype=np.float64)
     if w.ndim != 2 or w.shape[1] < w.shape[0]:
@@ -218,9 +251,21 @@ def order_from_effects(W: Any) -> tuple[list[int], np.ndarray]:
             f"W must be l x K with K >= l (at least one perturbation per program), got shape {w.shape}. "
             f"With fewer perturbations than programs the causal order cannot be read from the shifts."
         )
-    # l perturbations with linearly independent effects (QR with column pivoting; two
-    # perturbations with the same target have parallel columns), then W_sub^-1 = S_sub^-1 (I - B).
-    cols_used = np.sort(sla.qr(w, mode="r", pivoting=True)[1][: w.shape[0]])
+    ell = w.shape[0]
+    cols_used = None
+    if targets is not None:
+        tm = np.asarray(targets)
+        if tm.shape != w.shape:
+            raise ValueError(f"targets must have the shape of W, {w.shape}, got {tm.shape}.")
+        report = check_order_from_effects(tm)
+        if report.identified:
+            cols_used = np.asarray(report.sole_target)
+        else:
+            warnings.warn(f"order_from_effects: {report.message}", UserWarning, stacklevel=2)
+    if cols_used is None:
+        # l perturbations with linearly independent effects (QR with column pivoting; two
+        # perturbations with the same target have parallel columns), then W_sub^-1 = S_sub^-1 (I - B).
+        cols_used = np.sort(sla.qr(w, mode="r", pivoting=True)[1][:ell])
     m = np.linalg.inv(w[:, cols_used])  # (l, l): rows = the chosen perturbations
     # programs -> perturbations minimising sum 1/|m| (ICA-LiNGAM): m is triangular up to
     # permutations, and the diagonal is the only matching that avoids its zeros.
@@ -229,8 +274,30 @@ def order_from_effects(W: Any) -> tuple[list[int], np.ndarray]:
     diag = np.diag(matched)
     if np.any(np.abs(diag) < 1e-12):
         raise ValueError("A program has no perturbation with a direct effect on it; the order is not identified.")
-    b_hat = np.eye(w.shape[0]) - matched / diag[:, None]
-    return causal_order(b_hat), b_hat
+    b_hat = np.eye(ell) - matched / diag[:, None]
+    order = causal_order(b_hat)
+    backward = order_violation(b_hat, order)
+    if targets is None and backward > cycle_tol:
+        warnings.warn(
+            f"order_from_effects: {backward:.0%} of the squared weight of B_hat read from W points against the "
+            f"order {order}, so the perturbations used do not each target a single program and the causal order "
+            f"is not identified by W (every acyclic B' reproduces W with S' = (I - B') W). Give the targets' "
+            f"support (targets=, e.g. a target_mask) if it is known, or read B from a time course's transients.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return order, b_hat
+
+
+def order_violation(B: Any, order: Sequence[int]) -> float:
+    """Fraction of the squared off-diagonal weight of ``B`` on edges that point against ``order``
+    (causes first): 0 for weights that are acyclic in that order."""
+    b = np.asarray(B, dtype=np.float64) ** 2
+    off = b * (1 - np.eye(b.shape[0]))
+    total = float(off.sum())
+    if total == 0:
+        return 0.0
+    return float((off * (1 - order_mask(order))).sum() / total)
 
 
 def acyclicity_measure(B: Float[Array, "l l"]) -> Float[Array, ""]:
@@ -375,7 +442,9 @@ class LatentDynamicsConfig:
         ``"learned"``: ``mu ~ N(0, mu_scale^2)``, ``basal_sd ~ HalfNormal(basal_sd_scale)``;
         ``"standard"``: ``mu = 0``, ``Sigma_0 = I`` (removes the affine gauge of the latent space).
     heterogeneity
-        ``"relaxing"`` or ``"persistent"`` (module docstring).
+        ``"persistent"`` (default: the control population is stationary, ``N(a, Sigma_0)`` at every
+        time) or ``"relaxing"`` (every population's spread decays as ``E_t Sigma_0 E_t^T``; not
+        stationary); module docstring.
     diffusion, diffusion_scale
         Add Brownian noise ``sigma dW`` (exact OU transition; linear/mechanism drifts only) with
         ``sigma ~ HalfNormal(diffusion_scale)``.
@@ -416,7 +485,7 @@ class LatentDynamicsConfig:
     basal: Literal["learned", "standard"] = "learned"
     mu_scale: float = 1.0
     basal_sd_scale: float = 1.0
-    heterogeneity: Literal["relaxing", "persistent"] = "relaxing"
+    heterogeneity: Literal["relaxing", "persistent"] = "persistent"
     diffusion: bool = False
     diffusion_scale: float = 0.3
     learn_rate: bool = False

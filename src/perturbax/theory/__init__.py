@@ -14,7 +14,8 @@ Design level (no data needed):
 Dynamics level (latent dynamical causal programs):
 
 - :func:`count_contexts`, :func:`check_variability`, :func:`check_targets`,
-  :func:`check_dynamics`; conversions :func:`bs_to_w`, :func:`w_to_bs`, :func:`equivalent_bs`.
+  :func:`check_dynamics`, :func:`check_order_from_effects`, :func:`dynamics_context_moments`;
+  conversions :func:`bs_to_w`, :func:`w_to_bs`, :func:`equivalent_bs`.
 
 Model level:
 
@@ -37,13 +38,16 @@ from perturbax.theory.design import SCHEMA, CoverageResult, DesignReport, check_
 from perturbax.theory.dynamics import (
     ContextReport,
     DynamicsReport,
+    OrderReport,
     TargetReport,
     VariabilityReport,
     bs_to_w,
     check_dynamics,
+    check_order_from_effects,
     check_targets,
     check_variability,
     count_contexts,
+    dynamics_context_moments,
     equivalent_bs,
     natural_parameters,
     w_to_bs,
@@ -92,11 +96,14 @@ __all__ = [
     "VariabilityReport",
     "TargetReport",
     "DynamicsReport",
+    "OrderReport",
     "count_contexts",
     "check_variability",
     "check_targets",
     "check_dynamics",
+    "check_order_from_effects",
     "natural_parameters",
+    "dynamics_context_moments",
     "bs_to_w",
     "w_to_bs",
     "equivalent_bs",

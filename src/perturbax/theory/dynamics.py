@@ -10,12 +10,22 @@ enough (iVAE / latent-causal-model style results, see ``notes/identifiability.md
 - :func:`check_variability`: *sufficient variability*. With per-context Gaussian latent
   parameters (means ``m``, variances ``v`` per program) the natural parameters are
   ``eta = [m / v, -1 / (2 v)]`` in ``R^{2l}``; the stacked differences ``eta(u_k) - eta(u_0)``
-  must have rank ``2l`` (needs at least ``2l + 1`` contexts). If only the means vary, the
-  variance half is zero and the best possible is the weaker *mean-only* condition (rank ``l`` of the
-  mean shifts), which identifies the programs only up to an affine map.
+  must have rank ``2l`` (needs at least ``2l + 1`` contexts). That rank gives programs identified
+  up to permutation and scaling only under the premise of the iVAE result that the programs are
+  INDEPENDENT given the context (within-context covariance diagonal); checked when the
+  covariances are given. The latent dynamics model does not meet it in general: its programs
+  are coupled through the shared ``B`` (correlated within a context under relaxing
+  heterogeneity) or only their means change (the default, persistent heterogeneity). If only the
+  means vary (or the premise fails), the best possible is the weaker *mean-only* condition (rank
+  ``l`` of the mean shifts), which identifies the programs only up to an affine map.
+- :func:`dynamics_context_moments`: the per-context latent means and covariances that the linear
+  dynamics model implies, the input of :func:`check_variability` for a model's own design.
 - :func:`check_targets`: intervention targets. Every program is targeted by some measured
   perturbation, no two programs are always targeted together, and control cells are present.
 - :func:`check_dynamics`: all of the above in one report.
+- :func:`check_order_from_effects`: whether the causal order of the programs (and ``B``) can be
+  read from the total effects ``W = (I - B)^{-1} S`` given the targets' support: only when every
+  program is the SOLE target of some perturbation.
 
 The linear model links to the additive-shift model through ``W = (I - B)^{-1} S``
 (:func:`bs_to_w`); ``W`` alone does not determine ``B`` and ``S`` (:func:`w_to_bs`,
@@ -42,11 +52,14 @@ __all__ = [
     "VariabilityReport",
     "TargetReport",
     "DynamicsReport",
+    "OrderReport",
     "count_contexts",
     "check_variability",
     "check_targets",
     "check_dynamics",
+    "check_order_from_effects",
     "natural_parameters",
+    "dynamics_context_moments",
     "bs_to_w",
     "w_to_bs",
     "equivalent_bs",
@@ -279,6 +292,17 @@ class VariabilityReport(ReportMixin):
     missing_directions
         Unit directions in natural-parameter coordinates (``"m/v[z]"``, ``"-1/2v[z]"``) that no
         context moves along (at most 5).
+    independent
+        The premise that the programs are independent given the context: ``True``/``False`` from
+        the covariances (every within-context correlation at most ``corr_tol`` in absolute value)
+        or as asserted by the caller, ``None`` when not checked.
+    max_correlation
+        Largest absolute within-context correlation between two programs (``None`` without
+        covariances).
+    identified_up_to
+        The verdict: ``"permutation and scaling"`` (full rank and independent programs),
+        ``"affine map at best"`` (the mean shifts have rank ``l`` but the full condition or its
+        premise fails or is unchecked) or ``"not identified"``.
     """
 
     status: str
@@ -296,12 +320,18 @@ class VariabilityReport(ReportMixin):
     tolerance: float
     program_names: tuple[str, ...]
     missing_directions: tuple[dict[str, float], ...]
+    independent: bool | None = None
+    max_correlation: float | None = None
+    identified_up_to: str = "not identified"
 
     def to_dict(self) -> dict:
         return {
             "status": self.status,
             "message": self.message,
             "condition": self.condition,
+            "identified_up_to": self.identified_up_to,
+            "independent": self.independent,
+            "max_correlation": self.max_correlation,
             "latent_dim": self.latent_dim,
             "n_contexts": self.n_contexts,
             "rank": self.rank,
@@ -321,6 +351,10 @@ class VariabilityReport(ReportMixin):
             f"Sufficient variability: {self.status.upper()} ({self.condition})",
             f"  {self.n_contexts} contexts, {self.latent_dim} programs; rank {self.rank} of {self.required} "
             f"(mean shifts: rank {self.mean_rank} of {self.latent_dim}); tolerance {fmt(self.tolerance)}",
+            f"  programs independent given the context: "
+            + {True: "yes", False: "NO", None: "not checked"}[self.independent]
+            + ("" if self.max_correlation is None else f" (max |corr| {fmt(self.max_correlation)})")
+            + f"; identified up to: {self.identified_up_to}",
         ]
         if s.size:
             lines.append(f"  singular values: {', '.join(fmt(x) for x in s[:10])}{' ...' if s.size > 10 else ''}")
@@ -342,17 +376,43 @@ def check_variability(
     *,
     means=None,
     variances=None,
+    covariances=None,
+    independent: bool | None = None,
     reference: int = 0,
     rtol: float = 1e-8,
+    corr_tol: float = 0.05,
     program_names: Sequence[str] | None = None,
 ) -> VariabilityReport:
     """Sufficient-variability rank condition on context-dependent latent parameters.
 
     Give either ``natural_params`` ``(n_contexts, 2l)`` (``[m/v, -1/(2v)]`` per context), or
-    ``means`` ``(n_contexts, l)`` with ``variances`` (same shape) -- or ``means`` alone, which can
+    ``means`` ``(n_contexts, l)`` with ``variances`` (same shape) or ``covariances``
+    ``(n_contexts, l, l)`` (the variances are their diagonals) -- or ``means`` alone, which can
     only establish the weaker mean-only condition. ``reference`` is the row of the reference
     context (the control at ``t = 0``). Ranks count singular values above ``rtol * s_max``.
+
+    The rank ``2l`` identifies the programs up to permutation and scaling only if they are
+    independent given the context (the iVAE premise; with an injective decoder). With
+    ``covariances`` that premise is checked (every within-context correlation ``<= corr_tol`` in
+    absolute value); without them pass ``independent=True`` only if the model makes the programs
+    independent given the context. Unchecked or failed, the verdict is at best "up to an affine
+    map" (from the mean shifts), and the status is at best ``warning``.
     """
+    max_corr = None
+    if covariances is not None:
+        if natural_params is not None or variances is not None or means is None:
+            raise ValueError("Give covariances with means, and without variances or natural_params.")
+        cov = np.asarray(covariances, dtype=np.float64)
+        n_ctx, ell_m = np.shape(means) if np.ndim(means) == 2 else (-1, -1)
+        if cov.shape != (n_ctx, ell_m, ell_m):
+            raise ValueError(f"covariances must be (n_contexts, l, l) matching means, got shape {cov.shape}.")
+        variances = np.diagonal(cov, axis1=1, axis2=2).copy()
+        if np.any(variances <= 0) or not np.isfinite(cov).all():
+            raise ValueError("covariances must be finite with positive diagonals.")
+        sd = np.sqrt(variances)
+        corr = cov / (sd[:, :, None] * sd[:, None, :])
+        max_corr = float(np.abs(corr[:, ~np.eye(ell_m, dtype=bool)]).max()) if ell_m > 1 else 0.0
+        independent = max_corr <= corr_tol
     if natural_params is not None:
         if means is not None or variances is not None:
             raise ValueError("Give natural_params or means/variances, not both.")
@@ -397,15 +457,43 @@ def check_variability(
 
     if means_only:
         rank = min(rank, mean_rank)
-    if not means_only and rank == 2 * ell:
-        condition, status = "full", OK
+    if independent is None:
+        premise = (
+            "whether the programs are independent given the context, the premise of that result, was not "
+            "checked (pass covariances=, or independent=True when the model makes them so)"
+        )
+    elif not independent:
+        premise = (
+            "the programs are NOT independent given the context"
+            + (f" (within-context correlation up to {fmt(max_corr)} > {fmt(corr_tol)})" if max_corr is not None else "")
+            + ", the premise of that result (in the latent dynamics model the programs are coupled through the "
+            "shared causal weights B)"
+        )
+    affine = (
+        f"The mean shifts have full rank l = {ell}: the programs are identified only up to an affine map "
+        f"at best (the PDAE class)."
+        if mean_rank == ell else
+        f"The mean shifts have rank {mean_rank} < l = {ell}: not even the affine class is identified."
+    )
+    if not means_only and rank == 2 * ell and independent:
+        condition, status, identified = "full", OK, "permutation and scaling"
         message = (
             f"Sufficient variability holds: the {n} contexts move the natural parameters in all "
             f"2l = {2 * ell} directions (smallest singular value {fmt(s[2 * ell - 1])}, tolerance "
-            f"{fmt(tol)}). With an injective decoder the programs are identified up to permutation and scaling."
+            f"{fmt(tol)}), and the programs are independent given the context"
+            + (f" (max |corr| {fmt(max_corr)})" if max_corr is not None else " (as stated)")
+            + ". With an injective decoder the programs are identified up to permutation and scaling."
+        )
+    elif not means_only and rank == 2 * ell:
+        condition = "full"
+        status = WARNING if mean_rank == ell else FAIL
+        identified = "affine map at best" if mean_rank == ell else "not identified"
+        message = (
+            f"The {n} contexts move the natural parameters in all 2l = {2 * ell} directions, which would "
+            f"identify the programs up to permutation and scaling, but {premise}. {affine}"
         )
     elif mean_rank == ell:
-        condition, status = "mean_only", WARNING
+        condition, status, identified = "mean_only", WARNING, "affine map at best"
         if means_only:
             why = "Only means were given"
         elif not var_varies.any():
@@ -420,11 +508,11 @@ def check_variability(
             f"{why}: the full condition (rank 2l = {2 * ell}) is not met. The mean shifts have full "
             f"rank l = {ell}, the weaker mean-only condition, which identifies the programs only up to "
             f"an affine map (the PDAE class). For the full class, contexts must also change the "
-            f"variances (e.g. measure perturbations at several times), with at least 2l+1 = "
+            f"variances of programs that are independent given the context, with at least 2l+1 = "
             f"{2 * ell + 1} contexts (have {n})."
         )
     else:
-        condition, status = "insufficient", FAIL
+        condition, status, identified = "insufficient", FAIL, "not identified"
         still = [p for p, b in zip(names, mean_varies) if not b]
         message = (
             f"Insufficient variability: the mean shifts have rank {mean_rank} < l = {ell}"
@@ -448,7 +536,51 @@ def check_variability(
         tolerance=tol,
         program_names=names,
         missing_directions=missing,
+        independent=None if independent is None else bool(independent),
+        max_correlation=max_corr,
+        identified_up_to=identified,
     )
+
+
+def dynamics_context_moments(
+    B, S, mu, Sigma_0, design, times, *, heterogeneity: str = "persistent", diffusion: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Latent mean and covariance of ``z(t)`` in each context ``(design[i], times[i])`` under the
+    linear dynamics ``dz/dt = (B - I)(z - a) + S l`` with ``z(0) ~ N(mu, Sigma_0)``, as in
+    :class:`perturbax.models.LatentDynamicsConfig` and :func:`perturbax.data.simulate_latent_dynamics`:
+    mean ``mu + (I - E_t) W l`` (``E_t = e^{(B - I) t}``, ``W = (I - B)^{-1} S``); covariance
+    ``Sigma_0 + Q_t`` (``heterogeneity="persistent"``, ``a = z(0)``) or
+    ``E_t Sigma_0 E_t^T + Q_t`` (``"relaxing"``, ``a = mu``), where ``Q_t`` is what Brownian noise
+    of scale ``diffusion`` adds. Returns ``(means (n, l), covariances (n, l, l))``, the input of
+    :func:`check_variability`.
+    """
+    import scipy.linalg
+
+    B = np.asarray(B, dtype=np.float64)
+    S = np.asarray(S, dtype=np.float64)
+    _check_bs(B, S)
+    ell = B.shape[0]
+    mu = np.broadcast_to(np.asarray(mu, dtype=np.float64), (ell,))
+    Sigma_0 = np.asarray(Sigma_0, dtype=np.float64)
+    if Sigma_0.shape != (ell, ell):
+        raise ValueError(f"Sigma_0 must be ({ell}, {ell}), got shape {Sigma_0.shape}.")
+    L = np.atleast_2d(np.asarray(design, dtype=np.float64))
+    t = np.asarray(times, dtype=np.float64).reshape(-1)
+    if L.shape != (t.size, S.shape[1]):
+        raise ValueError(f"design must be (n, K = {S.shape[1]}) with one time per row; got {L.shape} and {t.size} times.")
+    if heterogeneity not in ("relaxing", "persistent"):
+        raise ValueError(f"heterogeneity={heterogeneity!r} is not supported; use 'persistent' or 'relaxing'.")
+    A = B - np.eye(ell)
+    W = bs_to_w(B, S)
+    P = scipy.linalg.solve_continuous_lyapunov(A, -(diffusion**2) * np.eye(ell)) if diffusion else np.zeros((ell, ell))
+    means, covs = [], []
+    for lab, ti in zip(L, t):
+        E = scipy.linalg.expm(A * ti)
+        means.append(mu + (np.eye(ell) - E) @ (W @ lab))
+        base = Sigma_0 if heterogeneity == "persistent" else E @ Sigma_0 @ E.T
+        c = base + P - E @ P @ E.T
+        covs.append(0.5 * (c + c.T))
+    return np.stack(means), np.stack(covs)
 
 
 # --------------------------------------------------------------------------- targets
@@ -590,6 +722,98 @@ def check_targets(
     )
 
 
+# --------------------------------------------------------------------------- order from W
+@dataclass(frozen=True, eq=False, repr=False)
+class OrderReport(ReportMixin):
+    """Can the causal order of the programs be read from the total effects ``W``?
+
+    Attributes
+    ----------
+    identified
+        Every program is the sole target of at least one perturbation.
+    sole_target
+        Per program, the first perturbation (column of ``S``) that targets it and no other
+        program, or ``-1``.
+    missing
+        Programs without such a perturbation.
+    """
+
+    status: str
+    message: str
+    program_names: tuple[str, ...]
+    identified: bool
+    sole_target: tuple[int, ...]
+    missing: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "status": self.status,
+            "message": self.message,
+            "identified": self.identified,
+            "sole_target": {p: int(k) for p, k in zip(self.program_names, self.sole_target)},
+            "missing": list(self.missing),
+        }
+
+    def render(self) -> str:
+        lines = [f"Causal order from W: {self.status.upper()}"]
+        if self.missing:
+            lines.append(f"  no perturbation targets only: {join_names(self.missing)}")
+        lines.append(f"  {self.message}")
+        return "\n".join(lines)
+
+
+def check_order_from_effects(targets, *, atol: float = 0.0, program_names: Sequence[str] | None = None) -> OrderReport:
+    """Whether the causal order of the programs (and ``B``) is identified by the total effects
+    ``W = (I - B)^{-1} S`` of the linear dynamics, given the support of the targets ``S``
+    (``programs x K``; entries with ``|S| > atol`` count, or a boolean mask).
+
+    The condition is that every program ``i`` is the SOLE direct target of some perturbation
+    ``k`` (``S[:, k]`` nonzero only in row ``i``). Then ``W[:, k] = s (I - B)^{-1} e_i``, the
+    inverse of those ``l`` columns has rows proportional to ``e_i - B[i]``, and ``B`` and its order
+    follow (:func:`perturbax.models.order_from_effects`). Targeting every program is NOT enough:
+    if a program is only ever targeted together with others, ``W`` alone does not determine the
+    order -- for every acyclic ``B'`` (any order), ``S' = (I - B') W`` reproduces ``W`` exactly
+    (:func:`w_to_bs`), and nothing in ``W`` says which pair has the true, sparser targets. Then
+    only time courses (the transients ``e^{(B - I) t}``) can identify ``B``. The check does not
+    depend on how the programs are labelled.
+    """
+    S = np.asarray(targets)
+    if S.ndim != 2:
+        raise ValueError(f"targets must be (n_programs, K), got shape {S.shape}.")
+    supp = S.astype(bool) if S.dtype == bool else np.abs(S.astype(np.float64)) > atol
+    ell, _ = supp.shape
+    pnames = tuple(program_names) if program_names is not None else tuple(f"z{i + 1}" for i in range(ell))
+    if len(pnames) != ell:
+        raise ValueError(f"program_names has {len(pnames)} names for {ell} programs.")
+    single = supp.sum(axis=0) == 1
+    sole = []
+    for i in range(ell):
+        ks = np.flatnonzero(single & supp[i])
+        sole.append(int(ks[0]) if ks.size else -1)
+    missing = tuple(p for p, k in zip(pnames, sole) if k < 0)
+    if not missing:
+        message = (
+            "Every program is the sole target of some perturbation: W = (I - B)^{-1} S determines B and "
+            "the causal order (order_from_effects reads them from those perturbations' columns)."
+        )
+    else:
+        message = (
+            f"{join_names(missing)} {'has' if len(missing) == 1 else 'have'} no perturbation that targets "
+            f"{'it' if len(missing) == 1 else 'them'} alone, so the causal order is NOT identified by the "
+            f"total effects W: every acyclic B' gives the same W with S' = (I - B') W. Read B from the "
+            f"transients of a time course (fit the dynamics with a causal mask you trust), or add a "
+            f"perturbation that targets each such program alone."
+        )
+    return OrderReport(
+        status=OK if not missing else FAIL,
+        message=message,
+        program_names=pnames,
+        identified=not missing,
+        sole_target=tuple(sole),
+        missing=missing,
+    )
+
+
 # --------------------------------------------------------------------------- combined
 @dataclass(frozen=True, eq=False, repr=False)
 class DynamicsReport(ReportMixin):
@@ -629,20 +853,25 @@ def check_dynamics(
     natural_params=None,
     means=None,
     variances=None,
+    covariances=None,
+    independent: bool | None = None,
     reference: int = 0,
     names: Sequence[str] | None = None,
     registry: PerturbationRegistry | None = None,
     program_names: Sequence[str] | None = None,
     rtol: float = 1e-8,
     atol: float = 0.0,
+    corr_tol: float = 0.05,
 ) -> DynamicsReport:
     """Run :func:`count_contexts` and, when their inputs are given, :func:`check_variability`
-    (per-context parameters, rows = contexts) and :func:`check_targets` (``targets`` = ``S``)."""
+    (per-context parameters, rows = contexts; ``covariances`` to check that the programs are
+    independent given the context, e.g. from :func:`dynamics_context_moments`) and
+    :func:`check_targets` (``targets`` = ``S``)."""
     var_report = None
     if natural_params is not None or means is not None:
         var_report = check_variability(
-            natural_params, means=means, variances=variances, reference=reference, rtol=rtol,
-            program_names=program_names,
+            natural_params, means=means, variances=variances, covariances=covariances, independent=independent,
+            reference=reference, rtol=rtol, corr_tol=corr_tol, program_names=program_names,
         )
         if latent_dim is None:
             latent_dim = var_report.latent_dim
