@@ -58,7 +58,6 @@ __all__ = [
     "pairwise_distance",
     "energy_score_groups",
     "mean_distance_groups",
-    "model_factors",
 ]
 
 _EPS = 1e-12
@@ -210,7 +209,7 @@ def _is_factor(site) -> bool:
     return isinstance(fn, Unit)
 
 
-def model_factors(tr, n_cells: int) -> Array:
+def _model_factors(tr, n_cells: int) -> Array:
     """``F``: the sum of a model trace's factors, each per-cell factor (a site in the cell plate)
     counted as ``n_cells`` times its mean over the trace's cells, a global factor once."""
     total = jnp.zeros(())
@@ -306,7 +305,7 @@ class EnergyScore:
             cells["s"] = jnp.concatenate([s_state[src], s_state, s_state], axis=0)
         cond = handlers.condition(handlers.substitute(model, data=param_map), data={**globals_, **cells})
         # (the plate size only scales log densities, unused here -- per-cell factors are scaled to
-        # the N training cells by model_factors; it must hold the 3B cells)
+        # the N training cells by _model_factors; it must hold the 3B cells)
         sim_kwargs = {**kwargs, "n_cells": max(int(kwargs.get("n_cells", 0)), 3 * B)}
         sim_tr = handlers.trace(handlers.seed(cond, k_sim)).get_trace(sim_batch, **sim_kwargs)
         x_all = sim_tr["x"]["value"]
@@ -348,7 +347,7 @@ class EnergyScore:
         else:
             kl = jnp.zeros(())
         # The model's factors enter like its log prior (generalised Bayes: exp(-w N score) p exp(F)).
-        factors = model_factors(sim_tr, self.n_cells)
+        factors = _model_factors(sim_tr, self.n_cells)
         score = es + o.mean_weight * mean_term + o.reconstruction_weight * rec + o.prior_weight * pm
         return {
             "loss": score + (kl - factors) / (o.gb_weight * self.n_cells),
