@@ -80,9 +80,10 @@ class EnergyOptions(NamedTuple):
     gb_weight
         ``w`` of the generalised-Bayes posterior ``exp(-w N score) p(globals) exp(F)`` (``score``
         with the energy distance, twice the energy score, as its perturbation term; ``F`` the
-        model's factors; module docstring); smaller values give wider posteriors. On pdae-sim (20 seeds, 10000 steps) the 90% intervals of the per-gene means
-        covered the true means in 0.80-0.97 of cases on 18 of 20 seeds with the default 0.2 and on
-        12 of 20 with 0.3, at the same median energy distance; see docs/benchmarks.md.
+        model's factors; module docstring); smaller values give wider posteriors. On pdae-sim (20
+        seeds, 10000 steps) the 90% intervals of the per-gene means covered the true means in
+        0.80-0.97 of cases on 18 of 20 seeds with the default 0.2 and on 12 of 20 with 0.3, at the
+        same median energy distance; see docs/benchmarks.md.
     prior_cells
         Basal states used in the prior-matching term per step (keeps that term linear too).
     mean_weight
