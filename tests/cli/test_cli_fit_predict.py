@@ -107,6 +107,11 @@ def test_fit_saves_a_loadable_model(files, fitted):
     assert f"Final loss: {fit.history['loss'][-1]:.6g}" in out
     assert f"Saved to {fitted['dir']}" in out
     assert "Held out 4 condition(s)" in out
+    # the held-out record is true: the best evaluation's loss and step, whose parameters were saved
+    val, val_step = fit.history["val_loss"], fit.history["val_step"]
+    assert fit.info["best_step"] == val_step[int(np.argmin(val))] and fit.info["best_val_loss"] == val.min()
+    assert (f"Held-out loss: best {val.min():.6g} at step {fit.info['best_step']} (the parameters saved), "
+            f"last {val[-1]:.6g} at step {val_step[-1]}") in out
 
 
 def test_fit_holdout_unknown_condition_fails(files, tmp_path):

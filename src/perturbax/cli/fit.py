@@ -347,7 +347,9 @@ def fit(data, perturbation_key, control, out, overwrite, objective, likelihood, 
     lines.append(f"Steps run: {info.get('steps_run')} of {steps}; stop reason: {info.get('stop_reason')}")
     lines.append(f"Final loss: {final}")
     val = np.asarray(result.history.get("val_loss", []))
-    if val.size:
-        lines.append(f"Held-out loss: {val[-1]:.6g} (best at step {info.get('best_step')}, parameters kept)")
+    if val.size and info.get("best_val_loss") is not None:
+        last_step = int(np.asarray(result.history["val_step"])[-1])
+        lines.append(f"Held-out loss: best {info['best_val_loss']:.6g} at step {info['best_step']} (the parameters "
+                     f"saved), last {val[-1]:.6g} at step {last_step}")
     lines.append(f"Saved to {out}")
     click.echo("\n".join(lines))

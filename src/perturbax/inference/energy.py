@@ -9,17 +9,34 @@ For a minibatch of ``E`` training conditions x ``m`` cells each (contiguous bloc
    the path ``predict`` takes), shifted by ``W l_e`` and decoded with fresh noise, by running
    the model itself with those values conditioned (so any model following the site conventions
    works);
-3. scores the simulated set against the real cells of ``e`` with the energy score
-   ``ES = E||X - y||^beta - 1/2 E||X - X'||^beta`` (plus the constant ``-1/2 E||Y - Y'||^beta`` so
-   the reported number is the U-statistic energy distance);
+3. scores the simulated set against the real cells of ``e`` by the U-statistic energy distance
+   ``D = 2 E||X - Y||^beta - E||X - X'||^beta - E||Y - Y'||^beta`` (X simulated, Y real), each
+   mean taken over pairs of *distinct* cells only: a simulated cell is never compared with the
+   real cell whose basal state it was simulated from, two simulated cells from the same source
+   cell are not paired, and neither are two copies of one real cell (cells are drawn with
+   replacement). A block simulated from its own cells (the control block with
+   ``source="control"``; every block when a step holds one condition) thus gains nothing from
+   re-decoding the very cells it encoded: memorising the cells scores the same as an independent
+   sample of their distribution. ``D`` is twice the energy score ``E||X - y||^beta -
+   1/2 E||X - X'||^beta`` averaged over the real cells ``y``, plus a constant (the real-real
+   term, which carries no gradient);
 4. adds a distributional reconstruction term (each cell decoded twice from its own basal state)
    and an energy distance pulling the basal states towards the base distribution;
-5. adds ``KL(q(globals) || p(globals)) / (w * N)`` so the optimum is the generalised-Bayes (Gibbs)
-   posterior ``q ~ exp(-w N score) p``.
+5. adds the generalised-Bayes terms ``(KL(q(globals) || p(globals)) - F) / (w N)``: the KL of the
+   global sites to their prior (single-sample estimate) and the model's factors ``F`` (every
+   ``numpyro.factor``: e.g. the NOTEARS acyclicity penalty, the ODE-failure penalty, factors of a
+   user's model), so the optimum is the generalised-Bayes (Gibbs) posterior
+   ``q ~ exp(-w N score) p(globals) exp(F)``. Factors thus enter like the log prior: a global
+   factor (outside the cell plate) once, a per-cell factor (inside the cell plate) as ``N`` times
+   its mean over the step's cells (its value for the ``N`` training cells), i.e. as its per-cell
+   mean divided by ``w``. Here ``score`` is the sum of the weighted terms of 3 and 4 (with ``D``,
+   not the energy score, as the perturbation term), so ``w`` multiplies the energy distance.
 
-Per step this decodes ``3 E m`` cells (in one run of the model) and computes ``E m^2`` distances: linear in the cells per
-step for a fixed ``m`` (the reference implementation decodes B^2 cells and computes B^3 distances
-per batch of B).
+Per step this decodes ``3 E m`` cells (in one run of the model) and computes ``3 E m^2``
+cell-to-cell distances (simulated-real, simulated-simulated and real-real pairs of each block;
+plus ``3 P^2`` for the basal-prior term, ``P = prior_cells``): linear in the cells per step for a
+fixed ``m`` (the reference implementation decodes B^2 cells and computes B^3 distances per batch
+of B).
 """
 
 from __future__ import annotations
@@ -30,10 +47,18 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 from numpyro import handlers
+from numpyro.distributions.distribution import Unit
 
 from perturbax.models.batch import Batch
+from perturbax.models.blocks import CELL_PLATE
 
-__all__ = ["EnergyOptions", "EnergyScore", "pairwise_distance", "energy_score_groups", "mean_distance_groups"]
+__all__ = [
+    "EnergyOptions",
+    "EnergyScore",
+    "pairwise_distance",
+    "energy_score_groups",
+    "mean_distance_groups",
+]
 
 _EPS = 1e-12
 ENERGY_SOURCES = ("other", "control")
@@ -53,16 +78,18 @@ class EnergyOptions(NamedTuple):
     reconstruction_weight, prior_weight
         Weights of the reconstruction and basal-prior terms relative to the perturbation term.
     gb_weight
-        ``w`` of the generalised-Bayes posterior ``exp(-w N score) p(globals)``; smaller values give
-        wider posteriors. On pdae-sim (20 seeds, 10000 steps) the 90% intervals of the per-gene means
-        covered the true means in 0.80-0.97 of cases on 18 of 20 seeds with the default 0.2 and on
-        12 of 20 with 0.3, at the same median energy distance; see docs/benchmarks.md.
+        ``w`` of the generalised-Bayes posterior ``exp(-w N score) p(globals) exp(F)`` (``score``
+        with the energy distance, twice the energy score, as its perturbation term; ``F`` the
+        model's factors; module docstring); smaller values give wider posteriors. On pdae-sim (20
+        seeds, 10000 steps) the 90% intervals of the per-gene means covered the true means in
+        0.80-0.97 of cases on 18 of 20 seeds with the default 0.2 and on 12 of 20 with 0.3, at the
+        same median energy distance; see docs/benchmarks.md.
     prior_cells
         Basal states used in the prior-matching term per step (keeps that term linear too).
     mean_weight
         Weight of an added energy distance with exponent 2, which equals twice the squared
-        distance between the simulated and real mean of each condition (U-statistic, unbiased;
-        :func:`mean_distance_groups`).
+        distance between the simulated and real mean of each condition (U-statistic over the
+        same pairs of distinct cells as the main term, unbiased; computed from the same distances).
         The score stays proper; in many dimensions the ``beta = 1`` score constrains condition
         means only weakly (its gradient in the mean shrinks like 1 / the typical cell-to-cell
         distance), and this term pins them down. 0 turns it off.
@@ -95,28 +122,60 @@ def _offdiag_mean(d: Float[Array, "m m"]) -> Float[Array, ""]:
     return (jnp.sum(d) - jnp.sum(jnp.diag(d))) / (m * (m - 1))
 
 
+def _pair_mean(d: Float[Array, "a b"], keep: Array) -> Float[Array, ""]:
+    """Mean of ``d`` over the kept pairs (0 if none is kept)."""
+    return jnp.sum(jnp.where(keep, d, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
+
+
+def _distinct_pair_energies(s, r, sid, rid, betas: tuple[float, ...]) -> tuple[Array, ...]:
+    """U-statistic energy distances of one group for each exponent in ``betas``, over pairs of
+    distinct cells (by identity: ``sid`` of the simulated cells, ``rid`` of the real ones); the
+    squared distances are computed once for all exponents."""
+    d_sr, d_ss = pairwise_distance(s, r, 2.0), pairwise_distance(s, s, 2.0)  # squared, clamped
+    d_rr = jax.lax.stop_gradient(pairwise_distance(r, r, 2.0))
+    k_sr, k_ss, k_rr = sid[:, None] != rid[None, :], sid[:, None] != sid[None, :], rid[:, None] != rid[None, :]
+    out = []
+    for beta in betas:
+        f = lambda d2: d2 ** (beta / 2.0)  # noqa: E731
+        out.append(2.0 * _pair_mean(f(d_sr), k_sr) - _pair_mean(f(d_ss), k_ss) - _pair_mean(f(d_rr), k_rr))
+    return tuple(out)
+
+
+def _default_ids(sim: Array, real: Array) -> tuple[Array, Array]:
+    """Identities when none are given: every cell distinct from every other."""
+    E, m = sim.shape[0], sim.shape[1]
+    n = real.shape[1]
+    return (jnp.broadcast_to(jnp.arange(m), (E, m)), jnp.broadcast_to(m + jnp.arange(n), (E, n)))
+
+
 def energy_score_groups(
-    sim: Float[Array, "E m G"], real: Float[Array, "E m G"], beta: float = 1.0
+    sim: Float[Array, "E m G"],
+    real: Float[Array, "E n G"],
+    beta: float = 1.0,
+    sim_ids: Array | None = None,
+    real_ids: Array | None = None,
 ) -> Float[Array, " E"]:
-    """Per-group U-statistic energy distance between simulated and real cells.
+    """Per-group U-statistic energy distance ``2 E||X - Y|| - E||X - X'|| - E||Y - Y'||`` (to the
+    power ``beta``) between simulated and real cells.
 
-    The real-real term carries no gradient (it does not depend on the parameters).
+    Each mean runs over pairs of distinct cells: with ``sim_ids`` ``(E, m)`` (the identity of the
+    real cell each simulated cell was simulated from) and ``real_ids`` ``(E, n)``, a pair whose two
+    identities are equal is left out -- a simulated cell is not compared with its own source cell,
+    two simulated cells of one source are not paired, nor two copies of one real cell. Without ids
+    all cells are distinct (the within-set means run over the off-diagonal pairs). The real-real
+    term carries no gradient (it does not depend on the parameters).
     """
-
-    def one(s, r):
-        cross = jnp.mean(pairwise_distance(s, r, beta))
-        ss = _offdiag_mean(pairwise_distance(s, s, beta))
-        rr = jax.lax.stop_gradient(_offdiag_mean(pairwise_distance(r, r, beta)))
-        return 2.0 * cross - ss - rr
-
-    return jax.vmap(one)(sim, real)
+    if sim_ids is None or real_ids is None:
+        sim_ids, real_ids = _default_ids(sim, real)
+    return jax.vmap(lambda s, r, a, b: _distinct_pair_energies(s, r, a, b, (beta,))[0])(sim, real, sim_ids, real_ids)
 
 
 def mean_distance_groups(sim: Float[Array, "E m G"], real: Float[Array, "E m G"]) -> Float[Array, " E"]:
     """Per-group U-statistic energy distance with exponent 2, in O(E m G) instead of O(E m^2 G):
     ``2 |mean_s - mean_r|^2 - 2 / (m - 1) (s_s + s_r)``, ``s`` the mean squared deviation from the
-    group mean; an unbiased estimate of twice the squared distance between the means. The real
-    cells' spread carries no gradient."""
+    group mean; an unbiased estimate of twice the squared distance between the means when all
+    cells are distinct and independent (it equals :func:`energy_score_groups` with ``beta=2`` and
+    no ids). The real cells' spread carries no gradient."""
     m = sim.shape[1]
 
     def spread(a):
@@ -137,6 +196,34 @@ def _log_prob_sum(tr, names) -> Array:
     for name in names:
         site = tr[name]
         total = total + jnp.sum(site["fn"].log_prob(site["value"]))
+    return total
+
+
+def _is_factor(site) -> bool:
+    """Whether a trace site is a ``numpyro.factor`` (an observed ``Unit`` site, possibly expanded
+    by a plate)."""
+    if site["type"] != "sample" or not site.get("is_observed"):
+        return False
+    fn = site["fn"]
+    while not isinstance(fn, Unit) and hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return isinstance(fn, Unit)
+
+
+def _model_factors(tr, n_cells: int) -> Array:
+    """``F``: the sum of a model trace's factors, each per-cell factor (a site in the cell plate)
+    counted as ``n_cells`` times its mean over the trace's cells, a global factor once."""
+    total = jnp.zeros(())
+    for site in tr.values():
+        if not _is_factor(site):
+            continue
+        lp = site["fn"].log_prob(site["value"])
+        frames = [f for f in site.get("cond_indep_stack", ()) if f.name == CELL_PLATE]
+        if frames:
+            n_run = lp.shape[frames[0].dim] if lp.ndim >= -frames[0].dim else 1
+            total = total + jnp.sum(lp) * (n_cells / n_run)
+        else:
+            total = total + jnp.sum(lp)
     return total
 
 
@@ -171,8 +258,13 @@ class EnergyScore:
         self.n_cells = int(n_cells)
         self.options = options
 
-    def terms(self, rng_key, param_map, model, guide, batch: Batch, **kwargs) -> dict[str, Array]:
-        """All terms of the loss (for monitoring), as a dict of scalars."""
+    def terms(self, rng_key, param_map, model, guide, batch: Batch, cell_ids=None, **kwargs) -> dict[str, Array]:
+        """All terms of the loss (for monitoring), as a dict of scalars (``"energy_groups"``: the
+        energy distance of each block, ``(E,)``).
+
+        ``cell_ids`` ``(E m,)``: the identity of each cell of ``batch`` (e.g. its row in the
+        training cells), so that copies of one cell drawn twice count as one cell in the
+        distinct-pair means (module docstring); ``None``: every position a distinct cell."""
         o = self.options
         E, m = self.n_groups, self.m
         k_guide, k_sim, k_src, k_prior, k_sub = jax.random.split(rng_key, 5)
@@ -213,15 +305,24 @@ class EnergyScore:
         if s_state is not None:
             cells["s"] = jnp.concatenate([s_state[src], s_state, s_state], axis=0)
         cond = handlers.condition(handlers.substitute(model, data=param_map), data={**globals_, **cells})
-        # (the plate size only scales log densities, unused here; it must hold the 3B cells)
+        # (the plate size only scales log densities, unused here -- per-cell factors are scaled to
+        # the N training cells by _model_factors; it must hold the 3B cells)
         sim_kwargs = {**kwargs, "n_cells": max(int(kwargs.get("n_cells", 0)), 3 * B)}
         sim_tr = handlers.trace(handlers.seed(cond, k_sim)).get_trace(sim_batch, **sim_kwargs)
         x_all = sim_tr["x"]["value"]
         x_sim, x1, x2 = x_all[:B], x_all[B : 2 * B], x_all[2 * B :]
         G = x_sim.shape[-1]
         sim_g, real_g = x_sim.reshape(E, m, G), batch.x.reshape(E, m, G)
-        es = jnp.mean(energy_score_groups(sim_g, real_g, o.beta))
-        mean_term = jnp.mean(mean_distance_groups(sim_g, real_g)) if o.mean_weight else jnp.zeros(())
+        # Pairs of distinct cells only: a simulated cell is never scored against its own source
+        # cell (self-sourced blocks), nor paired with a simulation of the same cell.
+        ids = jnp.arange(B) if cell_ids is None else jnp.asarray(cell_ids).reshape(B)
+        betas = (o.beta, 2.0) if o.mean_weight else (o.beta,)
+        per_group = jax.vmap(lambda a, b, i, j: _distinct_pair_energies(a, b, i, j, betas))(
+            sim_g, real_g, ids[src].reshape(E, m), ids.reshape(E, m)
+        )
+        es_groups = per_group[0]
+        es = jnp.mean(es_groups)
+        mean_term = jnp.mean(per_group[1]) if o.mean_weight else jnp.zeros(())
 
         # Distributional reconstruction: two decodes of each cell's own basal state.
         def rownorm(a):
@@ -246,10 +347,14 @@ class EnergyScore:
             kl = log_q - _log_prob_sum(sim_tr, self.global_names)
         else:
             kl = jnp.zeros(())
+        # The model's factors enter like its log prior (generalised Bayes: exp(-w N score) p exp(F)).
+        factors = _model_factors(sim_tr, self.n_cells)
         score = es + o.mean_weight * mean_term + o.reconstruction_weight * rec + o.prior_weight * pm
         return {
-            "loss": score + kl / (o.gb_weight * self.n_cells),
+            "loss": score + (kl - factors) / (o.gb_weight * self.n_cells),
             "energy": es,
+            "energy_groups": es_groups,
+            "factors": factors,
             "mean": mean_term,
             "reconstruction": rec,
             "prior": pm,

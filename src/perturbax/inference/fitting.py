@@ -37,7 +37,7 @@ from perturbax.models.batch import Batch
 from perturbax.models.config import AdditiveShiftConfig
 from perturbax.models.dynamics import LatentDynamicsConfig, check_times, latent_dynamics_model
 
-__all__ = ["fit", "BUILTIN_MODELS", "DeviceData", "training_times", "data_start"]
+__all__ = ["fit", "BUILTIN_MODELS", "DeviceData", "training_times", "data_start", "EarlyStopping", "track_held_out"]
 
 BUILTIN_MODELS: dict[str, tuple[Callable, type]] = {
     "additive_shift": (additive_shift_model, AdditiveShiftConfig),
@@ -70,6 +70,25 @@ class DeviceData(NamedTuple):
             library=self.library[idx],
             t=None if self.t is None else self.t[idx],
         )
+
+
+class EarlyStopping(NamedTuple):
+    """Early-stopping record: the best held-out loss so far, the step and SVI state it was reached
+    at (``state`` is ``None`` before the first finite evaluation), and the evaluations since."""
+
+    best: float = math.inf
+    step: int = 0
+    state: Any = None
+    waited: int = 0
+
+
+def track_held_out(rec: EarlyStopping, value: float, step: int, state: Any, rel_tol: float = 1e-4) -> EarlyStopping:
+    """``rec`` after a held-out evaluation ``value`` at ``step``: the first finite value, and any
+    later one below the best by more than ``rel_tol`` of its size, is the new best (its state
+    kept); anything else (NaN included) counts one more evaluation without improvement."""
+    if math.isfinite(value) and (rec.state is None or value < rec.best - rel_tol * abs(rec.best)):
+        return EarlyStopping(float(value), int(step), state, 0)
+    return rec._replace(waited=rec.waited + 1)
 
 
 def _groups(data: PerturbationData, timed: bool) -> np.ndarray:
@@ -350,9 +369,15 @@ def fit(
     energy
         :class:`EnergyOptions` for ``objective="energy"``.
     validation_fraction, eval_every, patience
-        Held-out cells per condition; the held-out loss is computed every ``eval_every`` steps and
-        training stops after ``patience`` evaluations without improvement (``None``: never); the
-        best parameters are returned.
+        Held-out cells per condition; the held-out loss is computed at the start and every
+        ``eval_every`` steps, and training stops after ``patience`` evaluations in a row without
+        improvement (``None``: no held-out cells, no early stopping; the last parameters are
+        returned). Otherwise the parameters of the best evaluation are returned
+        (``info["best_step"]``, ``info["best_val_loss"]``). The held-out loss is a paired
+        estimate: every evaluation scores the same held-out cells with the same random draws
+        (guide noise, simulation noise, source cells), so two evaluations differ only through the
+        parameters, not through Monte-Carlo noise -- which matters for the energy objective,
+        whose loss is a sampled estimate.
     progress
         Show a progress bar with the running loss.
     init_params
@@ -421,14 +446,17 @@ def fit(
     else:
         opts, m, n_groups, step_size = None, None, None, batch_size
 
-    def cells_of(dev: DeviceData, groups, key) -> Batch:
+    def cells_of(dev: DeviceData, groups, key) -> tuple[Batch, dict[str, jax.Array]]:
+        """The batch of ``m`` cells of each group, and the loss's keyword arguments: the cells'
+        rows (``cell_ids``: the energy score pairs distinct cells only)."""
         pos = jax.random.randint(key, (groups.shape[0], m), 0, dev.counts[groups][:, None])
-        return dev.batch(dev.table[groups[:, None], pos].reshape(-1))
+        idx = dev.table[groups[:, None], pos].reshape(-1)
+        return dev.batch(idx), {"cell_ids": idx}
 
-    def draw_batch(dev: DeviceData, key) -> Batch:
+    def draw_batch(dev: DeviceData, key) -> tuple[Batch, dict[str, jax.Array]]:
         if objective == "elbo":
             idx = jax.random.randint(key, (batch_size,), 0, dev.x.shape[0])
-            return dev.batch(idx)
+            return dev.batch(idx), {}
         k1, k2 = jax.random.split(key)
         return cells_of(dev, _draw_groups(k1, dev, n_groups, opts.source), k2)
 
@@ -437,7 +465,7 @@ def fit(
     model_kwargs = {"config": config, "n_cells": max(n_train, step_size)}
     key = jax.random.PRNGKey(seed)
     k_init, k_data, k_val = jax.random.split(key, 3)
-    init_batch = draw_batch(train, k_data)
+    init_batch = draw_batch(train, k_data)[0]
     if guide is None:
         guide, global_names = make_guide(
             model_fn,
@@ -480,33 +508,48 @@ def fit(
     @jax.jit
     def run_chunk(state, keys):
         def body(st, k):
-            st, value = svi.update(st, draw_batch(train, k))
+            b, loss_kw = draw_batch(train, k)
+            st, value = svi.update(st, b, **loss_kw)
             return st, value * per_cell
 
         return jax.lax.scan(body, state, keys)
 
     # Held-out loss: the ELBO on 4 random batches of held-out cells; the energy score on every
     # held-out group (condition or context), in blocks of a step's layout, so that evaluations (and
-    # fits from different seeds) score the same groups.
+    # fits from different seeds) score the same groups. Paired: the keys (cells drawn and the
+    # loss's own draws) are the same at every evaluation.
     if objective == "energy" and val is not None:
         val_blocks = jnp.asarray(np.stack(_val_blocks(np.asarray(val.is_control), n_groups, opts.source)))
     else:
         val_blocks = None
     val_keys = jax.random.split(k_val, 4 if val_blocks is None else val_blocks.shape[0])
 
+    def held_out(params, batch_and_kw, key):
+        b, loss_kw = batch_and_kw
+        return loss.loss(key, params, svi_model, guide, b, **loss_kw, **model_kwargs)
+
     @jax.jit
     def val_loss(state):
         if val is None:
             return jnp.nan
-        if val_blocks is None:
-            vals = jax.lax.map(lambda k: svi.evaluate(state, draw_batch(val, k)), val_keys)
-        else:
-            vals = jax.lax.map(lambda gk: svi.evaluate(state, cells_of(val, gk[0], gk[1])), (val_blocks, val_keys))
-        return jnp.mean(vals) * per_cell
+        params = svi.get_params(state)
+
+        def one(a):
+            k_cells, k_loss = jax.random.split(a[1])
+            drawn = draw_batch(val, k_cells) if val_blocks is None else cells_of(val, a[0], k_cells)
+            return held_out(params, drawn, k_loss)
+
+        blocks = jnp.zeros((val_keys.shape[0],), jnp.int32) if val_blocks is None else val_blocks
+        return jnp.mean(jax.lax.map(one, (blocks, val_keys))) * per_cell
 
     history_loss, val_steps, val_losses = [], [], []
-    best = (math.inf, state, 0)
-    bad_evals = 0
+    tracking = val is not None and patience is not None
+    record = EarlyStopping()
+    if tracking:  # the starting state is the first candidate (a warm start the fit makes worse is kept)
+        v = float(val_loss(state))
+        val_steps.append(0)
+        val_losses.append(v)
+        record = track_held_out(record, v, 0, state)
     stop_reason = "steps"
     step = 0
     t0 = time.perf_counter()
@@ -534,16 +577,13 @@ def fit(
             step += n
             history_loss.extend(losses.tolist())
             bar.update(n)
-            if val is not None and patience is not None:
+            if tracking:
                 v = float(val_loss(state))
                 val_steps.append(step)
                 val_losses.append(v)
-                if v < best[0] - 1e-4 * abs(best[0]):
-                    best, bad_evals = (v, state, step), 0
-                else:
-                    bad_evals += 1
+                record = track_held_out(record, v, step, state)
                 bar.set_postfix(loss=f"{np.mean(losses[-max(1, n // 4):]):.4g}", val=f"{v:.4g}")
-                if bad_evals >= patience:
+                if record.waited >= patience:
                     stop_reason = "early_stopping"
                     break
             else:
@@ -551,12 +591,10 @@ def fit(
     finally:
         bar.close()
     fit_seconds = time.perf_counter() - t0
-    if val_losses and best[1] is not None and np.isfinite(best[0]) and stop_reason != "nan":
-        final_state = best[1]
-        best_step = best[2]
-    else:
-        final_state = state
-        best_step = step
+    if record.state is not None and stop_reason != "nan":
+        final_state, best_step, best_val = record.state, record.step, record.best
+    else:  # no held-out evaluation (patience=None), none finite, or the NaN guard fired
+        final_state, best_step, best_val = state, step, None
     params = {k: v for k, v in svi.get_params(final_state).items()}
 
     return FitResult.build(
@@ -579,6 +617,7 @@ def fit(
             "seed": seed,
             "steps_run": step,
             "best_step": best_step,
+            "best_val_loss": best_val,
             "stop_reason": stop_reason,
             "fit_seconds": fit_seconds,
             "batch_size": batch_size,
