@@ -84,12 +84,22 @@ def test_h5ad_design(small_h5ad, tmp_path):
     )
 
 
-def test_unknown_names_are_an_error(design_csv):
-    res = _run(["--design", design_csv, "--perturbations", "A+X,Y"])
-    assert res.exit_code != 0
-    assert "Unknown perturbation name(s) in --perturbations" in res.output
-    assert "'X' (in 'A+X')" in res.output and "'Y'" in res.output
-    assert "Known elementary perturbations (3): A, B, C" in res.output
+def test_unmeasured_names_get_a_verdict(design_csv, small_h5ad):
+    """Issue 20: a name the design never measured is answered (not identifiable: measure it), not
+    a usage error -- from a design CSV and from an h5ad."""
+    res = _run(["--design", design_csv, "--perturbations", "A+X,Y,A+B", "--json", "-"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    tests = {t["label"]: t for t in rep["tests"]}
+    assert tests["A+X"]["verdict"] == "not identified" and tests["A+X"]["unmeasured"] == ["X"]
+    assert tests["Y"]["unmeasured"] == ["Y"] and tests["A+B"]["verdict"] == "identified"
+    assert rep["unmeasured"] == ["X", "Y"] and rep["elementary"][:3] == ["A", "B", "C"]
+    res = _run([small_h5ad, "-k", "perturbation", "-c", "ctrl", "-p", "KLF1+GATA1,KLF2"])
+    assert res.exit_code == 0, res.output
+    assert "0 of 2 test perturbations are identified; 2 are not: KLF1+GATA1, KLF2." in res.output
+    assert "GATA1 was never measured" in res.output and "measure it alone" in res.output
+    # the hint names only a measured perturbation (one that a test could use)
+    assert "KLF2 (did you mean KLF1?) was never measured" in res.output
 
 
 def test_bad_usage(design_csv, small_h5ad, tmp_path):

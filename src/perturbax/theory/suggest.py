@@ -162,16 +162,17 @@ def _lower_bound(R0: np.ndarray, tnorm: np.ndarray, residual_rtol: float) -> int
 def greedy_unit_additions(
     space: RowSpace,
     r: np.ndarray,
-    tnorm: float,
+    tnorm: float | np.ndarray,
     residual_rtol: float,
     q2: np.ndarray,
     prefer: np.ndarray | None = None,
 ) -> list[int]:
-    """Elementary perturbations to add alone so that a vector with residual ``r`` is covered
-    (greedy + pruning on unit-vector candidates); ``q2`` = squared elementary residuals; ties go
-    to ``prefer``-ed perturbations (e.g. those in the test)."""
+    """Elementary perturbations to add alone so that vectors with residuals ``r`` (one vector or
+    rows of a matrix, norms ``tnorm``) are covered (greedy + pruning on unit-vector candidates);
+    ``q2`` = squared elementary residuals; ties go to ``prefer``-ed perturbations (e.g. those in
+    the test)."""
     R0 = np.atleast_2d(r)
-    tn = np.atleast_1d(float(tnorm))
+    tn = np.broadcast_to(np.asarray(tnorm, dtype=np.float64), (R0.shape[0],)).copy()
     cand = _Candidates(space, None, q2)
     chosen, _ = _greedy_cover(
         space, R0, tn, cand, residual_rtol=residual_rtol, max_additions=None, prefer=prefer
