@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from perturbax.cli.fit import FiniteFloat, check_sep
+from perturbax.cli.fit import FiniteFloat, check_sep, where_option
 from perturbax.cli.paths import check_outputs
 
 __all__ = ["check_design", "design_from_csv", "design_from_h5ad", "parse_tests"]
@@ -21,7 +21,8 @@ _HELP = """Check which test perturbations a training design covers.
 
 \b
 Give the design either as
-  DATA.h5ad --perturbation-key KEY --control LABEL   (the measured conditions of the cells), or
+  DATA.h5ad --perturbation-key KEY --control LABEL   (the measured conditions of the cells;
+                        --where KEY=VALUE keeps only some cells, e.g. --where dataset=norman19), or
   --design DESIGN.csv   one row per measured perturbation, one column per elementary
                         perturbation (header = names), doses as values; control = all zeros.
 
@@ -108,13 +109,15 @@ def design_from_csv(path: str | Path, *, control: str = "control", sep: str = "+
 
 
 def design_from_h5ad(
-    path: str | Path, *, perturbation_key: str, control: str, sep: str = "+", dose_key: str | None = None
+    path: str | Path, *, perturbation_key: str, control: str, sep: str = "+", dose_key: str | None = None,
+    where=(),
 ):
-    """``(L, registry)`` of the measured conditions of an h5ad (``obs`` only is read)."""
+    """``(L, registry)`` of the measured conditions of an h5ad (``obs`` only is read), of the cells
+    selected by ``where`` (``KEY=VALUE`` items)."""
     import anndata as ad
     import scipy.sparse as sp
 
-    from perturbax.data import from_anndata
+    from perturbax.data import from_anndata, select_where
 
     try:
         backed = ad.read_h5ad(path, backed="r")
@@ -127,6 +130,7 @@ def design_from_h5ad(
             backed.file.close()
     light = ad.AnnData(X=sp.csr_matrix((obs.shape[0], 1), dtype=np.float32), obs=obs)
     try:
+        light = select_where(light, where)
         data = from_anndata(light, perturbation_key, control, sep=sep, dose_key=dose_key)
     except (KeyError, ValueError, TypeError) as err:
         msg = err.args[0] if err.args else str(err)
@@ -172,8 +176,9 @@ def parse_tests(values: tuple[str, ...], registry, sep: str) -> list[str]:
               show_default=True, help="A test is covered if its relative residual is at most this.")
 @click.option("--max-details", type=click.IntRange(min=0), default=1000, show_default=True,
               help="Tests (from the first) that get coefficients, hull checks and suggestions.")
+@where_option()
 def check_design(data, perturbation_key, control, design_csv, tests, json_out, latent_dim, sep, dose_key,
-                 rtol, residual_rtol, max_details):
+                 rtol, residual_rtol, max_details, where):
     from perturbax.theory.design import check_design as run_check
 
     check_outputs({"--json": None if json_out == "-" else json_out}, inputs={"DATA": data, "--design": design_csv})
@@ -187,11 +192,11 @@ def check_design(data, perturbation_key, control, design_csv, tests, json_out, l
         if missing:
             raise click.UsageError(f"DATA.h5ad needs {' and '.join(missing)}.")
         L, registry = design_from_h5ad(
-            data, perturbation_key=perturbation_key, control=control, sep=sep, dose_key=dose_key
+            data, perturbation_key=perturbation_key, control=control, sep=sep, dose_key=dose_key, where=where
         )
     else:
-        if perturbation_key is not None or dose_key is not None:
-            raise click.UsageError("--perturbation-key/--dose-key apply to DATA.h5ad, not to --design.")
+        if perturbation_key is not None or dose_key is not None or where:
+            raise click.UsageError("--perturbation-key/--dose-key/--where apply to DATA.h5ad, not to --design.")
         L, registry = design_from_csv(design_csv, control=control or "control", sep=sep)
     test_labels = parse_tests(tests, registry, sep)
     try:

@@ -848,7 +848,7 @@ def check_design(
             f"The reference {prep.reference_label!r} is not among the training rows: coverage is computed "
             f"as if it were measured; measure it (control cells) or pass reference=<a measured row>."
         )
-    scope = " (whatever the tests)" if m else ""
+    scope = ""
     if space.rank == K:
         parts.append(f"Design as a whole{scope}: full rank {K}, every elementary perturbation is identified.")
     else:
