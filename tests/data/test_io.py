@@ -132,3 +132,20 @@ def test_select_where_errors_name_key_value_and_what_exists():
         select_where(adata, ["dataset=x", "pert=B"])
     with pytest.raises(ValueError, match="is not KEY=VALUE"):
         select_where(adata, ["dataset"])
+
+
+def test_subsets_do_not_warn():
+    """Issue 20 (quiet output): selecting cells or genes of an AnnData with categorical obs columns
+    does not go through anndata's category pruning under a pandas option deprecated in pandas 3."""
+    import warnings
+
+    from perturbax.data import select_where
+
+    adata = _two_datasets()
+    adata.obs["pert"] = adata.obs["pert"].astype("category")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sub = select_where(adata, ["dataset=x"])
+        cells = cells_by_condition(adata, "pert", "control", genes=["1", "0"])
+    assert list(sub.obs["pert"].cat.categories) == ["A", "control"]
+    np.testing.assert_array_equal(cells["A"], adata.X[[1, 4]][:, [1, 0]])

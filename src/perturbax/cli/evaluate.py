@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -220,10 +221,14 @@ def evaluate_files(
             keep = {c: truth_eval[c] for c in truth_eval if ok[c] is None}
             if not keep:
                 continue
-            tables.append(evaluate_conditions(
-                base.predict(list(keep)), keep, control_cells, reference=reference, n_pcs=n_pcs, top_k=top_k,
-                energy_form=energy_form, method=base.name,
-            ))
+            with warnings.catch_warnings():
+                if base.name == "control":  # it predicts no change: the Pearson delta is undefined (NaN)
+                    warnings.filterwarnings("ignore", message="Pearson correlation", category=RuntimeWarning)
+                    notes.append("pearson_delta is undefined (nan) for the control baseline: it predicts no change.")
+                tables.append(evaluate_conditions(
+                    base.predict(list(keep)), keep, control_cells, reference=reference, n_pcs=n_pcs, top_k=top_k,
+                    energy_form=energy_form, method=base.name,
+                ))
         table = pd.concat(tables, ignore_index=True)
     return table, notes
 
@@ -248,8 +253,12 @@ def _baselines(names: Sequence[str], reference_path) -> list:
 
 def _fit_baselines(chosen, ref_ad, genes, perturbation_key, control, layer, sep, reference_path):
     from perturbax.data.core import from_anndata
+    from perturbax.data.io import subset_copy
 
-    train = from_anndata(ref_ad[:, genes], perturbation_key, control, sep=sep, layer=layer, require_control=True)
+    missing = [g for g in genes if g not in set(ref_ad.var_names.astype(str))]
+    if missing:
+        raise ValueError(f"Reference {reference_path}: {len(missing)} gene(s) of TRUTH are missing (e.g. {missing[:5]}).")
+    train = from_anndata(subset_copy(ref_ad, var=genes), perturbation_key, control, sep=sep, layer=layer, require_control=True)
     for base in chosen:
         try:
             yield base.fit(train)

@@ -20,6 +20,7 @@ __all__ = [
     "parse_where",
     "select_where",
     "where_mask",
+    "subset_copy",
 ]
 
 
@@ -167,7 +168,7 @@ def cells_by_condition(
                 f"{len(missing)} requested gene(s) are not in this AnnData's var_names (e.g. {missing[:5]}). "
                 f"Subset the other file to the shared genes, e.g. `truth[:, pred.var_names]`."
             )
-        adata = adata[:, have.get_indexer(genes)]
+        adata = subset_copy(adata, var=have.get_indexer(genes))
     data = from_anndata(adata, perturbation_key, control, sep=sep, layer=layer, require_control=require_control)
     return data.cells_by_condition()
 
@@ -265,9 +266,27 @@ def select_where(adata, where: Mapping[str, Sequence[str]] | Sequence[str] | Non
     empty."""
     if not where:
         return adata
-    mask = where_mask(adata.obs, where)
-    out = adata[mask].copy()
-    for col in out.obs.columns:
-        if isinstance(out.obs[col].dtype, pd.CategoricalDtype):
-            out.obs[col] = out.obs[col].cat.remove_unused_categories()
+    return subset_copy(adata, where_mask(adata.obs, where))
+
+
+def subset_copy(adata, obs=slice(None), var=slice(None)):
+    """A copy of ``adata[obs, var]`` with unused categories of categorical ``obs``/``var`` columns
+    removed.
+
+    The categories are pruned here, not by anndata's view machinery (its
+    ``remove_unused_categories`` setting is switched off for the subset): anndata 0.12-0.13 does that
+    under a pandas option that pandas 3 deprecates, which warns on every subset.
+    """
+    import anndata as ad
+
+    settings = ad.settings
+    if hasattr(settings, "override") and hasattr(settings, "remove_unused_categories"):
+        with settings.override(remove_unused_categories=False):
+            out = adata[obs, var].copy()
+    else:  # pragma: no cover - older anndata
+        out = adata[obs, var].copy()
+    for df in (out.obs, out.var):
+        for col in df.columns:
+            if isinstance(df[col].dtype, pd.CategoricalDtype):
+                df[col] = df[col].cat.remove_unused_categories()
     return out
