@@ -580,12 +580,12 @@ def _covered_message(label: str, equation: str, inside: bool | None, measured: b
 
 
 def _unmeasured_message(
-    label: str, never: Sequence[str], measured: Sequence[str], sep: str, in_test: Sequence[str] = ()
+    label: str, never: Sequence[str], measured: Sequence[str], sep: str, in_test: Sequence[str],
+    hints: dict[str, list[str]],
 ) -> str:
-    hints = {n: close_matches(n, measured, n=2) for n in never}
-    named = ", ".join(n + (f" (did you mean {' or '.join(hints[n])}?)" if hints[n] else "") for n in never)
+    named = ", ".join(n + (f" (did you mean {' or '.join(hints[n])}?)" if hints.get(n) else "") for n in never)
     verb = "was" if len(never) == 1 else "were"
-    partner = next((m for m in [*in_test, *measured] if m in measured and m not in never), None)
+    partner = next((m for m in in_test if m not in never), measured[0] if measured else None)
     example = f" (e.g. {sep.join([never[0], partner])})" if partner else ""
     what = "it" if len(never) == 1 else "each"
     return (
@@ -704,6 +704,7 @@ def check_design(
     absent = {reg.names[k] for k in np.setdiff1d(np.arange(reg.K), np.unique(prep.D.indices))}
     never_set = set(unmeasured) | absent
     measured_names = [n for n in reg.names if n not in never_set]
+    hints: dict[str, list[str]] = {}
     control_ref = not np.any(prep.reference)
     ref_text = None if control_ref else prep.reference_label
     unique_repr = prep.D.shape[0] == space.rank
@@ -786,7 +787,10 @@ def check_design(
                     adds.append(reg.names[k] if control_ref else reg.decode(v))
             if test_never:
                 in_test = [reg.names[k] for k in np.flatnonzero(Td[i] != 0)]
-                msg = _unmeasured_message(label, test_never, measured_names, reg.sep, in_test)
+                for n in test_never:  # names outside the registry may be typos: hint at measured ones
+                    if n in unmeasured and n not in hints:
+                        hints[n] = close_matches(n, measured_names, n=2)
+                msg = _unmeasured_message(label, test_never, measured_names, reg.sep, in_test, hints)
             else:
                 msg = _uncovered_message(label, float(rel[i]), missing, adds, control_ref)
             results.append(
@@ -802,7 +806,8 @@ def check_design(
         cols = [reg.index(n) for n in unident]
         E = np.zeros((len(cols), reg.K))
         E[np.arange(len(cols)), cols] = 1.0
-        for k in greedy_unit_additions(space, space.residuals(E), np.ones(len(cols)), residual_rtol, elem_res**2):
+        for k in greedy_unit_additions(space, space.residuals(E), np.ones(len(cols)), residual_rtol, elem_res**2,
+                                       prune=False):
             v = prep.reference.copy()
             v[k] += 1.0
             design_adds.append(reg.names[k] if control_ref else reg.decode(v))
