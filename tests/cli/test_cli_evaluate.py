@@ -188,3 +188,24 @@ def test_evaluate_where_selects_truth_cells(files, tmp_path):
     np.testing.assert_allclose(got["energy_pca"], want["energy_pca"], rtol=1e-6)
     res = _run(["evaluate", str(p["pred"]), str(tmp_path / "both.h5ad"), *args, str(tmp_path / "b.csv")])
     assert not np.allclose(pd.read_csv(tmp_path / "b.csv")["energy_pca"], want["energy_pca"], rtol=1e-3)
+
+
+def test_evaluate_baselines_never_train_on_the_evaluated_conditions(files, tmp_path):
+    """A --reference holding the evaluated conditions too (e.g. the whole file): the baselines are
+    fitted without them, so their scores equal those fitted on the true training cells."""
+    import anndata as ad
+
+    p = files["paths"]
+    train, truth = ad.read_h5ad(p["train"]), ad.read_h5ad(p["truth"])
+    truth = truth[truth.obs[KEY].astype(str) != "control"].copy()
+    truth.obs_names = [f"t{i}" for i in range(truth.n_obs)]
+    ad.concat([train, truth]).write_h5ad(tmp_path / "all.h5ad")
+    tables = []
+    for ref in (p["train"], tmp_path / "all.h5ad"):
+        out = tmp_path / f"{ref.stem}.csv"
+        res = _run(["evaluate", str(p["pred"]), str(p["truth"]), "-k", KEY, "-c", "control", "--reference", str(ref),
+                    "--baselines", "linear", "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        tables.append(pd.read_csv(out).query("method == 'linear'"))
+    np.testing.assert_allclose(tables[1]["mean_l2"], tables[0]["mean_l2"], rtol=1e-5)
+    assert "3 evaluated condition(s) are in --reference; the baselines are fitted without them" in res.output

@@ -130,8 +130,9 @@ def evaluate_files(
 
     ``baselines`` (names of :func:`perturbax.baselines.standard_baselines`: ``control``,
     ``pooled_mean``, ``additive``, ``linear``) are fitted on the reference (the training cells,
-    required then) and scored on the same conditions, one block of rows per method (``method``
-    column): the model's rows first.
+    required then; evaluated conditions found there are left out of the baselines' training) and
+    scored on the same conditions, one block of rows per method (``method`` column): the model's
+    rows first.
 
     Returns the per-condition table and a list of notes (e.g. truth conditions not predicted).
     """
@@ -212,7 +213,9 @@ def evaluate_files(
     )
     if chosen:
         tables = [table]
-        for base in _fit_baselines(chosen, ref_ad, genes, perturbation_key, control, layer, sep, reference_path):
+        baselines_fitted = _fit_baselines(chosen, ref_ad, genes, perturbation_key, control, layer, sep, reference_path,
+                                          list(truth_eval), notes)
+        for base in baselines_fitted:
             ok = {c: base.why_not(c) for c in truth_eval}
             skipped = [c for c, why in ok.items() if why is not None]
             if skipped:
@@ -251,14 +254,26 @@ def _baselines(names: Sequence[str], reference_path) -> list:
     return [known[n] for n in dict.fromkeys(names)]
 
 
-def _fit_baselines(chosen, ref_ad, genes, perturbation_key, control, layer, sep, reference_path):
+def _fit_baselines(chosen, ref_ad, genes, perturbation_key, control, layer, sep, reference_path, evaluated, notes):
+    """The ``chosen`` baselines fitted on the reference cells, without the evaluated conditions (a
+    baseline that saw the cells it is scored on would be scored on its training data)."""
     from perturbax.data.core import from_anndata
     from perturbax.data.io import subset_copy
 
-    missing = [g for g in genes if g not in set(ref_ad.var_names.astype(str))]
+    have = set(ref_ad.var_names.astype(str))
+    missing = [g for g in genes if g not in have]
     if missing:
-        raise ValueError(f"Reference {reference_path}: {len(missing)} gene(s) of TRUTH are missing (e.g. {missing[:5]}).")
-    train = from_anndata(subset_copy(ref_ad, var=genes), perturbation_key, control, sep=sep, layer=layer, require_control=True)
+        raise ValueError(
+            f"Reference {reference_path}: {len(missing)} gene(s) of TRUTH are missing (e.g. {missing[:5]})."
+        )
+    train = from_anndata(
+        subset_copy(ref_ad, var=genes), perturbation_key, control, sep=sep, layer=layer, require_control=True
+    )
+    leaked = [c for c in evaluated if c in train.conditions]
+    if leaked:
+        train = train.select(leaked, exclude=True)
+        notes.append(f"{len(leaked)} evaluated condition(s) are in --reference; the baselines are fitted without them: "
+                     f"{leaked[:10]}")
     for base in chosen:
         try:
             yield base.fit(train)
