@@ -328,6 +328,10 @@ def test_simplest_combination_explains_tests_in_training_conditions():
         vec = sum(c * rep.design.registry.encode(lab) for lab, c in t.simplest.items())
         np.testing.assert_allclose(vec, rep.design.registry.encode(t.label), atol=1e-9)
     assert rep.to_dict()["tests"][0]["equation"] == "KLF1 + SGK1"
+    assert km.measured and not ks.measured and "measured in training" in rep.render()
+    # a declared reference other than the control: terms are differences from it
+    ref = check_design(["A", "B", "A+B"], ["A+B:2", "A"], names=["A", "B"], reference="A")
+    assert ref.tests[0].equation == "A + 2*(A+B - A)" and ref.tests[1].measured
 
 
 def test_simplest_coefficients_beyond_pairs():

@@ -52,7 +52,7 @@ Prints a readable report; --json OUT.json also writes (--json - prints only) a J
   tests: [{label, covered, residual, relative_residual, in_convex_hull (bool|null),
            coefficients ({training label: float}|null), hull_coefficients,
            coefficient_norm, coefficient_l1, ill_conditioned, verdict ("identified"|"not identified"),
-           simplest_coefficients ({training label: float}|null), equation (str|null),
+           simplest_coefficients ({training label: float}|null), equation (str|null), measured,
            unmeasured [names], missing_direction {name: float}, suggested_additions [labels],
            details, message}],
   unmeasured [names only tests use], design_additions [labels that identify every elementary one]

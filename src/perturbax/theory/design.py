@@ -101,6 +101,7 @@ JSON form (``DesignReport.to_dict()``; ``perturbax check-design --json``), schem
           "verdict": "identified" | "not identified",   # = covered
           "simplest_coefficients": {training label: float} | null,  # sparsest representation found
           "equation": str | null,            # it written out, e.g. "KLF1 + SGK1"
+          "measured": bool,                  # the test is itself a measured training condition
           "unmeasured": [str],               # names in the test that no training condition contains
           "missing_direction": {name: float},  # unit direction of the unmeasured part (uncovered tests)
           "suggested_additions": [str],      # labels to add so that this test becomes covered
@@ -208,6 +209,8 @@ class CoverageResult:
         ``simplest`` written out: ``"KLF1 + SGK1"`` (``None`` when not covered).
     unmeasured
         Perturbations in the test that no training condition contains (never measured).
+    measured
+        The test is itself a measured training condition (or the measured reference).
     details
         Whether coefficients / directions / suggestions were computed for this test.
     message
@@ -231,6 +234,7 @@ class CoverageResult:
     simplest: dict[str, float] | None = None
     equation: str | None = None
     unmeasured: tuple[str, ...] = ()
+    measured: bool = False
 
     @property
     def verdict(self) -> str:
@@ -257,6 +261,7 @@ class CoverageResult:
             "verdict": self.verdict,
             "simplest_coefficients": None if self.simplest is None else dict(self.simplest),
             "equation": self.equation,
+            "measured": bool(self.measured),
             "unmeasured": list(self.unmeasured),
             "missing_direction": dict(self.missing_direction),
             "suggested_additions": list(self.suggested_additions),
@@ -432,9 +437,7 @@ class DesignReport(ReportMixin):
                     if t.equation is None:
                         text = t.message
                     else:
-                        measured = t.simplest is not None and len(t.simplest) == 1 and math.isclose(
-                            next(iter(t.simplest.values())), 1.0, rel_tol=1e-9)
-                        text = "measured in training" if measured else f"= {t.equation}"
+                        text = "measured in training" if t.measured else f"= {t.equation}"
                         hull = {True: "inside the hull of the training conditions",
                                 False: "outside the hull of the training conditions: extrapolation",
                                 None: ""}[t.in_convex_hull]
@@ -442,7 +445,7 @@ class DesignReport(ReportMixin):
                         if hull or flag:
                             text += f"  [{hull}{flag}]".replace("[; ", "[")
                     lines.append(f"  {'identified':<14}  {t.label.ljust(width)}  {text}")
-                    if (t.coefficients is not None and t.simplest is not None and not measured
+                    if (t.coefficients is not None and t.simplest is not None and not t.measured
                             and not _same(t.coefficients, t.simplest)):
                         coefs = ", ".join(f"{k} {v:.3g}" for k, v in list(t.coefficients.items())[:6])
                         more = ", ..." if len(t.coefficients) > 6 else ""
@@ -537,7 +540,10 @@ def _ill_conditioned_message(
 
 def _term(c: float, label: str, sep: str, first: bool, bracket: bool) -> str:
     mag = abs(c)
-    body = f"({label})" if sep in label and (bracket or not math.isclose(mag, 1.0, rel_tol=1e-9)) else label
+    wrapped = label.startswith("(") and label.endswith(")")
+    body = label
+    if sep in label and not wrapped and (bracket or not math.isclose(mag, 1.0, rel_tol=1e-9)):
+        body = f"({label})"
     if not math.isclose(mag, 1.0, rel_tol=1e-9):
         body = f"{fmt(mag)}*{body}"
     if first:
@@ -765,14 +771,17 @@ def check_design(
                     else:
                         inside = hc is not None
                         hull_coefs = None if hc is None else _coef_map(hc, keys)
-            measured = len(simplest) == 1 and math.isclose(next(iter(simplest.values())), 1.0, rel_tol=1e-9)
-            equation = format_combination(simplest, sep=reg.sep, reference=ref_text)
+            measured = (len(simplest) == 1 and math.isclose(next(iter(simplest.values())), 1.0, rel_tol=1e-9)) or (
+                not simplest and prep.reference_is_row)
+            equation = (
+                format_combination(simplest, sep=reg.sep, reference=ref_text) if simplest else prep.reference_label
+            )
             msg = _covered_message(label, equation, inside, measured)
             if ill:
                 msg += " " + _ill_conditioned_message(label, c, keys, c_norm, max_coefficient_norm)
             results.append(
                 CoverageResult(label, True, float(res[i]), float(rel[i]), inside, coefs, hull_coefs, {}, (), True, msg,
-                               c_norm, c_l1, ill, simplest, equation)
+                               c_norm, c_l1, ill, simplest, equation, measured=measured)
             )
         else:
             missing = top_weights(Rd[i], reg.names, fix_sign=False)
