@@ -586,12 +586,14 @@ def _covered_message(label: str, equation: str, inside: bool | None, measured: b
 
 
 def _unmeasured_message(
-    label: str, never: Sequence[str], measured: Sequence[str], sep: str, in_test: Sequence[str],
+    label: str, never: Sequence[str], partners: Sequence[str], sep: str, in_test: Sequence[str],
     hints: dict[str, list[str]],
 ) -> str:
+    """``partners``: identified elementary perturbations, to combine with a never-measured one."""
     named = ", ".join(n + (f" (did you mean {' or '.join(hints[n])}?)" if hints.get(n) else "") for n in never)
     verb = "was" if len(never) == 1 else "were"
-    partner = next((m for m in in_test if m not in never), measured[0] if measured else None)
+    ok = set(partners)
+    partner = next((m for m in in_test if m in ok), partners[0] if partners else None)
     example = f" (e.g. {sep.join([never[0], partner])})" if partner else ""
     what = "it" if len(never) == 1 else "each"
     return (
@@ -711,6 +713,7 @@ def check_design(
     never_set = set(unmeasured) | absent
     measured_names = [n for n in reg.names if n not in never_set]
     hints: dict[str, list[str]] = {}
+    partners = [n for n, ok in zip(reg.names, identified) if ok]
     control_ref = not np.any(prep.reference)
     ref_text = None if control_ref else prep.reference_label
     unique_repr = prep.D.shape[0] == space.rank
@@ -799,7 +802,7 @@ def check_design(
                 for n in test_never:  # names outside the registry may be typos: hint at measured ones
                     if n in unmeasured and n not in hints:
                         hints[n] = close_matches(n, measured_names, n=2)
-                msg = _unmeasured_message(label, test_never, measured_names, reg.sep, in_test, hints)
+                msg = _unmeasured_message(label, test_never, partners, reg.sep, in_test, hints)
             else:
                 msg = _uncovered_message(label, float(rel[i]), missing, adds, control_ref)
             results.append(
