@@ -127,8 +127,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from perturbax.data.labels import PerturbationRegistry
-from perturbax.data.labels import close_matches
+from perturbax.data.labels import PerturbationRegistry, close_matches
 from perturbax.theory._design_input import PreparedDesign, add_unmeasured, prepare_design, resolve_registry
 from perturbax.theory.report import (
     FAIL,
