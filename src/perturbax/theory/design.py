@@ -129,13 +129,20 @@ import numpy as np
 
 from perturbax.data.labels import PerturbationRegistry, close_matches
 from perturbax.theory._design_input import PreparedDesign, add_unmeasured, prepare_design, resolve_registry
+from perturbax.theory.design_text import (
+    covered_message,
+    format_combination,
+    ill_conditioned_message,
+    render_report,
+    uncovered_message,
+    unmeasured_message,
+)
 from perturbax.theory.report import (
     FAIL,
     OK,
     WARNING,
     ReportMixin,
     fmt,
-    format_direction,
     join_names,
     top_weights,
 )
@@ -420,91 +427,8 @@ class DesignReport(ReportMixin):
         }
 
     def render(self, max_tests: int = 50) -> str:
-        lines = [f"Design check: {self.status.upper()}"]
-        if self.tests:
-            n_ok, m = self.n_identified_tests, len(self.tests)
-            head = f"{n_ok} of {m} test perturbation{'s' if m > 1 else ''} {'is' if m == 1 else 'are'} identified"
-            if n_ok < m:
-                bad = self.uncovered
-                head += f"; {len(bad)} {'is' if len(bad) == 1 else 'are'} not: {join_names(bad, 8)}"
-            lines[0] += f" -- {head}."
-            lines.append("Tests (one verdict each; '=' gives the simplest combination of training conditions):")
-            width = min(40, max(len(t.label) for t in self.tests))
-            pad = " " * (2 + 14 + 2 + width + 2)
-            for t in self.tests[:max_tests]:
-                if t.covered:
-                    if t.equation is None:
-                        text = t.message
-                    else:
-                        text = "measured in training" if t.measured else f"= {t.equation}"
-                        hull = {True: "inside the hull of the training conditions",
-                                False: "outside the hull of the training conditions: extrapolation",
-                                None: ""}[t.in_convex_hull]
-                        flag = f"; ILL-CONDITIONED (||c||_2 {fmt(t.coefficient_norm)})" if t.ill_conditioned else ""
-                        if hull or flag:
-                            text += f"  [{hull}{flag}]".replace("[; ", "[")
-                    lines.append(f"  {'identified':<14}  {t.label.ljust(width)}  {text}")
-                    if (t.coefficients is not None and t.simplest is not None and not t.measured
-                            and not _same(t.coefficients, t.simplest)):
-                        coefs = ", ".join(f"{k} {v:.3g}" for k, v in list(t.coefficients.items())[:6])
-                        more = ", ..." if len(t.coefficients) > 6 else ""
-                        lines.append(f"{pad}minimum-norm weights (||c||_2 {fmt(t.coefficient_norm)}): {coefs}{more}")
-                else:
-                    lines.append(f"  {'NOT identified':<14}  {t.label.ljust(width)}  {_after_label(t.message, t.label)}")
-            if len(self.tests) > max_tests:
-                lines.append(f"  ... ({len(self.tests) - max_tests} more tests)")
-        lines.append("Design as a whole (the training conditions, whatever the tests):")
-        ref = "measured" if self.control_present else "NOT measured"
-        lines.append(
-            f"  {self.n_rows} training rows ({self.n_distinct_rows} distinct) over {self.K_measured} elementary "
-            f"perturbations; reference {self.reference!r} ({ref})"
-        )
-        margin = f"tolerance {fmt(self.tolerance)}"
-        if self.smallest_retained is not None:
-            margin += f", smallest kept singular value {fmt(self.smallest_retained)}"
-        if self.largest_dropped is not None:
-            margin += f", largest dropped {fmt(self.largest_dropped)}"
-        if self.n_eliminated:
-            margin += f"; {self.n_eliminated} found from single-perturbation rows (min dose {fmt(self.min_pivot)})"
-        if self.full_rank:
-            lines.append(f"  rank {self.rank} of {self.K_measured}: full rank, every elementary perturbation is "
-                         f"identified on its own [{self.method}: {margin}]")
-        else:
-            unident = self.unidentified_elementary
-            lines.append(f"  rank {self.rank} of {self.K_measured} [{self.method}: {margin}]")
-            lines.append(f"  identified on their own ({len(self.identified_elementary)}): "
-                         f"{join_names(self.identified_elementary)}")
-            lines.append(f"  not identified on their own ({len(unident)}; measured only in combinations that "
-                         f"do not separate them): {join_names(unident)}")
-            if self.design_additions:
-                alone = "" if np.any(self.design.reference) else " alone"
-                lines.append(f"  to identify every one, add: {join_names(self.design_additions)}{alone}")
-        if self.unmeasured:
-            lines.append(f"  named by tests but never measured: {join_names(self.unmeasured)}")
-        ill_elem = self.ill_conditioned_elementary
-        if ill_elem:
-            norms = dict(zip(self.names, self.elementary_coefficient_norms))
-            listed = ", ".join(f"{n} (||c||_2 {fmt(norms[n])})" for n in ill_elem[:8])
-            more = f", ... ({len(ill_elem) - 8} more)" if len(ill_elem) > 8 else ""
-            lines.append(f"  ill-conditioned at unit dose (reached only through much smaller or cancelling labels): "
-                         f"{listed}{more}")
-        if self.latent_dim is not None:
-            ok = "ok" if self.latent_dim_ok else "TOO LOW"
-            lines.append(f"  latent dimension {self.latent_dim}: rank {self.rank} {ok}")
-        lines.append(f"Summary: {self.message}")
-        return "\n".join(lines)
+        return render_report(self, max_tests)
 
-
-def _same(a: dict[str, float], b: dict[str, float]) -> bool:
-    return a.keys() == b.keys() and all(math.isclose(a[k], b[k], rel_tol=1e-6, abs_tol=1e-9) for k in a)
-
-
-def _after_label(message: str, label: str) -> str:
-    """A test's message without its leading ``"<label> is not identified: "``."""
-    for lead in (f"{label} is not identifiable: ", f"{label} is not identified: "):
-        if message.startswith(lead):
-            return message[len(lead):]
-    return message
 
 # --------------------------------------------------------------------------- helpers
 def _unique_keys(labels: Sequence[str]) -> list[str]:
@@ -523,104 +447,6 @@ def _coef_map(c: np.ndarray, keys: Sequence[str]) -> dict[str, float]:
     cut = _COEF_DROP * max(1.0, float(np.max(np.abs(c))))
     idx = np.flatnonzero(np.abs(c) > cut)
     return dict(zip([keys[i] for i in idx.tolist()], c[idx].tolist()))
-
-
-def _ill_conditioned_message(
-    label: str, c: np.ndarray, keys: Sequence[str], norm: float, limit: float
-) -> str:
-    k = int(np.argmax(np.abs(c)))
-    return (
-        f"It is ill-conditioned: its coefficients have norm ||c||_2 = {fmt(norm)} (above {fmt(limit)}; "
-        f"largest {fmt(float(c[k]))} on {keys[k]}), so its prediction amplifies the estimation error "
-        f"of a measured condition {fmt(norm)}-fold -- it is reached only through training labels much "
-        f"smaller than it or nearly cancelling each other; measure {label} or labels of comparable size."
-    )
-
-
-def _term(c: float, label: str, sep: str, first: bool, bracket: bool) -> str:
-    mag = abs(c)
-    wrapped = label.startswith("(") and label.endswith(")")
-    body = label
-    if sep in label and not wrapped and (bracket or not math.isclose(mag, 1.0, rel_tol=1e-9)):
-        body = f"({label})"
-    if not math.isclose(mag, 1.0, rel_tol=1e-9):
-        body = f"{fmt(mag)}*{body}"
-    if first:
-        return ("-" if c < 0 else "") + body
-    return ("- " if c < 0 else "+ ") + body
-
-
-def format_combination(coefs: dict[str, float], *, sep: str = "+", reference: str | None = None) -> str:
-    """``{"KLF1": 1, "SGK1": 1}`` -> ``"KLF1 + SGK1"`` (``"2*(A+B) - B"`` for other coefficients;
-    with a non-control ``reference`` R, the terms are differences ``(A - R)``)."""
-    if not coefs:
-        return reference or "the reference"
-    items = sorted(coefs.items(), key=lambda kv: (kv[1] < 0, -abs(kv[1])))
-    parts = []
-    for i, (lab, c) in enumerate(items):
-        if reference is not None:
-            lab = f"({lab} - {reference})"
-        parts.append(_term(c, lab, sep, i == 0, len(items) > 1))
-    text = " ".join(parts)
-    return text if reference is None else f"{reference} + " + (text if not text.startswith("-") else f"({text})")
-
-
-def _covered_message(label: str, equation: str, inside: bool | None, measured: bool) -> str:
-    head = (
-        f"{label} is identified: it is a measured training condition"
-        if measured
-        else f"{label} is identified: {label} = {equation}"
-    )
-    if inside is True:
-        return head + " (inside the convex hull of the training labels: interpolation)."
-    if inside is False:
-        return (
-            head + "; this lies outside the convex hull of the training labels, so the model must "
-            "extrapolate beyond the measured latent shifts -- expect larger errors."
-        )
-    return (
-        head + f"; whether it lies inside the convex hull was not determined (more than {_LP_MAX_ROWS} "
-        f"distinct training labels, or the linear program did not finish)."
-    )
-
-
-def _unmeasured_message(
-    label: str, never: Sequence[str], partners: Sequence[str], sep: str, in_test: Sequence[str],
-    hints: dict[str, list[str]],
-) -> str:
-    """``partners``: identified elementary perturbations, to combine with a never-measured one."""
-    named = ", ".join(n + (f" (did you mean {' or '.join(hints[n])}?)" if hints.get(n) else "") for n in never)
-    verb = "was" if len(never) == 1 else "were"
-    ok = set(partners)
-    partner = next((m for m in in_test if m in ok), partners[0] if partners else None)
-    example = f" (e.g. {sep.join([never[0], partner])})" if partner else ""
-    what = "it" if len(never) == 1 else "each"
-    return (
-        f"{label} is not identifiable: {named} {verb} never measured (no training condition contains "
-        f"{'it' if len(never) == 1 else 'them'}); measure {what} alone, or in a combination with measured "
-        f"perturbations{example}."
-    )
-
-
-def _uncovered_message(
-    label: str,
-    rel: float,
-    missing: dict[str, float],
-    additions: Sequence[str],
-    control_reference: bool,
-) -> str:
-    if not missing:
-        return f"{label} is not identified (relative residual {fmt(rel)})."
-    names = list(missing)
-    if len(names) == 1:
-        why = f"the effect of {names[0]} is never separated from the rest of the design"
-    else:
-        why = f"the design never separates {join_names(names, 6)} from each other"
-    text = f"{label} is not identified: {why}"
-    if additions:
-        how = f"{join_names(additions)} alone" if control_reference else join_names(additions)
-        text += f"; add {how}"
-    return text + "."
 
 
 def check_design(
@@ -778,9 +604,9 @@ def check_design(
             equation = (
                 format_combination(simplest, sep=reg.sep, reference=ref_text) if simplest else prep.reference_label
             )
-            msg = _covered_message(label, equation, inside, measured)
+            msg = covered_message(label, equation, inside, measured, _LP_MAX_ROWS)
             if ill:
-                msg += " " + _ill_conditioned_message(label, c, keys, c_norm, max_coefficient_norm)
+                msg += " " + ill_conditioned_message(label, c, keys, c_norm, max_coefficient_norm)
             results.append(
                 CoverageResult(label, True, float(res[i]), float(rel[i]), inside, coefs, hull_coefs, {}, (), True, msg,
                                c_norm, c_l1, ill, simplest, equation, measured=measured)
@@ -801,9 +627,9 @@ def check_design(
                 for n in test_never:  # names outside the registry may be typos: hint at measured ones
                     if n in unmeasured and n not in hints:
                         hints[n] = close_matches(n, measured_names, n=2)
-                msg = _unmeasured_message(label, test_never, partners, reg.sep, in_test, hints)
+                msg = unmeasured_message(label, test_never, partners, reg.sep, in_test, hints)
             else:
-                msg = _uncovered_message(label, float(rel[i]), missing, adds, control_ref)
+                msg = uncovered_message(label, float(rel[i]), missing, adds, control_ref)
             results.append(
                 CoverageResult(label, False, float(res[i]), float(rel[i]), False, None, None, missing,
                                tuple(adds), True, msg, unmeasured=test_never)
