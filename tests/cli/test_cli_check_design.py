@@ -84,12 +84,22 @@ def test_h5ad_design(small_h5ad, tmp_path):
     )
 
 
-def test_unknown_names_are_an_error(design_csv):
-    res = _run(["--design", design_csv, "--perturbations", "A+X,Y"])
-    assert res.exit_code != 0
-    assert "Unknown perturbation name(s) in --perturbations" in res.output
-    assert "'X' (in 'A+X')" in res.output and "'Y'" in res.output
-    assert "Known elementary perturbations (3): A, B, C" in res.output
+def test_unmeasured_names_get_a_verdict(design_csv, small_h5ad):
+    """Issue 20: a name the design never measured is answered (not identifiable: measure it), not
+    a usage error -- from a design CSV and from an h5ad."""
+    res = _run(["--design", design_csv, "--perturbations", "A+X,Y,A+B", "--json", "-"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    tests = {t["label"]: t for t in rep["tests"]}
+    assert tests["A+X"]["verdict"] == "not identified" and tests["A+X"]["unmeasured"] == ["X"]
+    assert tests["Y"]["unmeasured"] == ["Y"] and tests["A+B"]["verdict"] == "identified"
+    assert rep["unmeasured"] == ["X", "Y"] and rep["elementary"][:3] == ["A", "B", "C"]
+    res = _run([small_h5ad, "-k", "perturbation", "-c", "ctrl", "-p", "KLF1+GATA1,KLF2"])
+    assert res.exit_code == 0, res.output
+    assert "0 of 2 test perturbations are identified; 2 are not: KLF1+GATA1, KLF2." in res.output
+    assert "GATA1 was never measured" in res.output and "measure it alone" in res.output
+    # the hint names only a measured perturbation (one that a test could use)
+    assert "KLF2 (did you mean KLF1?) was never measured" in res.output
 
 
 def test_bad_usage(design_csv, small_h5ad, tmp_path):
@@ -136,3 +146,40 @@ def test_tiny_dose_is_reported_ill_conditioned(tmp_path):
     assert a["ill_conditioned"] is True and a["coefficient_norm"] == pytest.approx(1e6, rel=1e-6)
     assert b["ill_conditioned"] is False and b["coefficient_norm"] == pytest.approx(1.0)
     assert rep["n_ill_conditioned"] == 1
+
+
+def test_where_selects_rows(small_h5ad, tmp_path):
+    """Issue 20: --where KEY=VALUE keeps only some cells of DATA (here: drops the TGFBR2+KLF1 cells)."""
+    adata = ad.read_h5ad(small_h5ad)
+    adata.obs["batch"] = ["a"] * 12 + ["b"] * 2
+    path = tmp_path / "batches.h5ad"
+    adata.write_h5ad(path)
+    res = _run([path, "-k", "perturbation", "-c", "ctrl", "-p", "TGFBR2", "--where", "batch=a", "--json", "-"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    assert rep["n_rows"] == 4 and rep["tests"][0]["unmeasured"] == ["TGFBR2"]
+    res = _run([path, "-k", "perturbation", "-c", "ctrl", "-p", "TGFBR2"])
+    assert "1 of 1 test perturbation is identified" in res.output
+    assert "TGFBR2  = (KLF1+TGFBR2) - KLF1" in res.output
+    bad = _run([path, "-k", "perturbation", "-c", "ctrl", "--where", "batch=c"])
+    assert bad.exit_code == 1 and "--where batch=c: no cell has obs['batch'] == 'c'; values present: 'a', 'b'" in bad.output
+
+
+def test_norman_design_in_the_users_terms():
+    """Issue 20 on the real Norman design (skipped where the shared file is absent)."""
+    from perturbax.data.datasets import NORMAN19_FILE, find_data_file
+
+    try:
+        path = find_data_file(NORMAN19_FILE)
+    except FileNotFoundError:
+        pytest.skip("the Norman 2019 development file is not available")
+    res = _run([path, "-k", "condition", "-c", "control", "--where", "dataset=norman19",
+                "-p", "KLF1+SGK1,MAP2K3+MAPK1,GATA1", "--json", "-"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    ks, mm, gata = rep["tests"]
+    assert ks["equation"] == "KLF1 + SGK1" and mm["equation"] == "MAP2K3 + MAPK1"
+    assert len(ks["coefficients"]) > 2  # the minimum-norm weights spread over dependent conditions
+    assert gata["verdict"] == "not identified" and gata["unmeasured"] == ["GATA1"]
+    assert rep["message"].startswith("2 of 3 test perturbations are identified; 1 is not: GATA1.")
+    assert rep["rank"] == 28 and rep["design_additions"] == ["BPGM", "CEBPE", "FOXL2"]

@@ -24,6 +24,14 @@ def test_demo_fast_writes_report(tmp_path):
     report = (out / "report.md").read_text()
     assert "perturbax demo --seed 0 --steps 200 --objectives energy --fast" in report
     assert (out / "predicted_vs_true.png").stat().st_size > 10_000 and (out / "loss.png").exists()
+    # issue 20: a reading paragraph from the numbers, a glossary, the plots inline, an HTML copy with them embedded
+    wide = table.pivot(index="condition", columns="method", values="energy_pca")
+    k, n = int((wide["model_energy"] <= wide["noise_floor"]).sum()), len(wide)
+    sentence = f"For {k} of {n} its predicted cells are as close to the real ones as two halves of the real cells"
+    assert sentence in report and sentence in res.output.replace("\n", " ")
+    assert "## Glossary" in report and "## Units" in report and "![predicted_vs_true](predicted_vs_true.png)" in report
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and sentence in html
 
 
 def test_demo_rejects_unknown_objective(tmp_path):

@@ -1,5 +1,7 @@
 """``perturbax evaluate`` through click's CliRunner."""
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -135,3 +137,75 @@ def test_evaluate_default_pca_space_is_the_control_cells(files, tmp_path):
                                     reference=np.vstack([files["ctrl"], *truth.values()]))
     np.testing.assert_allclose(table["energy_pca"], on_control["energy_pca"], rtol=1e-5, atol=1e-7)
     assert not np.allclose(table["energy_pca"], with_test["energy_pca"], rtol=1e-3)
+
+
+def test_evaluate_baselines_next_to_the_prediction(files, tmp_path):
+    """Issue 20: --baselines scores baselines fitted on --reference on the same conditions, in one table."""
+    p = files["paths"]
+    out = tmp_path / "t.csv"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = _run(["evaluate", str(p["pred"]), str(p["truth"]), "-k", KEY, "-c", "control", "--reference",
+                    str(p["train"]), "--baselines", "additive,control", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    # quiet: the undefined Pearson delta of the control baseline is a note, not a RuntimeWarning
+    assert not [w for w in caught if issubclass(w.category, (RuntimeWarning, FutureWarning, DeprecationWarning))
+                and "anndata" not in w.filename], [str(w.message) for w in caught]
+    assert "pearson_delta is undefined (nan) for the control baseline" in res.output
+    table = pd.read_csv(out)
+    assert table["method"].tolist() == ["pred"] * 3 + ["additive"] * 3 + ["control"] * 3
+    # PRED holds the additive baseline's own predictions (fitted with unmeasured="zero" on the same
+    # training cells): its gene-level scores match the additive rows
+    pred_rows, add_rows = table[table.method == "pred"], table[table.method == "additive"]
+    np.testing.assert_allclose(pred_rows["mean_l2"].to_numpy(), add_rows["mean_l2"].to_numpy(), rtol=1e-5)
+    ctrl_rows = table[table.method == "control"]
+    assert (ctrl_rows["mean_l2"].to_numpy() > add_rows["mean_l2"].to_numpy()).all()
+    assert "Mean over conditions, per method:" in res.output
+    res = _run(["evaluate", str(p["pred"]), str(p["truth"]), "-k", KEY, "-c", "control", "--baselines", "additive"])
+    assert res.exit_code != 0 and "pass --reference TRAIN.h5ad" in res.output
+    res = _run(["evaluate", str(p["pred"]), str(p["truth"]), "-k", KEY, "-c", "control", "--reference", str(p["train"]),
+                "--baselines", "additve"])
+    assert res.exit_code != 0 and "--baselines additve: unknown baseline; choose from control, pooled_mean, additive, linear" in res.output
+
+
+def test_evaluate_where_selects_truth_cells(files, tmp_path):
+    import anndata as ad
+
+    p = files["paths"]
+    one = ad.read_h5ad(p["truth"])
+    two = one.copy()
+    two.X = two.X + 5.0
+    one.obs["part"], two.obs["part"] = "one", "two"
+    two.obs_names = [f"{n}_2" for n in two.obs_names]
+    ad.concat([one, two]).write_h5ad(tmp_path / "both.h5ad")
+    args = ["-k", KEY, "-c", "control", "--out"]
+    res = _run(["evaluate", str(p["pred"]), str(tmp_path / "both.h5ad"), *args, str(tmp_path / "w.csv"),
+                "--where", "part=one"])
+    assert res.exit_code == 0, res.output
+    res = _run(["evaluate", str(p["pred"]), str(p["truth"]), *args, str(tmp_path / "o.csv")])
+    assert res.exit_code == 0, res.output
+    got, want = pd.read_csv(tmp_path / "w.csv"), pd.read_csv(tmp_path / "o.csv")
+    np.testing.assert_allclose(got["energy_pca"], want["energy_pca"], rtol=1e-6)
+    res = _run(["evaluate", str(p["pred"]), str(tmp_path / "both.h5ad"), *args, str(tmp_path / "b.csv")])
+    assert not np.allclose(pd.read_csv(tmp_path / "b.csv")["energy_pca"], want["energy_pca"], rtol=1e-3)
+
+
+def test_evaluate_baselines_never_train_on_the_evaluated_conditions(files, tmp_path):
+    """A --reference holding the evaluated conditions too (e.g. the whole file): the baselines are
+    fitted without them, so their scores equal those fitted on the true training cells."""
+    import anndata as ad
+
+    p = files["paths"]
+    train, truth = ad.read_h5ad(p["train"]), ad.read_h5ad(p["truth"])
+    truth = truth[truth.obs[KEY].astype(str) != "control"].copy()
+    truth.obs_names = [f"t{i}" for i in range(truth.n_obs)]
+    ad.concat([train, truth]).write_h5ad(tmp_path / "all.h5ad")
+    tables = []
+    for ref in (p["train"], tmp_path / "all.h5ad"):
+        out = tmp_path / f"{ref.stem}.csv"
+        res = _run(["evaluate", str(p["pred"]), str(p["truth"]), "-k", KEY, "-c", "control", "--reference", str(ref),
+                    "--baselines", "linear", "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        tables.append(pd.read_csv(out).query("method == 'linear'"))
+    np.testing.assert_allclose(tables[1]["mean_l2"], tables[0]["mean_l2"], rtol=1e-5)
+    assert "3 evaluated condition(s) are in --reference; the baselines are fitted without them" in res.output

@@ -342,3 +342,29 @@ def test_prediction_summary_table_layout():
     pred.varm["pred_upper"] = np.zeros((3, 3))
     with pytest.raises(ValueError, match="pred_upper"):
         prediction_summary_table(pred)
+
+
+def test_where_selects_cells_for_fit_and_source_cells(files, tmp_path):
+    """Issue 20: --where KEY=VALUE keeps only some cells of the h5ad in fit and predict --source-cells."""
+    adata = ad.read_h5ad(files["paths"]["data"])
+    adata.obs["site"] = np.where(np.arange(adata.n_obs) % 3 == 0, "a", "b")
+    path = tmp_path / "sites.h5ad"
+    adata.write_h5ad(path)
+    n_b = int((adata.obs["site"] == "b").sum())
+    res = _run(["fit", path, *FIT_ARGS, "--steps", "3", "--where", "site=b", "--out", tmp_path / "m"])
+    assert res.exit_code == 0, res.output
+    assert f"on {n_b} cells" in res.output
+    assert FitResult.load(tmp_path / "m").info["cli"]["where"] == ["site=b"]
+    src = adata[adata.obs[KEY] == "P0"].copy()
+    n_src = int((src.obs["site"] == "a").sum())
+    src.write_h5ad(tmp_path / "src.h5ad")
+    res = _run(["predict", tmp_path / "m", "-p", "P1", "--num-samples", "2", "--source-cells", tmp_path / "src.h5ad",
+                "--where", "site=a", "--out", tmp_path / "p.h5ad"])
+    assert res.exit_code == 0, res.output
+    pred = ad.read_h5ad(tmp_path / "p.h5ad")
+    assert pred.uns["perturbax"]["source_cells"] == n_src and pred.n_obs == n_src
+    res = _run(["fit", path, *FIT_ARGS, "--steps", "3", "--where", "site=c", "--out", tmp_path / "m2"])
+    assert res.exit_code != 0
+    assert "--where site=c: no cell has obs['site'] == 'c'; values present: 'a', 'b'" in _error_line(res)
+    res = _run(["predict", tmp_path / "m", "-p", "P1", "--where", "site=a", "--out", tmp_path / "q.h5ad"])
+    assert res.exit_code != 0 and "pass --source-cells too" in _error_line(res)

@@ -95,3 +95,57 @@ def test_cells_by_condition_reads_layer():
     adata.layers["counts"] = np.round(np.abs(adata.X) * 10)
     out = cells_by_condition(adata, "perturbation", "control", layer="counts")
     np.testing.assert_array_equal(out["C"], adata.layers["counts"][4:6])
+
+
+def _two_datasets():
+    obs = pd.DataFrame(
+        {"pert": ["control", "A", "control", "B", "A"], "dataset": pd.Categorical(["x", "x", "y", "y", "y"]),
+         "batch": [1, 2, 1, 2, 2]},
+        index=[f"c{i}" for i in range(5)],
+    )
+    return ad.AnnData(X=np.arange(15, dtype=np.float32).reshape(5, 3), obs=obs)
+
+
+def test_select_where_keeps_matching_rows_and_prunes_categories():
+    from perturbax.data import parse_where, select_where
+
+    adata = _two_datasets()
+    sub = select_where(adata, ["dataset=y"])
+    assert sub.obs_names.tolist() == ["c2", "c3", "c4"]
+    assert list(sub.obs["dataset"].cat.categories) == ["y"]
+    np.testing.assert_array_equal(sub.X, adata.X[2:])
+    # one key twice: either value; two keys: both (numbers compared as strings)
+    assert select_where(adata, ["dataset=x", "dataset=y", "batch=2"]).obs_names.tolist() == ["c1", "c3", "c4"]
+    assert select_where(adata, []) is adata
+    assert parse_where(["a=b=c", " k = v "]) == {"a": ["b=c"], "k": ["v"]}
+
+
+def test_select_where_errors_name_key_value_and_what_exists():
+    from perturbax.data import select_where
+
+    adata = _two_datasets()
+    with pytest.raises(ValueError, match=r"--where dataset=z: no cell has obs\['dataset'\] == 'z'; values present: 'x', 'y'"):
+        select_where(adata, ["dataset=z"])
+    with pytest.raises(KeyError, match=r"obs has no column 'datset'; columns: 'pert', 'dataset', 'batch'"):
+        select_where(adata, ["datset=x"])
+    with pytest.raises(ValueError, match="no cell matches all of them together"):
+        select_where(adata, ["dataset=x", "pert=B"])
+    with pytest.raises(ValueError, match="is not KEY=VALUE"):
+        select_where(adata, ["dataset"])
+
+
+def test_subsets_do_not_warn():
+    """Issue 20 (quiet output): selecting cells or genes of an AnnData with categorical obs columns
+    does not go through anndata's category pruning under a pandas option deprecated in pandas 3."""
+    import warnings
+
+    from perturbax.data import select_where
+
+    adata = _two_datasets()
+    adata.obs["pert"] = adata.obs["pert"].astype("category")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sub = select_where(adata, ["dataset=x"])
+        cells = cells_by_condition(adata, "pert", "control", genes=["1", "0"])
+    assert list(sub.obs["pert"].cat.categories) == ["A", "control"]
+    np.testing.assert_array_equal(cells["A"], adata.X[[1, 4]][:, [1, 0]])

@@ -24,3 +24,53 @@ def test_run_pdae_sim_fits_a_user_model_on_the_same_protocol():
     assert set(model.condition) == set(baseline.condition) and len(model) >= 5
     assert res.refused and not set(res.refused) & set(model.condition)
     assert model.coverage.between(0, 1).all() and np.isfinite(model.energy_pca).all()
+
+
+def _fake_result(model_energy, coverage):
+    """A PDAESimResult with a hand-made table (no fit): the report is generated from its numbers."""
+    import pandas as pd
+
+    from perturbax.protocols import PDAESimResult
+
+    conds = ["A+B", "A:2", "B:0.5"]
+    groups = ["double", "dose-outside-hull", "dose-in-hull"]
+    rows = []
+    for method, energies in (("model_energy", model_energy), ("additive", [0.2, 0.3, 0.1]),
+                             ("control", [1.0, 2.0, 0.5]), ("noise_floor", [0.05, 0.02, -0.01])):
+        for c, g, e in zip(conds, groups, energies):
+            rows.append({"method": method, "condition": c, "group": g, "energy_pca": e, "pearson_delta": 0.9,
+                         "sd_ratio": 1.0, "coverage": coverage if method == "model_energy" else np.nan,
+                         "interval_width": 0.1 if method == "model_energy" else np.nan})
+    return PDAESimResult(
+        table=pd.DataFrame(rows), fits={}, predictions={}, refused={"C": "never seen"}, population_means={},
+        split=None, truth=None,
+        settings={"seed": 1, "simulation": {"n_perturbations": 3, "latent_dim": 2, "n_genes": 7, "n_cells": 50},
+                  "objectives": ["energy"], "likelihood": "gaussian", "steps": 10, "num_samples": 4,
+                  "interval": 0.8, "n_pcs": 7},
+    )
+
+
+def test_report_reading_paragraph_is_generated_from_the_numbers(tmp_path):
+    """Issue 20: the demo report explains its numbers in words; nothing in it is hard-coded."""
+    from perturbax.protocols import reading_paragraph, write_pdae_sim_report
+
+    good = reading_paragraph(_fake_result([0.01, 0.5, -0.02], 0.78))
+    assert "For 2 of 3 its predicted cells are as close to the real ones as two halves" in good
+    assert "closer to the real cells than the additive baseline on 2 of 3" in good
+    assert "Its median energy distance is 0.01, against 0.02 for the noise floor, 0.2 for the additive" in good
+    assert "80% credible intervals" in good and "78% of the genes" in good and "about right" in good
+    assert "(A:2: extrapolation) its median energy distance is 0.5, inside -0.005" in good
+    assert "It refused C" in good and "model_energy's." in good
+    bad = reading_paragraph(_fake_result([0.9, 0.8, 0.7], 0.4))
+    assert "For 0 of 3" in bad and "additive's -- on these data the model does not improve on it" in bad
+    assert "too narrow: the model is over-confident" in bad
+
+    write_pdae_sim_report(_fake_result([0.01, 0.5, -0.02], 0.78), tmp_path, command="perturbax demo --x")
+    md = (tmp_path / "report.md").read_text()
+    html = (tmp_path / "report.html").read_text()
+    for text in (md, html):
+        assert "Glossary" in text and "noise_floor" in text and "dose-outside-hull" in text
+        assert "Units" in text and "7-dimensional PCA space" in text and "For 2 of 3" in text
+    assert "group double" in md and "group dose-in-hull" in md and "group out-of-span" in md
+    assert "pooled_mean" not in md  # the glossary lists only what the run shows
+    assert html.startswith("<!DOCTYPE html>") and "<table>" in html and "<code>perturbax demo --x</code>" in html

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from perturbax.data.labels import PerturbationRegistry
 from perturbax.theory import FAIL, OK, WARNING, check_design
@@ -47,7 +48,8 @@ def test_missing_direction_and_suggestion():
     assert t.missing_direction == pytest.approx({"A": 1.0})
     assert t.suggested_additions == ("A",)
     assert t.coefficients is None and t.in_convex_hull is False
-    assert "A never appears in the training design" in t.message and "add A alone" in t.message
+    assert t.verdict == "not identified" and t.unmeasured == ("A",)
+    assert "A was never measured" in t.message and "measure it alone" in t.message
     assert rep.unidentified_elementary == ("A",) and rep.identified_elementary == ("B",)
     assert rep.status == FAIL
 
@@ -185,8 +187,9 @@ def test_label_strings_and_errors():
     rep = check_design(["control", "A", "B:0.5"], ["A+B", "B:2"], names=["A", "B", "C"])
     assert [t.covered for t in rep.tests] == [True, True]
     assert rep.tests[1].coefficients == pytest.approx({"B:0.5": 4.0})
-    with pytest.raises(KeyError, match="Unknown perturbation 'X'"):
-        check_design(["control", "A"], ["A+X"], names=["A", "B"])
+    # a name the design never measured is a verdict, not an error
+    ax = check_design(["control", "A"], ["A+X"], names=["A", "B"]).tests[0]
+    assert not ax.covered and ax.unmeasured == ("X",) and "X was never measured" in ax.message
     with pytest.raises(ValueError, match="names"):
         check_design(["control", "A"], ["A"])
     with pytest.raises(ValueError, match="columns"):
@@ -205,7 +208,7 @@ def test_report_is_frozen_and_serialises():
     assert d["tests"][0]["label"] == "A+C" and d["tests"][0]["covered"] is False
     assert d["tests"][0]["missing_direction"] == {"C": 1.0}
     text = str(rep)
-    assert "NOT covered" in text and "A+C" in text and "rank 2 of 3" in text
+    assert "NOT identified  A+C" in text and "rank 2 of 3" in text
 
 
 def test_max_details_and_on_request_coefficients():
@@ -301,3 +304,62 @@ def test_elementary_coefficient_norms_match_the_explicit_coefficients():
         rep.elementary_coefficient_norms[ident], [np.linalg.norm(list(c.values())) for c in explicit], rtol=1e-8
     )
     assert np.isnan(rep.elementary_coefficient_norms[~rep.identified]).all()
+
+
+def test_simplest_combination_explains_tests_in_training_conditions():
+    """Issue 20: a covered test is explained by the fewest training conditions (KLF1+SGK1 =
+    KLF1 + SGK1), not only by the minimum-norm weights that spread over dependent conditions."""
+    names = ["KLF1", "SGK1", "MAP2K6", "MAP2K3", "TGFBR2", "D"]
+    train = ["control", "KLF1", "SGK1", "MAP2K6", "MAP2K3", "KLF1+MAP2K6", "MAP2K3+MAP2K6",
+             "KLF1+TGFBR2", "D"]
+    rep = check_design(train, ["KLF1+SGK1", "TGFBR2", "KLF1+MAP2K6", "SGK1+MAP2K3+D", "MAP2K6:2"], names=names)
+    ks, tg, km, three, dose = rep.tests
+    assert ks.simplest == pytest.approx({"KLF1": 1.0, "SGK1": 1.0}) and ks.equation == "KLF1 + SGK1"
+    assert len(ks.coefficients) > 2  # the minimum-norm weights use the dependent conditions too
+    assert "KLF1+SGK1 = KLF1 + SGK1" in ks.message and "= KLF1 + SGK1" in rep.render()
+    assert "minimum-norm weights" in rep.render()
+    assert tg.simplest == pytest.approx({"KLF1+TGFBR2": 1.0, "KLF1": -1.0})
+    assert tg.equation == "(KLF1+TGFBR2) - KLF1"
+    assert km.simplest == pytest.approx({"KLF1+MAP2K6": 1.0}) and "measured training condition" in km.message
+    assert three.simplest == pytest.approx({"SGK1": 1.0, "MAP2K3": 1.0, "D": 1.0})
+    assert dose.simplest == pytest.approx({"MAP2K6": 2.0}) and dose.equation == "2*MAP2K6"
+    # the representation is exact
+    for t in rep.tests:
+        vec = sum(c * rep.design.registry.encode(lab) for lab, c in t.simplest.items())
+        np.testing.assert_allclose(vec, rep.design.registry.encode(t.label), atol=1e-9)
+    assert rep.to_dict()["tests"][0]["equation"] == "KLF1 + SGK1"
+    assert km.measured and not ks.measured and "measured in training" in rep.render()
+    # a declared reference other than the control: terms are differences from it
+    ref = check_design(["A", "B", "A+B"], ["A+B:2", "A"], names=["A", "B"], reference="A")
+    assert ref.tests[0].equation == "A + 2*(A+B - A)" and ref.tests[1].measured
+
+
+def test_simplest_coefficients_beyond_pairs():
+    from perturbax.theory.sparse import simplest_coefficients
+
+    rng = np.random.default_rng(0)
+    D = sp.csr_matrix(rng.normal(size=(12, 8)))
+    c_true = np.zeros(12)
+    c_true[[1, 4, 7, 9]] = [1.0, -2.0, 0.5, 3.0]
+    t = c_true @ D.toarray()
+    c = simplest_coefficients(D, t, 1e-9 * np.linalg.norm(t))
+    assert c is not None and np.linalg.norm(c @ D.toarray() - t) <= 1e-8 * np.linalg.norm(t)
+    assert np.count_nonzero(c) <= 8  # never worse than a basis of the active columns
+    # a target outside the span has no representation
+    assert simplest_coefficients(D[:3], t, 1e-9 * np.linalg.norm(t)) is None
+
+
+def test_design_rank_is_reported_apart_from_the_test_verdicts():
+    """Issue 20: a rank-deficient design whose tests are all identified does not FAIL; the
+    design-level status names the perturbations to add, not vectors."""
+    train = ["control", "A", "B", "A+B", "C+D", "E+F"]
+    rep = check_design(train, ["A+B", "A:2"], names=list("ABCDEF"))
+    assert rep.status != FAIL and rep.n_identified_tests == 2
+    assert rep.message.startswith("2 of 2 test perturbations are identified.")
+    assert "Design as a whole" in rep.message and "rank 4 of 6" in rep.message
+    assert set(rep.design_additions) in ({"C", "E"}, {"C", "F"}, {"D", "E"}, {"D", "F"})
+    assert "to identify every one, add:" in rep.render()
+    bad = check_design(train, ["C", "A+E"], names=list("ABCDEF"))
+    assert bad.status == FAIL and bad.message.startswith("0 of 2 test perturbations are identified; 2 are not: C, A+E.")
+    text = bad.render()
+    assert "NOT identified  C  " in text and "add C alone" in text and "0.71" not in text

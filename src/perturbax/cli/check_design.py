@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from perturbax.cli.fit import FiniteFloat, check_sep
+from perturbax.cli.fit import FiniteFloat, check_sep, where_option
 from perturbax.cli.paths import check_outputs
 
 __all__ = ["check_design", "design_from_csv", "design_from_h5ad", "parse_tests"]
@@ -21,7 +21,8 @@ _HELP = """Check which test perturbations a training design covers.
 
 \b
 Give the design either as
-  DATA.h5ad --perturbation-key KEY --control LABEL   (the measured conditions of the cells), or
+  DATA.h5ad --perturbation-key KEY --control LABEL   (the measured conditions of the cells;
+                        --where KEY=VALUE keeps only some cells, e.g. --where dataset=norman19), or
   --design DESIGN.csv   one row per measured perturbation, one column per elementary
                         perturbation (header = names), doses as values; control = all zeros.
 
@@ -29,10 +30,14 @@ Give the design either as
 Tests are label strings, comma-separated and/or repeated:
   --perturbations "A+B,A:0.5+C:2"   (A:0.5 = A at dose 0.5; plain A = dose 1)
 
-A test is covered when its label minus the control lies in the span of the training labels
-minus the control (the affine hull of the design): the model can then predict it from the
-measured perturbations. Covered tests outside the convex hull of the training labels need
-extrapolation (flagged). Uncovered tests name the missing direction and what to add.
+A test is identified (covered) when its label minus the control lies in the span of the
+training labels minus the control (the affine hull of the design): the model can then predict
+it from the measured perturbations. Each identified test is explained by the simplest
+combination of training conditions (e.g. KLF1+SGK1 = KLF1 + SGK1; the minimum-norm weights are
+shown too where they differ). Identified tests outside the convex hull of the training labels
+need extrapolation (flagged). A test that is not identified names the perturbations to add; a
+name the design never measured gets that verdict (measure it), not an error. The rank of the
+design as a whole is reported separately.
 
 \b
 Prints a readable report; --json OUT.json also writes (--json - prints only) a JSON object:
@@ -46,8 +51,11 @@ Prints a readable report; --json OUT.json also writes (--json - prints only) a J
   max_coefficient_norm, n_ill_conditioned,
   tests: [{label, covered, residual, relative_residual, in_convex_hull (bool|null),
            coefficients ({training label: float}|null), hull_coefficients,
-           coefficient_norm, coefficient_l1, ill_conditioned,
-           missing_direction {name: float}, suggested_additions [labels], details, message}]
+           coefficient_norm, coefficient_l1, ill_conditioned, verdict ("identified"|"not identified"),
+           simplest_coefficients ({training label: float}|null), equation (str|null), measured,
+           unmeasured [names], missing_direction {name: float}, suggested_additions [labels],
+           details, message}],
+  unmeasured [names only tests use], design_additions [labels that identify every elementary one]
 Coefficients c satisfy  test - control = sum_e c_e (training_e - control)  over the distinct
 training labels (minimum-norm); they are computed for the first --max-details tests. --json must not name DATA or
 the design CSV.
@@ -55,8 +63,8 @@ the design CSV.
 of one measured condition; a covered test with ||c||_2 > 10 (e.g. reached only through a tiny
 dose) is flagged ill-conditioned and the status is at least "warning".
 
-Exit status 0 when the report was produced (whatever it says); 2 for bad usage or unknown
-perturbation names; 1 for unreadable or invalid input files.
+Exit status 0 when the report was produced (whatever it says); 2 for bad usage; 1 for
+unreadable or invalid input files.
 """
 
 
@@ -101,13 +109,15 @@ def design_from_csv(path: str | Path, *, control: str = "control", sep: str = "+
 
 
 def design_from_h5ad(
-    path: str | Path, *, perturbation_key: str, control: str, sep: str = "+", dose_key: str | None = None
+    path: str | Path, *, perturbation_key: str, control: str, sep: str = "+", dose_key: str | None = None,
+    where=(),
 ):
-    """``(L, registry)`` of the measured conditions of an h5ad (``obs`` only is read)."""
+    """``(L, registry)`` of the measured conditions of an h5ad (``obs`` only is read), of the cells
+    selected by ``where`` (``KEY=VALUE`` items)."""
     import anndata as ad
     import scipy.sparse as sp
 
-    from perturbax.data import from_anndata
+    from perturbax.data import from_anndata, select_where
 
     try:
         backed = ad.read_h5ad(path, backed="r")
@@ -120,6 +130,7 @@ def design_from_h5ad(
             backed.file.close()
     light = ad.AnnData(X=sp.csr_matrix((obs.shape[0], 1), dtype=np.float32), obs=obs)
     try:
+        light = select_where(light, where)
         data = from_anndata(light, perturbation_key, control, sep=sep, dose_key=dose_key)
     except (KeyError, ValueError, TypeError) as err:
         msg = err.args[0] if err.args else str(err)
@@ -128,7 +139,8 @@ def design_from_h5ad(
 
 
 def parse_tests(values: tuple[str, ...], registry, sep: str) -> list[str]:
-    """Split ``--perturbations`` values on commas, check every name against the registry."""
+    """Split ``--perturbations`` values on commas and check that each parses as a label. Names the
+    design never measured are allowed: the report gives them a verdict (never measured)."""
     tests: list[str] = []
     for value in values:
         for part in value.split(","):
@@ -136,21 +148,11 @@ def parse_tests(values: tuple[str, ...], registry, sep: str) -> list[str]:
             if not part:
                 raise click.UsageError(f"Empty test label in --perturbations {value!r}.")
             tests.append(part)
-    unknown: dict[str, list[str]] = {}
     for label in tests:
         try:
-            missing = registry.unknown(label)
+            registry.unknown(label)
         except ValueError as err:
             raise click.UsageError(f"--perturbations {label!r}: {err}") from None
-        for name in missing:
-            unknown.setdefault(name, []).append(label)
-    if unknown:
-        listing = "; ".join(f"{n!r} (in {', '.join(repr(x) for x in labs)})" for n, labs in unknown.items())
-        known = ", ".join(registry.names)
-        raise click.UsageError(
-            f"Unknown perturbation name(s) in --perturbations: {listing}. Known elementary perturbations "
-            f"({registry.K}): {known}. The control label is {registry.control!r}."
-        )
     return tests
 
 
@@ -174,8 +176,9 @@ def parse_tests(values: tuple[str, ...], registry, sep: str) -> list[str]:
               show_default=True, help="A test is covered if its relative residual is at most this.")
 @click.option("--max-details", type=click.IntRange(min=0), default=1000, show_default=True,
               help="Tests (from the first) that get coefficients, hull checks and suggestions.")
+@where_option()
 def check_design(data, perturbation_key, control, design_csv, tests, json_out, latent_dim, sep, dose_key,
-                 rtol, residual_rtol, max_details):
+                 rtol, residual_rtol, max_details, where):
     from perturbax.theory.design import check_design as run_check
 
     check_outputs({"--json": None if json_out == "-" else json_out}, inputs={"DATA": data, "--design": design_csv})
@@ -189,11 +192,11 @@ def check_design(data, perturbation_key, control, design_csv, tests, json_out, l
         if missing:
             raise click.UsageError(f"DATA.h5ad needs {' and '.join(missing)}.")
         L, registry = design_from_h5ad(
-            data, perturbation_key=perturbation_key, control=control, sep=sep, dose_key=dose_key
+            data, perturbation_key=perturbation_key, control=control, sep=sep, dose_key=dose_key, where=where
         )
     else:
-        if perturbation_key is not None or dose_key is not None:
-            raise click.UsageError("--perturbation-key/--dose-key apply to DATA.h5ad, not to --design.")
+        if perturbation_key is not None or dose_key is not None or where:
+            raise click.UsageError("--perturbation-key/--dose-key/--where apply to DATA.h5ad, not to --design.")
         L, registry = design_from_csv(design_csv, control=control or "control", sep=sep)
     test_labels = parse_tests(tests, registry, sep)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ __all__ = ["demo"]
 
 @click.command("demo")
 @click.option("--out", "-o", default="perturbax_demo", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for the report (report.md, evaluation.csv, summary.csv, plots).")
+              help="Folder for the report (report.md, report.html, evaluation.csv, summary.csv, plots).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the simulation and the fits.")
 @click.option("--steps", default=5000, show_default=True, type=click.IntRange(min=1), help="Optimiser steps per fit.")
 @click.option("--objectives", default="energy", show_default=True,
@@ -29,7 +30,7 @@ def demo(out, seed, steps, objectives, fast, no_progress):
     with 90% credible intervals, scores them next to the control, additive and linear baselines and
     the split-half noise floor, and writes a report with plots to OUT.
     """
-    from perturbax.protocols import run_pdae_sim, write_pdae_sim_report
+    from perturbax.protocols import reading_paragraph, run_pdae_sim, write_pdae_sim_report
 
     objs = tuple(o.strip() for o in objectives.split(",") if o.strip())
     bad = [o for o in objs if o not in ("energy", "elbo")]
@@ -51,4 +52,6 @@ def demo(out, seed, steps, objectives, fast, no_progress):
     click.echo(summary.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if result.refused:
         click.echo("\nRefused (outside the span of the training labels): " + ", ".join(result.refused))
-    click.echo(f"\nReport: {path / 'report.md'} (took {time.perf_counter() - t0:.0f} s)")
+    click.echo("\n" + textwrap.fill(reading_paragraph(result), width=100))
+    click.echo(f"\nReport: {path / 'report.md'}, and with the plots embedded {path / 'report.html'} "
+               f"(took {time.perf_counter() - t0:.0f} s)")

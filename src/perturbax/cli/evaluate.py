@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import click
 import numpy as np
 import pandas as pd
 
-from perturbax.cli.fit import check_sep, read_h5ad
+from perturbax.cli.fit import check_sep, read_h5ad, split_list, where_option
 from perturbax.cli.paths import check_outputs
 
 __all__ = ["evaluate", "evaluate_files", "markdown_table", "summary_table", "text_table"]
@@ -114,6 +115,8 @@ def evaluate_files(
     pred_perturbation_key: str | None = None,
     sep: str = "+",
     method: str | None = None,
+    where: Sequence[str] = (),
+    baselines: Sequence[str] = (),
 ) -> tuple[pd.DataFrame, list[str]]:
     """Score the conditions of a predictions file against a truth file.
 
@@ -122,7 +125,14 @@ def evaluate_files(
     the truth (or, if it has none, from the reference); the PCA is fit on the reference cells
     (the training cells) or, without a reference, on the control cells only: never on the
     evaluated cells, so the space does not adapt to the held-out conditions. Genes are matched
-    by name.
+    by name. ``where`` (``KEY=VALUE`` items) keeps only the selected cells of the truth and the
+    reference (not of the predictions).
+
+    ``baselines`` (names of :func:`perturbax.baselines.standard_baselines`: ``control``,
+    ``pooled_mean``, ``additive``, ``linear``) are fitted on the reference (the training cells,
+    required then; evaluated conditions found there are left out of the baselines' training) and
+    scored on the same conditions, one block of rows per method (``method`` column): the model's
+    rows first.
 
     Returns the per-condition table and a list of notes (e.g. truth conditions not predicted).
     """
@@ -130,7 +140,8 @@ def evaluate_files(
     from perturbax.metrics import evaluate_conditions
 
     notes: list[str] = []
-    truth_ad = read_h5ad(truth_path)
+    chosen = _baselines(baselines, reference_path)
+    truth_ad = read_h5ad(truth_path, where)
     pred_ad = read_h5ad(pred_path)
     genes = [str(g) for g in truth_ad.var_names]
     truth = cells_by_condition(truth_ad, perturbation_key, control, layer, sep=sep)
@@ -144,7 +155,7 @@ def evaluate_files(
     reference = None
     ref_cells: dict[str, np.ndarray] = {}
     if reference_path is not None:
-        ref_ad = read_h5ad(reference_path)
+        ref_ad = read_h5ad(reference_path, where)
         try:
             ref_cells = cells_by_condition(ref_ad, perturbation_key, control, layer, sep=sep, genes=genes)
         except KeyError as err:
@@ -200,7 +211,74 @@ def evaluate_files(
         energy_form=energy_form,
         method=method or Path(pred_path).stem,
     )
+    if chosen:
+        tables = [table]
+        baselines_fitted = _fit_baselines(chosen, ref_ad, genes, perturbation_key, control, layer, sep, reference_path,
+                                          list(truth_eval), notes)
+        for base in baselines_fitted:
+            ok = {c: base.why_not(c) for c in truth_eval}
+            skipped = [c for c, why in ok.items() if why is not None]
+            if skipped:
+                notes.append(f"baseline {base.name} cannot predict {len(skipped)} condition(s), left out of its "
+                             f"rows: {skipped[:5]} ({ok[skipped[0]]})")
+            keep = {c: truth_eval[c] for c in truth_eval if ok[c] is None}
+            if not keep:
+                continue
+            with warnings.catch_warnings():
+                if base.name == "control":  # it predicts no change: the Pearson delta is undefined (NaN)
+                    warnings.filterwarnings("ignore", message="Pearson correlation", category=RuntimeWarning)
+                    notes.append("pearson_delta is undefined (nan) for the control baseline: it predicts no change.")
+                tables.append(evaluate_conditions(
+                    base.predict(list(keep)), keep, control_cells, reference=reference, n_pcs=n_pcs, top_k=top_k,
+                    energy_form=energy_form, method=base.name,
+                ))
+        table = pd.concat(tables, ignore_index=True)
     return table, notes
+
+
+def _baselines(names: Sequence[str], reference_path) -> list:
+    """The unfitted baselines named by ``names`` (checked before any file is read)."""
+    if not names:
+        return []
+    from perturbax.baselines import standard_baselines
+
+    known = {b.name: b for b in standard_baselines()}
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise ValueError(f"--baselines {','.join(bad)}: unknown baseline; choose from {', '.join(known)}.")
+    if reference_path is None:
+        raise ValueError(
+            "--baselines are fitted on the training cells: pass --reference TRAIN.h5ad (the cells the model "
+            "was trained on)."
+        )
+    return [known[n] for n in dict.fromkeys(names)]
+
+
+def _fit_baselines(chosen, ref_ad, genes, perturbation_key, control, layer, sep, reference_path, evaluated, notes):
+    """The ``chosen`` baselines fitted on the reference cells, without the evaluated conditions (a
+    baseline that saw the cells it is scored on would be scored on its training data)."""
+    from perturbax.data.core import from_anndata
+    from perturbax.data.io import subset_copy
+
+    have = set(ref_ad.var_names.astype(str))
+    missing = [g for g in genes if g not in have]
+    if missing:
+        raise ValueError(
+            f"Reference {reference_path}: {len(missing)} gene(s) of TRUTH are missing (e.g. {missing[:5]})."
+        )
+    train = from_anndata(
+        subset_copy(ref_ad, var=genes), perturbation_key, control, sep=sep, layer=layer, require_control=True
+    )
+    leaked = [c for c in evaluated if c in train.conditions]
+    if leaked:
+        train = train.select(leaked, exclude=True)
+        notes.append(f"{len(leaked)} evaluated condition(s) are in --reference; the baselines are fitted without them: "
+                     f"{leaked[:10]}")
+    for base in chosen:
+        try:
+            yield base.fit(train)
+        except ValueError as err:
+            raise ValueError(f"Baseline {base.name} on {reference_path}: {err.args[0] if err.args else err}") from None
 
 
 # ------------------------------------------------------------------------------------- CLI
@@ -230,27 +308,43 @@ def evaluate_files(
 @click.option("--sep", default="+", show_default=True, callback=check_sep,
               help="Separator of combined perturbations (not ',' or ':').")
 @click.option("--method", default=None, help="Name in the method column (default: PRED's file stem).")
+@click.option("--baselines", default=None,
+              help="Comma-separated baselines scored next to PRED on the same conditions: control, pooled_mean, "
+                   "additive, linear (fitted on --reference, the training cells, which is then required).")
+@where_option("Use only the cells of TRUTH and --reference with obs[KEY] == VALUE (e.g. dataset=norman19); "
+              "repeat for more: one key given twice keeps either value, different keys must all match.")
 def evaluate(pred, truth, perturbation_key, control, reference, n_pcs, top_k, energy_form, out, layer,
-             pred_layer, pred_perturbation_key, sep, method):
+             pred_layer, pred_perturbation_key, sep, method, baselines, where):
     """Score predicted cells PRED.h5ad against measured cells TRUTH.h5ad, per condition.
 
     Metrics: energy distance and RBF MMD in a PCA space, mean L2, Pearson delta (all genes and
     top-k DE genes), R^2 and MSE of the means on the top-k DE genes. The PCA space is fit on
     --reference (training cells) or, by default, on TRUTH's control cells only. Prints the table
-    with mean/median rows; --out writes the per-condition rows as CSV.
+    with mean/median rows (per method with --baselines); --out writes the per-condition rows as CSV.
+
+    --baselines additive,linear scores those baselines, fitted on --reference, on the same
+    conditions in the same table, so one sees whether the model adds anything on these data.
     """
     check_outputs({"--out": out}, inputs={"PRED": pred, "TRUTH": truth, "--reference": reference})
+    base_names = split_list(baselines, "baselines", "--baselines")
     try:
         table, notes = evaluate_files(
             pred, truth, perturbation_key=perturbation_key, control=control, reference_path=reference,
             n_pcs=n_pcs, top_k=top_k, energy_form=energy_form, layer=layer, pred_layer=pred_layer,
-            pred_perturbation_key=pred_perturbation_key, sep=sep, method=method,
+            pred_perturbation_key=pred_perturbation_key, sep=sep, method=method, where=where,
+            baselines=base_names,
         )
     except (ValueError, KeyError) as err:
         raise click.ClickException(str(err.args[0]) if err.args else str(err)) from None
     for note in notes:
         click.echo(f"note: {note}", err=True)
-    click.echo(text_table(with_summary_rows(table)))
+    if table["method"].nunique() > 1:
+        click.echo(text_table(table))
+        for stat in ("mean", "median"):
+            click.echo(f"\n{stat.capitalize()} over conditions, per method:")
+            click.echo(text_table(summary_table(table, ("method",), stat)))
+    else:
+        click.echo(text_table(with_summary_rows(table)))
     if out is not None:
         try:
             table.to_csv(out, index=False)

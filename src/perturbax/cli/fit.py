@@ -15,7 +15,7 @@ import click
 import numpy as np
 
 __all__ = ["fit", "fit_file", "default_objective", "cli_message", "split_list", "read_h5ad", "FiniteFloat",
-           "check_sep"]
+           "check_sep", "where_option"]
 
 # Python keyword spellings in library messages -> the flags of this CLI.
 _FLAG_OF = {
@@ -91,14 +91,42 @@ def check_sep(ctx, param, value):
     return value
 
 
-def read_h5ad(path):
-    """``anndata.read_h5ad`` with any failure turned into a ``ValueError`` that names the file."""
+def read_h5ad(path, where=None):
+    """``anndata.read_h5ad`` with any failure turned into a ``ValueError`` that names the file;
+    ``where`` (``--where KEY=VALUE`` items) keeps only the selected cells
+    (:func:`perturbax.data.select_where`; its errors name the file)."""
     import anndata as ad
 
+    from perturbax.data.io import select_where
+
     try:
-        return ad.read_h5ad(path)
+        adata = ad.read_h5ad(path)
     except Exception as err:  # h5py/anndata raise many types for a file that is not h5ad
         raise ValueError(f"Cannot read {path} as an h5ad file ({type(err).__name__}: {err}).") from None
+    try:
+        return select_where(adata, where)
+    except (KeyError, ValueError) as err:
+        raise type(err)(f"{path}: {err.args[0] if err.args else err}") from None
+
+
+# --- --where KEY=VALUE (fit, predict --source-cells, evaluate, check-design) ---
+def _check_where(ctx, param, value):
+    from perturbax.data.io import parse_where
+
+    try:
+        parse_where(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err), ctx=ctx, param=param) from None
+    return tuple(value)
+
+
+def where_option(help_text: str = "Use only the cells of DATA with obs[KEY] == VALUE (e.g. dataset=norman19); "
+                                  "repeat for more: one key given twice keeps either value, different keys must "
+                                  "all match."):
+    """The ``--where KEY=VALUE`` option (repeatable), validated when parsed."""
+    return click.option("--where", "where", multiple=True, metavar="KEY=VALUE", callback=_check_where,
+                        help=help_text)
+# --- end --where ---
 
 
 def default_objective(likelihood: str) -> str:
@@ -131,13 +159,15 @@ def fit_file(
     time_scale: float = 1.0,
     mean_weight: float = 0.0,
     overwrite: bool = False,
+    where: Sequence[str] = (),
 ):
     """Read ``data_path`` (h5ad), drop the ``holdout`` conditions, fit the additive shift model
     (``model="additive"``) or the latent dynamics model (``model="dynamics"``, which needs the
     ``time_key`` column of times since the perturbation; ``time_scale`` is the time over which the
     programs relax, in the units of that column) and save it to the folder ``out``.
     ``mean_weight`` is :class:`~perturbax.inference.EnergyOptions` ``mean_weight`` (energy
-    objective only). An existing non-empty ``out`` holding a saved fit is replaced only with
+    objective only). ``where`` (``KEY=VALUE`` items) keeps only the selected cells of the file.
+    An existing non-empty ``out`` holding a saved fit is replaced only with
     ``overwrite``; nothing is saved if the loss was not finite from the first steps.
 
     Returns ``(fit_result, data_used, held_out_labels)``. Library errors (ValueError/KeyError)
@@ -164,7 +194,7 @@ def fit_file(
             f"--mean-weight {mean_weight:g} weights a term of the energy objective, but the objective is {objective!r}; "
             f"pass --objective energy or drop --mean-weight."
         )
-    adata = read_h5ad(data_path)
+    adata = read_h5ad(data_path, where)
     data = from_anndata(
         adata,
         perturbation_key,
@@ -234,6 +264,7 @@ def fit_file(
         "time_key": time_key,
         "time_scale": time_scale,
         "mean_weight": mean_weight,
+        "where": list(where),
     }
     if result.info.get("stop_reason") == "nan" and not result.info.get("steps_run"):
         raise ValueError(
@@ -286,9 +317,10 @@ def fit_file(
               help="Energy objective: weight of the squared distance between simulated and real condition means "
                    "added to the energy score; helps with hundreds of genes (1 on Norman 2019), not with tens.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@where_option()
 def fit(data, perturbation_key, control, out, overwrite, objective, likelihood, steps, seed, batch_size, latent_dim,
         learning_rate, layer, dose_key, sep, covariate_keys, holdout, model, time_key, time_scale, mean_weight,
-        no_progress):
+        no_progress, where):
     """Fit the additive latent shift model to DATA (h5ad) and save it to --out.
 
     With --model dynamics (and --time-key) the latent dynamics model is fitted instead: latent
@@ -318,7 +350,7 @@ def fit(data, perturbation_key, control, out, overwrite, objective, likelihood, 
                 likelihood=likelihood, steps=steps, seed=seed, batch_size=batch_size, latent_dim=latent_dim,
                 learning_rate=learning_rate, layer=layer, dose_key=dose_key, sep=sep, covariate_keys=covs,
                 holdout=held, progress=not no_progress, model=model, time_key=time_key, time_scale=time_scale,
-                mean_weight=mean_weight, overwrite=overwrite,
+                mean_weight=mean_weight, overwrite=overwrite, where=where,
             )
         except (ValueError, KeyError) as err:
             raise click.ClickException(cli_message(err)) from None

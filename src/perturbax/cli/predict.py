@@ -13,7 +13,7 @@ import click
 import numpy as np
 import pandas as pd
 
-from perturbax.cli.fit import FiniteFloat, cli_message, read_h5ad, split_list
+from perturbax.cli.fit import FiniteFloat, cli_message, read_h5ad, split_list, where_option
 from perturbax.cli.paths import check_outputs
 
 __all__ = ["predict", "predict_dir", "load_fit", "prediction_summary_table", "parse_times", "read_source_cells",
@@ -100,16 +100,17 @@ def parse_times(text: str | None) -> list[float] | None:
     return out
 
 
-def read_source_cells(path, fit_result):
+def read_source_cells(path, fit_result, where=()):
     """Observed cells to move (``predict(..., source=cells)``) from an h5ad, read as the training
     data were: the fit's perturbation key, control label, separator, dose and time keys, layer and
     covariate keys (from ``perturbax fit``; a fit saved from Python uses its perturbation key, its
-    control label, ``X`` and its time key). The file need not contain control cells."""
+    control label, ``X`` and its time key). The file need not contain control cells; ``where``
+    (``KEY=VALUE`` items) keeps only the selected cells."""
     from perturbax.data.core import from_anndata
 
     rec = fit_result.info.get("cli") or {}
     return from_anndata(
-        read_h5ad(path),
+        read_h5ad(path, where),
         fit_result.perturbation_key,
         rec.get("control", fit_result.registry.control),
         sep=rec.get("sep", "+"),
@@ -191,10 +192,12 @@ def predict_dir(
     allow_unseen: bool = False,
     times: Sequence[float] | None = None,
     source_cells=None,
+    where=(),
 ):
     """Load the fit in ``model_dir`` (or take an already loaded ``FitResult``) and predict
     ``perturbations`` (at ``times`` for a model of time); ``source_cells`` (an h5ad path, see :func:`read_source_cells`) moves those observed
-    cells instead of generating new ones. Returns ``(adata, fit)``."""
+    cells instead of generating new ones (only those selected by ``where``, ``KEY=VALUE`` items).
+    Returns ``(adata, fit)``."""
     from perturbax.inference.prediction import predict as predict_api
     from perturbax.inference.result import FitResult
 
@@ -204,7 +207,9 @@ def predict_dir(
             raise ValueError(
                 f"--source {source} and --source-cells both say where predictions start; pass only one."
             )
-        source = read_source_cells(source_cells, fit_result)
+        source = read_source_cells(source_cells, fit_result, where)
+    elif where:
+        raise ValueError("--where selects cells of --source-cells; pass --source-cells too.")
     _check_memory(fit_result, len(perturbations), times, n_cells, num_samples, source)
     adata = predict_api(
         fit_result,
@@ -249,8 +254,10 @@ def predict_dir(
 @click.option("--times", default=None,
               help='Comma-separated times to predict at, e.g. "2,4,8" (fits of --model dynamics only, and '
                    "required there).")
+@where_option("Use only the cells of --source-cells with obs[KEY] == VALUE (e.g. dataset=norman19); repeat for "
+              "more: one key given twice keeps either value, different keys must all match.")
 def predict(model_dir, perturbations, out, summary, n_cells, num_samples, seed, interval, source, source_cells,
-            allow_unseen, times):
+            allow_unseen, times, where):
     """Predict cells of perturbations from the fit saved in MODEL_DIR (by `perturbax fit`).
 
     Writes --out (h5ad): X holds the predicted cells in the expression space of the training
@@ -284,6 +291,7 @@ def predict(model_dir, perturbations, out, summary, n_cells, num_samples, seed, 
             adata, fit_result = predict_dir(
                 fit_result, labels, n_cells=n_cells, num_samples=num_samples, seed=seed, interval=interval,
                 source=source, allow_unseen=allow_unseen, times=time_list, source_cells=source_cells,
+                where=where,
             )
         except (ValueError, KeyError) as err:
             raise click.ClickException(cli_message(err)) from None

@@ -2,7 +2,14 @@
 
 from perturbax.data.core import PerturbationData, check_counts, from_anndata
 from perturbax.data.datasets import find_data_file, load_norman19
-from perturbax.data.io import cells_by_condition, prediction_intervals, prediction_summary, predictions_to_anndata
+from perturbax.data.io import (
+    cells_by_condition,
+    parse_where,
+    prediction_intervals,
+    prediction_summary,
+    predictions_to_anndata,
+    select_where,
+)
 from perturbax.data.labels import PerturbationRegistry, format_label, parse_label
 from perturbax.data.simulate import (
     AdditiveShiftTruth,
@@ -30,9 +37,11 @@ __all__ = [
     "holdout_split",
     "load_norman19",
     "norman_doubles_folds",
+    "parse_where",
     "prediction_intervals",
     "prediction_summary",
     "predictions_to_anndata",
+    "select_where",
     "split_from_column",
     "AdditiveShiftTruth",
     "LatentDynamicsTruth",

@@ -87,6 +87,8 @@ def load_norman19(path: str | os.PathLike | None = None):
     """
     import anndata as ad
 
+    from perturbax.data.io import select_where
+
     file = find_data_file(NORMAN19_FILE, path, source=_NORMAN19_SOURCE)
     adata = ad.read_h5ad(file)
     if "dataset" not in adata.obs.columns:
@@ -94,13 +96,9 @@ def load_norman19(path: str | os.PathLike | None = None):
             f"{file} has no obs['dataset'] column; it is not the PerturBench development file "
             f"({_NORMAN19_SOURCE})."
         )
-    mask = (adata.obs["dataset"].astype(str) == "norman19").to_numpy()
-    if not mask.any():
-        found = sorted(adata.obs["dataset"].astype(str).unique().tolist())
-        raise ValueError(f"{file} has no cells with obs['dataset'] == 'norman19' (found {found}).")
-    out = adata[mask].copy()
-    for col in out.obs.columns:
-        if hasattr(out.obs[col], "cat"):
-            out.obs[col] = out.obs[col].cat.remove_unused_categories()
+    try:
+        out = select_where(adata, {"dataset": ["norman19"]})
+    except ValueError as err:
+        raise ValueError(f"{file}: {err}") from None
     out.uns["perturbax_source"] = {"file": file.name, "subset": "obs['dataset'] == 'norman19'"}
     return out

@@ -1,4 +1,5 @@
-"""AnnData of predicted cells, and cells grouped by condition out of an AnnData.
+"""AnnData of predicted cells, cells grouped by condition out of an AnnData, and rows of an
+AnnData selected by ``obs`` values (``--where KEY=VALUE``).
 
 These two functions are how the layers above :mod:`perturbax.data` (baselines, metrics, the CLI,
 inference) hand cells to and take cells from AnnData.
@@ -11,7 +12,16 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["predictions_to_anndata", "cells_by_condition", "prediction_intervals", "prediction_summary"]
+__all__ = [
+    "predictions_to_anndata",
+    "cells_by_condition",
+    "prediction_intervals",
+    "prediction_summary",
+    "parse_where",
+    "select_where",
+    "where_mask",
+    "subset_copy",
+]
 
 
 def _as_cells(name: str, x, n_genes: int | None) -> np.ndarray:
@@ -158,7 +168,7 @@ def cells_by_condition(
                 f"{len(missing)} requested gene(s) are not in this AnnData's var_names (e.g. {missing[:5]}). "
                 f"Subset the other file to the shared genes, e.g. `truth[:, pred.var_names]`."
             )
-        adata = adata[:, have.get_indexer(genes)]
+        adata = subset_copy(adata, var=have.get_indexer(genes))
     data = from_anndata(adata, perturbation_key, control, sep=sep, layer=layer, require_control=require_control)
     return data.cells_by_condition()
 
@@ -193,4 +203,90 @@ def prediction_summary(adata) -> pd.DataFrame:
         raise ValueError("This AnnData has no credible intervals; it was not written by perturbax.inference.predict.")
     out = pd.concat(rows, ignore_index=True)
     out["interval"] = float(meta.get("interval", np.nan))
+    return out
+
+
+def parse_where(items: Sequence[str] | None) -> dict[str, list[str]]:
+    """``["dataset=norman19", "cell_type=k562"]`` -> ``{"dataset": ["norman19"], ...}``.
+
+    A key given more than once keeps every value (cells matching any of them); different keys must
+    all match. Raises ``ValueError`` naming an item without ``=`` or with an empty key.
+    """
+    out: dict[str, list[str]] = {}
+    for item in items or ():
+        key, eq, value = str(item).partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ValueError(f"--where {item!r} is not KEY=VALUE; write e.g. --where dataset=norman19.")
+        out.setdefault(key, []).append(value.strip())
+    return out
+
+
+def _values_preview(values: Sequence[str], n: int = 20) -> str:
+    values = list(values)
+    text = ", ".join(repr(v) for v in values[:n])
+    return text + (f", ... ({len(values) - n} more)" if len(values) > n else "")
+
+
+def where_mask(obs: pd.DataFrame, where: Mapping[str, Sequence[str]] | Sequence[str] | None) -> np.ndarray:
+    """Boolean mask of the rows of ``obs`` selected by ``where`` (``{column: [values]}`` or
+    ``KEY=VALUE`` strings, see :func:`parse_where`); values are compared as strings.
+
+    Raises ``KeyError`` for a missing column (naming the columns) and ``ValueError`` when a value
+    matches no row or the keys together select nothing (naming the values present).
+    """
+    if where is not None and not isinstance(where, Mapping):
+        where = parse_where(where)
+    mask = np.ones(obs.shape[0], dtype=bool)
+    if not where:
+        return mask
+    for key, values in where.items():
+        if key not in obs.columns:
+            raise KeyError(
+                f"--where {key}=...: obs has no column {key!r}; columns: {_values_preview(list(obs.columns))}."
+            )
+        col = obs[key].astype(str).to_numpy()
+        present = sorted(pd.unique(col).tolist())
+        missing = [v for v in values if v not in present]
+        if missing:
+            raise ValueError(
+                f"--where {key}={missing[0]}: no cell has obs[{key!r}] == {missing[0]!r}; values present: "
+                f"{_values_preview(present)}."
+            )
+        mask &= np.isin(col, list(values))
+    if not mask.any():
+        shown = " and ".join(f"{k}={'|'.join(v)}" for k, v in where.items())
+        raise ValueError(f"--where {shown}: every value occurs, but no cell matches all of them together.")
+    return mask
+
+
+def select_where(adata, where: Mapping[str, Sequence[str]] | Sequence[str] | None):
+    """The cells of ``adata`` selected by ``where`` (see :func:`where_mask`), as a new AnnData with
+    unused categories of categorical ``obs`` columns removed; ``adata`` itself when ``where`` is
+    empty."""
+    if not where:
+        return adata
+    return subset_copy(adata, where_mask(adata.obs, where))
+
+
+def subset_copy(adata, obs=slice(None), var=slice(None)):
+    """A copy of ``adata[obs, var]`` with unused categories of categorical ``obs``/``var`` columns
+    removed.
+
+    The categories are pruned here, not by anndata's view machinery (its
+    ``remove_unused_categories`` setting is switched off for the subset): anndata 0.12-0.13 does that
+    under a pandas option that pandas 3 deprecates, which warns on every subset.
+    """
+    import anndata as ad
+
+    settings = ad.settings
+    if hasattr(settings, "override") and hasattr(settings, "remove_unused_categories"):
+        with settings.override(remove_unused_categories=False):
+            out = adata[obs, var].copy()
+    else:  # pragma: no cover - older anndata
+        out = adata[obs, var].copy()
+    for df in (out.obs, out.var):
+        for col in df.columns:
+            if isinstance(df[col].dtype, pd.CategoricalDtype):
+                df[col] = df[col].cat.remove_unused_categories()
     return out

@@ -11,6 +11,9 @@ means against the true population means (simulated with many cells).
 
 from __future__ import annotations
 
+import base64
+import html
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +29,7 @@ from perturbax.inference import UnseenPerturbationError, fit, predict
 from perturbax.metrics import evaluate_conditions, interval_coverage
 from perturbax.models import AdditiveShiftConfig
 
-__all__ = ["PDAESimResult", "run_pdae_sim", "write_pdae_sim_report"]
+__all__ = ["PDAESimResult", "reading_paragraph", "run_pdae_sim", "write_pdae_sim_report"]
 
 DEFAULT_SIMULATION = dict(n_perturbations=5, latent_dim=5, n_genes=20, n_cells=200, n_out_of_span=1)
 
@@ -174,20 +177,272 @@ def run_pdae_sim(
         table=table, fits=fits, predictions=preds, refused=refused, population_means=pop, split=split, truth=truth,
         settings={"seed": seed, "model": model if isinstance(model, str) else getattr(model, "__name__", repr(model)),
                   "simulation": sim, "objectives": list(objectives), "steps": steps, "likelihood": likelihood,
-                  "fit_options": fit_options or {}, "num_samples": num_samples, "interval": interval},
+                  "fit_options": fit_options or {}, "num_samples": num_samples, "interval": interval,
+                  "n_pcs": eval_kw["n_pcs"], "top_k": eval_kw["top_k"]},
     )
 
 
-def _md(df: pd.DataFrame) -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
-    for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |")
+# ------------------------------------------------------------------------------------------ report
+# What the report's words mean; only the entries whose key appears in the run are printed.
+_GLOSSARY_METHODS = {
+    "control": "baseline that predicts no change: the control cells themselves.",
+    "pooled_mean": "baseline that predicts the average change of all training perturbations.",
+    "additive": "baseline that adds the measured mean changes of the components (A+B = change of A + "
+                "change of B; doses scale them).",
+    "linear": "baseline that fits one change per elementary perturbation by ridge regression on all "
+              "training conditions (singles and combinations) and adds them.",
+    "noise_floor": "not a method: two random halves of the real held-out cells scored against each other. "
+                   "It is the best score any prediction can expect, given that the cells are a finite "
+                   "sample.",
+}
+_GLOSSARY_GROUPS = {
+    "double": "a combination of two perturbations not measured together in training (each measured "
+              "alone or in other combinations).",
+    "dose-in-hull": "a dose mixture inside the convex hull of the training conditions (a weighted "
+                    "average of measured conditions): interpolation.",
+    "dose-outside-hull": "a dose vector outside that hull (e.g. a dose of 2 when only 1 was measured, or a "
+                         "negative dose): still predictable from the training conditions, but the model "
+                         "extrapolates beyond the measured latent shifts.",
+    "out-of-span": "contains a perturbation never measured in training: no design can tell its effect, so "
+                   "the model refuses it.",
+}
+
+
+def _median(t: pd.DataFrame, method: str, col: str = "energy_pca") -> float:
+    return float(t.loc[t["method"] == method, col].median())
+
+
+def _per_condition(t: pd.DataFrame, col: str = "energy_pca") -> pd.DataFrame:
+    """``condition x method`` table of one metric (conditions in the model's order)."""
+    wide = t.pivot_table(index="condition", columns="method", values=col, aggfunc="first", sort=False)
+    return wide[[m for m in dict.fromkeys(t["method"]) if m in wide.columns]]
+
+
+def _n(k: int, word: str) -> str:
+    return f"{k} {word}{'' if k == 1 else 's'}"
+
+
+def reading_paragraph(result: PDAESimResult, model: str | None = None) -> str:
+    """What the run means, in words, every number taken from ``result`` (the first model by default)."""
+    t = result.table
+    methods = list(dict.fromkeys(t["method"]))
+    model = model or next((m for m in methods if m.startswith("model")), None)
+    if model is None:
+        return "No model was fitted in this run, so there is nothing to read beyond the baselines' table."
+    wide = _per_condition(t)
+    n = int(wide[model].notna().sum())
+    level = int(round(100 * float(result.settings.get("interval", 0.9))))
+    parts = [
+        f"The model ({model}) predicted {_n(n, 'held-out perturbation')} that can be reached from the training "
+        f"conditions."
+    ]
+    if "noise_floor" in wide:
+        k = int((wide[model] <= wide["noise_floor"]).sum())
+        parts.append(
+            f"For {k} of {n} its predicted cells are as close to the real ones as two halves of the real cells "
+            f"are to each other (energy distance at or below the noise floor)."
+        )
+    others = [m for m in ("noise_floor", "additive", "linear", "pooled_mean", "control") if m in wide]
+    if others:
+        named = {"noise_floor": "the noise floor", "control": "the control baseline, which predicts no change"}
+        listed = [f"{_median(t, m):.3g} for {named.get(m, f'the {m} baseline')}" for m in others]
+        listed = ", ".join(listed[:-1]) + (" and " if len(listed) > 1 else "") + listed[-1]
+        parts.append(f"Its median energy distance is {_median(t, model):.3g}, against {listed}; lower is better.")
+    wins = [f"the {m} baseline on {int((wide[model] < wide[m]).sum())} of {n}" for m in ("additive", "linear")
+            if m in wide]
+    if wins:
+        parts.append("It is closer to the real cells than " + " and than ".join(wins) + ".")
+    contenders = [m for m in methods if m != "noise_floor"]
+    best = min(contenders, key=lambda m: _median(t, m))
+    parts.append(
+        f"The lowest median energy distance of all methods is {best}'s"
+        + (" -- on these data the model does not improve on it." if best != model else ".")
+    )
+    groups = t.loc[t["method"] == model, ["condition", "group"]].set_index("condition")["group"]
+    outside = groups[groups == "dose-outside-hull"].index.tolist()
+    inside = groups[groups != "dose-outside-hull"].index.tolist()
+    if outside and inside:
+        parts.append(
+            f"Outside the convex hull of the training conditions ({', '.join(outside)}: extrapolation) its median "
+            f"energy distance is {float(wide.loc[outside, model].median()):.3g}, inside {float(wide.loc[inside, model].median()):.3g}."
+        )
+    cov = t.loc[t["method"] == model, "coverage"]
+    if cov.notna().any():
+        c = float(cov.mean())
+        if abs(100 * c - level) <= 5:
+            verdict = "about right"
+        elif 100 * c < level:
+            verdict = "too narrow: the model is over-confident"
+        else:
+            verdict = "wider than needed: the model is cautious"
+        parts.append(
+            f"Its {level}% credible intervals for the mean change of a gene contained the true value for "
+            f"{100 * c:.0f}% of the genes on average; calibrated intervals would contain about {level}%, so they "
+            f"are {verdict}."
+        )
+    if result.refused:
+        refused = list(result.refused)
+        parts.append(
+            f"It refused {', '.join(refused)}: {'it contains' if len(refused) == 1 else 'they contain'} a perturbation "
+            f"never measured in training, whose effect no training data can tell -- refusing is the correct answer."
+        )
+    return " ".join(parts)
+
+
+def _glossary(result: PDAESimResult) -> list[tuple[str, str]]:
+    s = result.settings
+    t = result.table
+    level = int(round(100 * float(s.get("interval", 0.9))))
+    entries = [
+        ("energy distance (energy_pca)",
+         "how far the predicted cells are from the real held-out cells as populations (means, spread and shape "
+         "together): 2 E|X-Y| - E|X-X'| - E|Y-Y'| over cells X (predicted) and Y (real), in a PCA space fit on the "
+         "training cells. 0 means indistinguishable; the unbiased estimate used here can dip slightly below 0 by "
+         "chance."),
+        ("pearson_delta",
+         "correlation, over genes, between the predicted and the real change of the mean from the control "
+         "(1 = the right direction for every gene; undefined for the control baseline, which predicts no change)."),
+        ("sd_ratio", "per-gene standard deviation of the predicted cells divided by that of the real cells, averaged "
+                     "over genes (1 = the right cell-to-cell spread)."),
+        ("coverage", f"fraction of genes whose {level}% credible interval of the mean contains the true population "
+                     f"mean (simulated with many cells); calibrated intervals give about {level / 100:.2f}."),
+        ("interval_width", "average width of those intervals, in expression units."),
+    ]
+    entries += [(m, d) for m, d in _GLOSSARY_METHODS.items() if m in set(t["method"])]
+    groups = set(t["group"]) | ({"out-of-span"} if result.refused else set())
+    entries += [(f"group {g}", d) for g, d in _GLOSSARY_GROUPS.items() if g in groups]
+    if "dose-in-hull" in groups or "dose-outside-hull" in groups:
+        entries.append((
+            "inside / outside the hull",
+            "the convex hull of the training conditions is the set of weighted averages of their label vectors. "
+            "A test inside it is an interpolation between measured conditions; outside it, the model must "
+            "extrapolate (this is not the same as being unpredictable: everything here is in their span)."))
+    return entries
+
+
+def _units(result: PDAESimResult) -> str:
+    s = result.settings
+    n_pcs = s.get("n_pcs")
+    space = f"a {n_pcs}-dimensional PCA space" if n_pcs else "a PCA space"
+    return (
+        f"Expression is the simulator's log-scale expression of {s['simulation'].get('n_genes', '?')} genes "
+        f"(arbitrary units). Energy distances are measured in {space} of that expression fit on the training "
+        f"cells, in the units of a Euclidean distance between cells there; mean changes and interval widths are "
+        f"in expression units; pearson_delta, sd_ratio and coverage have no unit."
+    )
+
+
+def _report_blocks(result: PDAESimResult, figs: list[tuple[str, str]], command: str) -> list[tuple]:
+    s = result.settings
+    t = result.table
+    level = int(round(100 * float(s.get("interval", 0.9))))
+    n_test = len(result.split.test_labels) if result.split is not None else None
+    blocks: list[tuple] = [("h1", "pdae-sim report")]
+    if command:
+        blocks.append(("p", f"Command: `{command}`"))
+    blocks.append(("p", (
+        f"Simulated single-cell data with known truth: {s['simulation'].get('n_perturbations', '?')} elementary "
+        f"perturbations acting as additive shifts of a {s['simulation'].get('latent_dim', '?')}-dimensional "
+        f"latent state, decoded non-linearly into {s['simulation'].get('n_genes', '?')} genes "
+        f"({s['simulation'].get('n_cells', '?')} cells per condition, seed {s['seed']}). The model was trained on "
+        f"the control, the singles and half of the combinations and asked to predict "
+        + (f"the {n_test} held-out conditions" if n_test is not None else "the held-out conditions")
+        + f" as cells, with {level}% credible intervals; its fits: objective(s) {', '.join(s['objectives'])}, "
+        f"{s['likelihood']} likelihood, {s['steps']} optimiser steps, {s['num_samples']} posterior draws."
+    )))
+    blocks += [("h2", "What the result means"), ("p", reading_paragraph(result))]
+    blocks += [("h2", "Units"), ("p", _units(result))]
+    blocks += [("h2", "Glossary"), ("dl", _glossary(result))]
+    summary = result.summary()
+    blocks += [
+        ("h2", "Summary over the held-out perturbations"),
+        ("p", "One row per method: n held-out perturbations, median and mean energy distance, mean pearson_delta, "
+              "sd_ratio and coverage (blank: not defined for that method)."),
+        ("table", summary),
+        ("h2", "Energy distance per held-out perturbation"),
+        ("p", "Lower is better; compare each method with noise_floor in the same row. All metrics per method and "
+              "perturbation are in evaluation.csv."),
+        ("table", _per_condition(t).reset_index().merge(
+            t[["condition", "group"]].drop_duplicates("condition"), on="condition").pipe(
+            lambda d: d[["condition", "group", *[c for c in d.columns if c not in ("condition", "group")]]])),
+    ]
+    if result.refused:
+        blocks += [("h2", "Refused (outside the span of the training conditions)"),
+                   ("ul", [f"`{lab}`: {why}" for lab, why in result.refused.items()])]
+    if figs:
+        blocks.append(("h2", "Plots"))
+        blocks += [("img", f, caption) for f, caption in figs]
+    return blocks
+
+
+def _cell(v) -> str:
+    if isinstance(v, (float, np.floating)):
+        return "" if np.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+def _to_markdown(blocks: list[tuple]) -> str:
+    lines: list[str] = []
+    for kind, *rest in blocks:
+        if kind == "h1":
+            lines += [f"# {rest[0]}", ""]
+        elif kind == "h2":
+            lines += [f"## {rest[0]}", ""]
+        elif kind == "p":
+            lines += [rest[0], ""]
+        elif kind == "ul":
+            lines += [f"- {x}" for x in rest[0]] + [""]
+        elif kind == "dl":
+            lines += [f"- **{term}**: {text}" for term, text in rest[0]] + [""]
+        elif kind == "table":
+            df = rest[0]
+            lines.append("| " + " | ".join(map(str, df.columns)) + " |")
+            lines.append("|" + "---|" * len(df.columns))
+            lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+            lines.append("")
+        elif kind == "img":
+            lines += [f"![{Path(rest[0]).stem}]({rest[0]})", "", f"*{rest[1]}*", ""]
     return "\n".join(lines)
 
 
+def _inline_html(text: str) -> str:
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
+def _to_html(blocks: list[tuple], folder: Path) -> str:
+    body: list[str] = []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2"):
+            body.append(f"<{kind}>{_inline_html(rest[0])}</{kind}>")
+        elif kind == "p":
+            body.append(f"<p>{_inline_html(rest[0])}</p>")
+        elif kind == "ul":
+            body.append("<ul>" + "".join(f"<li>{_inline_html(x)}</li>" for x in rest[0]) + "</ul>")
+        elif kind == "dl":
+            body.append("<dl>" + "".join(f"<dt>{_inline_html(a)}</dt><dd>{_inline_html(b)}</dd>" for a, b in rest[0])
+                        + "</dl>")
+        elif kind == "table":
+            df = rest[0]
+            head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+            rows = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>"
+                           for row in df.itertuples(index=False))
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif kind == "img":
+            data = base64.b64encode((folder / rest[0]).read_bytes()).decode("ascii")
+            body.append(f'<figure><img alt="{html.escape(Path(rest[0]).stem)}" src="data:image/png;base64,{data}">'
+                        f"<figcaption>{_inline_html(rest[1])}</figcaption></figure>")
+    title = html.escape(next((b[1] for b in blocks if b[0] == "h1"), "report"))
+    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.45;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.25em .6em;"
+             "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
+             "dt{font-weight:bold;margin-top:.5em}img{max-width:100%}figcaption{font-style:italic;color:#555}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title><style>{style}</style>"
+            f"</head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
 def write_pdae_sim_report(result: PDAESimResult, out: str | Path, *, command: str = "") -> Path:
-    """Write ``evaluation.csv``, ``report.md``, ``predicted_vs_true.png`` and ``loss.png`` to ``out``."""
+    """Write ``evaluation.csv``, ``summary.csv``, ``report.md``, ``report.html`` (the same report with the
+    plots embedded, to open from a file browser), ``predicted_vs_true.png`` and ``loss.png`` to ``out``."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -198,14 +453,14 @@ def write_pdae_sim_report(result: PDAESimResult, out: str | Path, *, command: st
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result.table.to_csv(out / "evaluation.csv", index=False)
-    summary = result.summary()
-    summary.to_csv(out / "summary.csv", index=False)
+    result.summary().to_csv(out / "summary.csv", index=False)
 
     model = next(iter(result.predictions), None)
-    figs = []
+    figs: list[tuple[str, str]] = []
     if model is not None:
         pred = result.predictions[model]
         labels = pred.uns["perturbax"]["labels"]
+        level = int(round(100 * float(pred.uns["perturbax"].get("interval", result.settings.get("interval", 0.9)))))
         n = len(labels)
         ncol = min(4, n)
         nrow = int(np.ceil(n / ncol))
@@ -216,46 +471,23 @@ def write_pdae_sim_report(result: PDAESimResult, out: str | Path, *, command: st
             plot_predicted_vs_observed(mean, lo, hi, result.population_means[lab], control=control, ax=ax, title=lab)
         for ax in axes.ravel()[n:]:
             ax.axis("off")
-        fig.suptitle(f"{model}: predicted vs true population mean change (90% intervals)", fontsize=11)
+        fig.suptitle(f"{model}: predicted vs true population mean change ({level}% intervals)", fontsize=11)
         fig.tight_layout()
         fig.savefig(out / "predicted_vs_true.png", dpi=110)
         plt.close(fig)
-        figs.append("predicted_vs_true.png")
+        figs.append(("predicted_vs_true.png",
+                     f"{model}: for each held-out perturbation, the predicted change of each gene's mean from the "
+                     f"control (vertical, with its {level}% interval) against the true change (horizontal); points "
+                     f"on the diagonal are exact; red points are genes whose interval misses the true change."))
         fig, axes = plt.subplots(1, len(result.fits), figsize=(5 * len(result.fits), 3), squeeze=False)
         for ax, (name, res) in zip(axes.ravel(), result.fits.items()):
             plot_loss(res.history, ax=ax, title=name)
         fig.tight_layout()
         fig.savefig(out / "loss.png", dpi=110)
         plt.close(fig)
-        figs.append("loss.png")
+        figs.append(("loss.png", "Training loss against optimiser step: it should level off by the end."))
 
-    s = result.settings
-    lines = [
-        "# pdae-sim report",
-        "",
-        f"Command: `{command}`" if command else "",
-        "",
-        f"Simulation: {s['simulation']}, seed {s['seed']}; fits: objectives {s['objectives']}, {s['likelihood']} "
-        f"likelihood, {s['steps']} steps "
-        f"{s['fit_options'] or ''}; {s['num_samples']} posterior draws, {int(s['interval'] * 100)}% intervals.",
-        "",
-        "## Summary over held-out in-span perturbations",
-        "",
-        "energy: unbiased (U-statistic) energy distance between predicted and held-out cells (0 = as close as "
-        "two samples of the same population). sd_ratio: per-gene SD of predicted / observed cells. "
-        "coverage: fraction of genes whose credible interval of the mean contains the true population mean.",
-        "",
-        _md(summary),
-        "",
-        "## Per condition",
-        "",
-        _md(result.table[["method", "condition", "group", "energy_pca", "pearson_delta", "sd_ratio", "coverage",
-                          "interval_width"]]),
-        "",
-    ]
-    if result.refused:
-        lines += ["## Refused (outside the span of the training labels)", ""]
-        lines += [f"- `{lab}`: {why}" for lab, why in result.refused.items()] + [""]
-    lines += [f"![{f}]({f})" for f in figs]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    blocks = _report_blocks(result, figs, command)
+    (out / "report.md").write_text(_to_markdown(blocks))
+    (out / "report.html").write_text(_to_html(blocks, out))
     return out

@@ -12,7 +12,14 @@ import scipy.sparse as sp
 from perturbax.data.labels import PerturbationRegistry, format_label
 from perturbax.theory.rowspace import _csr, distinct_rows
 
-__all__ = ["PreparedDesign", "resolve_registry", "as_label_rows", "prepare_design", "row_labels"]
+__all__ = [
+    "PreparedDesign",
+    "resolve_registry",
+    "as_label_rows",
+    "prepare_design",
+    "row_labels",
+    "add_unmeasured",
+]
 
 
 def _looks_like_labels(x) -> bool:
@@ -59,6 +66,32 @@ def resolve_registry(
         "Label strings need the names of the elementary perturbations: pass names=[...] or "
         "registry=PerturbationRegistry(...)."
     )
+
+
+def add_unmeasured(registry: PerturbationRegistry, train, tests):
+    """Extend the registry with names that occur only in test labels (strings or mappings).
+
+    Such a perturbation was never measured; giving it a column of zeros in the training design
+    turns it into a verdict (not covered: never measured) instead of an unknown-name error.
+    Returns ``(registry, train, unmeasured names)``; a numeric ``train`` is padded with zero columns.
+    """
+    if tests is None:
+        return registry, train, ()
+    items = [tests] if isinstance(tests, (str, Mapping)) else tests
+    if not _looks_like_labels(items):
+        return registry, train, ()
+    new: list[str] = []
+    for lab in items:
+        for name in registry.unknown(lab):
+            if name not in new:
+                new.append(name)
+    if not new:
+        return registry, train, ()
+    ext = PerturbationRegistry(registry.names + tuple(new), control=registry.control, sep=registry.sep)
+    if not _looks_like_labels(train):
+        M = _csr(train, registry.K, "train")
+        train = sp.hstack([M, sp.csr_matrix((M.shape[0], len(new)))], format="csr")
+    return ext, train, tuple(new)
 
 
 def as_label_rows(x, registry: PerturbationRegistry, what: str) -> tuple[sp.csr_matrix, list[str | None]]:

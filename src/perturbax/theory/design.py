@@ -22,9 +22,16 @@ up to ``hull_atol`` (``1e-8``), and the linear program for dependent training la
 removed, one SVD -- after exact elimination of single-perturbation rows for large designs -- and
 all tests projected at once).
 
+Names in test labels that the training design never contains are given zero columns (listed as
+``unmeasured``): such a test is not covered, with the verdict "never measured; measure it", rather
+than an unknown-name error. The design-level figures (rank, identified elementary perturbations)
+are about the measured perturbations only.
+
 Coefficients
 ------------
-For each test the report gives one representation ``c`` over the *distinct* training labels
+For each covered test the report first gives the *simplest* representation (fewest training
+conditions, :mod:`perturbax.theory.sparse`): ``KLF1+SGK1 = KLF1 + SGK1``. It also gives one
+representation ``c`` over the *distinct* training labels
 (duplicated rows are merged; the reference has no coefficient): the minimum-norm one, which is the
 unique one when the training labels are linearly independent. When that representation is not
 convex but another is (the training labels are dependent), a convex one found by linear programming
@@ -91,12 +98,19 @@ JSON form (``DesignReport.to_dict()``; ``perturbax check-design --json``), schem
           "coefficient_l1": float | null,    # ||c||_1
           "ill_conditioned": bool,           # covered with coefficient_norm > max_coefficient_norm
                                              # (or coefficients that did not converge)
+          "verdict": "identified" | "not identified",   # = covered
+          "simplest_coefficients": {training label: float} | null,  # sparsest representation found
+          "equation": str | null,            # it written out, e.g. "KLF1 + SGK1"
+          "measured": bool,                  # the test is itself a measured training condition
+          "unmeasured": [str],               # names in the test that no training condition contains
           "missing_direction": {name: float},  # unit direction of the unmeasured part (uncovered tests)
           "suggested_additions": [str],      # labels to add so that this test becomes covered
           "details": bool,                   # coefficients / directions computed for this test
           "message": str
         }, ...
-      ]
+      ],
+      "unmeasured": [str],                   # names used only by tests (never measured; extra columns)
+      "design_additions": [str]              # labels to add so that every elementary one is identified
     }
 
 Only coefficients with ``|c| > 1e-12 * max(1, max|c|)`` are listed; missing labels have 0.
@@ -107,20 +121,28 @@ no tests are given -- some elementary perturbation is not identified; ``ok`` oth
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from perturbax.data.labels import PerturbationRegistry
-from perturbax.theory._design_input import PreparedDesign, prepare_design, resolve_registry
+from perturbax.data.labels import PerturbationRegistry, close_matches
+from perturbax.theory._design_input import PreparedDesign, add_unmeasured, prepare_design, resolve_registry
+from perturbax.theory.design_text import (
+    covered_message,
+    format_combination,
+    ill_conditioned_message,
+    render_report,
+    uncovered_message,
+    unmeasured_message,
+)
 from perturbax.theory.report import (
     FAIL,
     OK,
     WARNING,
     ReportMixin,
     fmt,
-    format_direction,
     join_names,
     top_weights,
 )
@@ -132,6 +154,7 @@ from perturbax.theory.rowspace import (
     is_convex,
     min_norm_coefficients,
 )
+from perturbax.theory.sparse import PAIR_ROWS, simplest_coefficients
 from perturbax.theory.suggest import greedy_unit_additions
 
 __all__ = [
@@ -141,6 +164,7 @@ __all__ = [
     "DEFAULT_HULL_ATOL",
     "DEFAULT_MAX_COEFFICIENT_NORM",
     "SCHEMA",
+    "format_combination",
 ]
 
 SCHEMA = "perturbax.check_design/1"
@@ -148,6 +172,7 @@ DEFAULT_HULL_ATOL = 1e-8
 DEFAULT_MAX_COEFFICIENT_NORM = 10.0
 _LP_MAX_ROWS = 2000
 _COEF_DROP = 1e-12
+_DESIGN_SUGGEST_MAX = 500
 
 
 @dataclass(frozen=True, eq=False)
@@ -182,6 +207,16 @@ class CoverageResult:
     suggested_additions
         Labels whose addition to the design covers this test (greedy over single perturbations,
         preferring those in the test itself).
+    simplest
+        ``{training label: c_e}`` of the sparsest representation found
+        (:func:`perturbax.theory.sparse.simplest_coefficients`; the minimum-norm one if none was
+        found), e.g. ``{"KLF1": 1, "SGK1": 1}`` for ``KLF1+SGK1``.
+    equation
+        ``simplest`` written out: ``"KLF1 + SGK1"`` (``None`` when not covered).
+    unmeasured
+        Perturbations in the test that no training condition contains (never measured).
+    measured
+        The test is itself a measured training condition (or the measured reference).
     details
         Whether coefficients / directions / suggestions were computed for this test.
     message
@@ -202,6 +237,15 @@ class CoverageResult:
     coefficient_norm: float | None = None
     coefficient_l1: float | None = None
     ill_conditioned: bool = False
+    simplest: dict[str, float] | None = None
+    equation: str | None = None
+    unmeasured: tuple[str, ...] = ()
+    measured: bool = False
+
+    @property
+    def verdict(self) -> str:
+        """``"identified"`` (covered) or ``"not identified"``."""
+        return "identified" if self.covered else "not identified"
 
     @property
     def extrapolation(self) -> bool:
@@ -220,6 +264,11 @@ class CoverageResult:
             "coefficient_norm": self.coefficient_norm,
             "coefficient_l1": self.coefficient_l1,
             "ill_conditioned": bool(self.ill_conditioned),
+            "verdict": self.verdict,
+            "simplest_coefficients": None if self.simplest is None else dict(self.simplest),
+            "equation": self.equation,
+            "measured": bool(self.measured),
+            "unmeasured": list(self.unmeasured),
             "missing_direction": dict(self.missing_direction),
             "suggested_additions": list(self.suggested_additions),
             "details": bool(self.details),
@@ -259,6 +308,8 @@ class DesignReport(ReportMixin):
     max_coefficient_norm: float
     space: RowSpace = field(repr=False)
     design: PreparedDesign = field(repr=False)
+    unmeasured: tuple[str, ...] = ()
+    design_additions: tuple[str, ...] = ()
 
     # ------------------------------------------------------------- derived
     @property
@@ -266,8 +317,13 @@ class DesignReport(ReportMixin):
         return len(self.names)
 
     @property
+    def K_measured(self) -> int:
+        """Elementary perturbations of the design (those named only by tests excluded)."""
+        return self.K - len(self.unmeasured)
+
+    @property
     def full_rank(self) -> bool:
-        return self.rank == self.K
+        return self.rank == self.K_measured
 
     @property
     def identified_elementary(self) -> tuple[str, ...]:
@@ -275,7 +331,14 @@ class DesignReport(ReportMixin):
 
     @property
     def unidentified_elementary(self) -> tuple[str, ...]:
-        return tuple(n for n, ok in zip(self.names, self.identified) if not ok)
+        """Elementary perturbations of the design that are not identified (the never-measured
+        names of tests are listed in ``unmeasured`` instead)."""
+        skip = set(self.unmeasured)
+        return tuple(n for n, ok in zip(self.names, self.identified) if not ok and n not in skip)
+
+    @property
+    def n_identified_tests(self) -> int:
+        return int(np.sum(self.covered))
 
     @property
     def ill_conditioned_elementary(self) -> tuple[str, ...]:
@@ -353,6 +416,8 @@ class DesignReport(ReportMixin):
                 n: (float(c) if np.isfinite(c) else None) for n, c in zip(self.names, self.elementary_coefficient_norms)
             },
             "ill_conditioned_elementary": list(self.ill_conditioned_elementary),
+            "unmeasured": list(self.unmeasured),
+            "design_additions": list(self.design_additions),
             "n_tests": len(self.tests),
             "n_covered": int(np.sum(self.covered)),
             "n_extrapolating": len(self.extrapolating),
@@ -362,60 +427,7 @@ class DesignReport(ReportMixin):
         }
 
     def render(self, max_tests: int = 50) -> str:
-        lines = [f"Design check: {self.status.upper()}"]
-        lines.append(f"  elementary perturbations ({self.K}): {join_names(self.names)}")
-        ref = "measured" if self.control_present else "NOT measured"
-        lines.append(
-            f"  training rows: {self.n_rows} ({self.n_distinct_rows} distinct); reference {self.reference!r} ({ref})"
-        )
-        margin = f"tolerance {fmt(self.tolerance)}"
-        if self.smallest_retained is not None:
-            margin += f", smallest kept singular value {fmt(self.smallest_retained)}"
-        if self.largest_dropped is not None:
-            margin += f", largest dropped {fmt(self.largest_dropped)}"
-        if self.n_eliminated:
-            margin += f"; {self.n_eliminated} found from single-perturbation rows (min dose {fmt(self.min_pivot)})"
-        lines.append(f"  rank {self.rank} of {self.K} [{self.method}: {margin}]")
-        lines.append(f"  identified: {join_names(self.identified_elementary)}")
-        if not self.full_rank or self.unidentified_elementary:
-            lines.append(f"  not identified: {join_names(self.unidentified_elementary)}")
-        ill_elem = self.ill_conditioned_elementary
-        if ill_elem:
-            norms = dict(zip(self.names, self.elementary_coefficient_norms))
-            listed = ", ".join(f"{n} (||c||_2 {fmt(norms[n])})" for n in ill_elem[:8])
-            more = f", ... ({len(ill_elem) - 8} more)" if len(ill_elem) > 8 else ""
-            lines.append(f"  ill-conditioned at unit dose (reached only through much smaller or cancelling labels): "
-                         f"{listed}{more}")
-        if self.latent_dim is not None:
-            ok = "ok" if self.latent_dim_ok else "TOO LOW"
-            lines.append(f"  latent dimension {self.latent_dim}: rank {self.rank} {ok}")
-        if self.tests:
-            lines.append(f"  tests: {int(np.sum(self.covered))} of {len(self.tests)} covered")
-            width = min(40, max(len(t.label) for t in self.tests))
-            for t in self.tests[:max_tests]:
-                if t.covered:
-                    state = "covered    "
-                    hull = {True: "inside hull", False: "OUTSIDE hull (extrapolation)", None: ""}[t.in_convex_hull]
-                    extra = hull
-                    if t.coefficient_norm is not None:
-                        flag = " ILL-CONDITIONED" if t.ill_conditioned else ""
-                        extra += f"; ||c||_2 {fmt(t.coefficient_norm)}{flag}"
-                    if t.coefficients is not None:
-                        coefs = ", ".join(f"{k} {v:.3g}" for k, v in list(t.coefficients.items())[:6])
-                        more = " ..." if len(t.coefficients) > 6 else ""
-                        extra += f"; coefficients: {coefs or '(none)'}{more}"
-                else:
-                    state = "NOT covered"
-                    extra = f"missing: {format_direction(t.missing_direction)}" if t.missing_direction else ""
-                    if t.suggested_additions:
-                        extra += f" -> add {join_names(t.suggested_additions)}"
-                lines.append(
-                    f"    {state}  {t.label.ljust(width)}  rel. residual {fmt(t.relative_residual)}  {extra}".rstrip()
-                )
-            if len(self.tests) > max_tests:
-                lines.append(f"    ... ({len(self.tests) - max_tests} more tests)")
-        lines.append(f"  {self.message}")
-        return "\n".join(lines)
+        return render_report(self, max_tests)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -435,48 +447,6 @@ def _coef_map(c: np.ndarray, keys: Sequence[str]) -> dict[str, float]:
     cut = _COEF_DROP * max(1.0, float(np.max(np.abs(c))))
     idx = np.flatnonzero(np.abs(c) > cut)
     return dict(zip([keys[i] for i in idx.tolist()], c[idx].tolist()))
-
-
-def _ill_conditioned_message(
-    label: str, c: np.ndarray, keys: Sequence[str], norm: float, limit: float
-) -> str:
-    k = int(np.argmax(np.abs(c)))
-    return (
-        f"It is ill-conditioned: its coefficients have norm ||c||_2 = {fmt(norm)} (above {fmt(limit)}; "
-        f"largest {fmt(float(c[k]))} on {keys[k]}), so its prediction amplifies the estimation error "
-        f"of a measured condition {fmt(norm)}-fold -- it is reached only through training labels much "
-        f"smaller than it or nearly cancelling each other; measure {label} or labels of comparable size."
-    )
-
-
-def _uncovered_message(
-    label: str,
-    rel: float,
-    missing: dict[str, float],
-    absent: set[str],
-    additions: Sequence[str],
-    control_reference: bool,
-) -> str:
-    if not missing:
-        return f"{label} is not covered (relative residual {fmt(rel)})."
-    names = list(missing)
-    if len(names) == 1:
-        n = names[0]
-        why = (
-            f"{n} never appears in the training design"
-            if n in absent
-            else f"the effect of {n} is never separated from the rest of the design"
-        )
-    else:
-        why = (
-            f"the design never separates {join_names(names, 6)} from each other "
-            f"(the direction {format_direction(missing, 4)} is never measured)"
-        )
-    text = f"{label} is not covered: {why}"
-    if additions:
-        how = f"{join_names(additions)} alone" if control_reference else join_names(additions)
-        text += f"; add {how}"
-    return text + "."
 
 
 def check_design(
@@ -540,6 +510,7 @@ def check_design(
     if max_details is not None and max_details < 0:
         raise ValueError(f"max_details must be >= 0 or None, got {max_details}.")
     reg = resolve_registry(names, registry, train, tests)
+    reg, train, unmeasured = add_unmeasured(reg, train, tests)
     prep = prepare_design(train, reg, reference=reference)
     space = RowSpace.from_rows(prep.D, rtol=rtol, method=method)
     elem_res = space.elementary_residuals()
@@ -564,7 +535,12 @@ def check_design(
     n_detail = m if max_details is None else min(m, int(max_details))
     keys = _unique_keys(prep.labels)
     absent = {reg.names[k] for k in np.setdiff1d(np.arange(reg.K), np.unique(prep.D.indices))}
+    never_set = set(unmeasured) | absent
+    measured_names = [n for n in reg.names if n not in never_set]
+    hints: dict[str, list[str]] = {}
+    partners = [n for n, ok in zip(reg.names, identified) if ok]
     control_ref = not np.any(prep.reference)
+    ref_text = None if control_ref else prep.reference_label
     unique_repr = prep.D.shape[0] == space.rank
     results: list[CoverageResult] = []
     if n_detail:
@@ -573,14 +549,18 @@ def check_design(
         cov_idx = np.flatnonzero(covered[:n_detail])
         C = min_norm_coefficients(prep.D, space, Td[cov_idx]) if cov_idx.size else np.zeros((0, prep.D.shape[0]))
         coef_rows = dict(zip(cov_idx.tolist(), C))
+        gram = (prep.D @ prep.D.T).toarray() if cov_idx.size and prep.D.shape[0] <= PAIR_ROWS else None
     for i in range(m):
         label = tlabels[i]
+        test_never = ()
+        if i < n_detail:
+            test_never = tuple(reg.names[k] for k in np.flatnonzero(Td[i] != 0) if reg.names[k] in never_set)
         if i >= n_detail:
             if covered[i]:
-                msg = f"{label} is covered (details computed for the first {n_detail} tests only)."
+                msg = f"{label} is identified (details computed for the first {n_detail} tests only)."
             else:
                 msg = (
-                    f"{label} is not covered (relative residual {fmt(rel[i])}); details were computed for "
+                    f"{label} is not identified (relative residual {fmt(rel[i])}); details were computed for "
                     f"the first {n_detail} tests only -- check it with max_details=None or on its own."
                 )
             results.append(
@@ -590,7 +570,7 @@ def check_design(
             continue
         if covered[i] and not np.isfinite(coef_rows[i]).all():
             msg = (
-                f"{label} is covered; its coefficients did not converge (the design is very "
+                f"{label} is identified; its coefficients did not converge (the design is very "
                 f"ill-conditioned: rank margin {fmt(space.smallest_retained)})."
             )
             results.append(
@@ -602,8 +582,13 @@ def check_design(
             coefs = _coef_map(c, keys)
             c_norm, c_l1 = float(np.linalg.norm(c)), float(np.abs(c).sum())
             ill = c_norm > max_coefficient_norm
+            sc = simplest_coefficients(prep.D, Td[i], residual_rtol * float(tnorm[i]), gram=gram)
+            simplest = coefs if sc is None else _coef_map(sc, keys)
             hull_coefs = None
             inside: bool | None = is_convex(c, reference_is_row=prep.reference_is_row, atol=hull_atol)
+            if not inside and sc is not None and is_convex(sc, reference_is_row=prep.reference_is_row,
+                                                           atol=hull_atol):
+                inside, hull_coefs = True, simplest
             if not inside and not unique_repr:
                 inside = None
                 if prep.D.shape[0] <= _LP_MAX_ROWS:
@@ -614,23 +599,17 @@ def check_design(
                     else:
                         inside = hc is not None
                         hull_coefs = None if hc is None else _coef_map(hc, keys)
-            if inside is True:
-                msg = f"{label} is covered and inside the convex hull of the training labels (interpolation)."
-            elif inside is False:
-                msg = (
-                    f"{label} is covered but outside the convex hull of the training labels: the model must "
-                    f"extrapolate beyond the measured latent shifts, expect larger errors."
-                )
-            else:
-                msg = (
-                    f"{label} is covered; whether it lies inside the convex hull was not determined "
-                    f"(more than {_LP_MAX_ROWS} distinct training labels, or the linear program did not finish)."
-                )
+            measured = (len(simplest) == 1 and math.isclose(next(iter(simplest.values())), 1.0, rel_tol=1e-9)) or (
+                not simplest and prep.reference_is_row)
+            equation = (
+                format_combination(simplest, sep=reg.sep, reference=ref_text) if simplest else prep.reference_label
+            )
+            msg = covered_message(label, equation, inside, measured, _LP_MAX_ROWS)
             if ill:
-                msg += " " + _ill_conditioned_message(label, c, keys, c_norm, max_coefficient_norm)
+                msg += " " + ill_conditioned_message(label, c, keys, c_norm, max_coefficient_norm)
             results.append(
                 CoverageResult(label, True, float(res[i]), float(rel[i]), inside, coefs, hull_coefs, {}, (), True, msg,
-                               c_norm, c_l1, ill)
+                               c_norm, c_l1, ill, simplest, equation, measured=measured)
             )
         else:
             missing = top_weights(Rd[i], reg.names, fix_sign=False)
@@ -643,57 +622,51 @@ def check_design(
                     v = prep.reference.copy()
                     v[k] += 1.0
                     adds.append(reg.names[k] if control_ref else reg.decode(v))
-            msg = _uncovered_message(label, float(rel[i]), missing, absent, adds, control_ref)
+            if test_never:
+                in_test = [reg.names[k] for k in np.flatnonzero(Td[i] != 0)]
+                for n in test_never:  # names outside the registry may be typos: hint at measured ones
+                    if n in unmeasured and n not in hints:
+                        hints[n] = close_matches(n, measured_names, n=2)
+                msg = unmeasured_message(label, test_never, partners, reg.sep, in_test, hints)
+            else:
+                msg = uncovered_message(label, float(rel[i]), missing, adds, control_ref)
             results.append(
                 CoverageResult(label, False, float(res[i]), float(rel[i]), False, None, None, missing,
-                               tuple(adds), True, msg)
+                               tuple(adds), True, msg, unmeasured=test_never)
             )
 
     # ----------------------------------------------------------------- summary
-    K = reg.K
-    unident = [n for n, ok in zip(reg.names, identified) if not ok]
+    K = reg.K - len(unmeasured)
+    unident = [n for n, ok in zip(reg.names, identified) if not ok and n not in unmeasured]
+    design_adds: list[str] = []
+    if suggest and unident and len(unident) <= _DESIGN_SUGGEST_MAX:
+        cols = [reg.index(n) for n in unident]
+        E = np.zeros((len(cols), reg.K))
+        E[np.arange(len(cols)), cols] = 1.0
+        for k in greedy_unit_additions(space, space.residuals(E), np.ones(len(cols)), residual_rtol, elem_res**2,
+                                       prune=False):
+            v = prep.reference.copy()
+            v[k] += 1.0
+            design_adds.append(reg.names[k] if control_ref else reg.decode(v))
     parts: list[str] = []
     statuses = [OK]
-    if not prep.reference_is_row:
-        statuses.append(WARNING)
-        parts.append(
-            f"The reference {prep.reference_label!r} is not among the training rows: coverage is computed "
-            f"as if it were measured; measure it (control cells) or pass reference=<a measured row>."
-        )
-    if space.rank == K:
-        parts.append(f"The design has full rank {K}: every elementary perturbation is identified.")
-    else:
-        parts.append(
-            f"The design has rank {space.rank} of {K}; not identified: {join_names(unident)} -- measure "
-            f"{'it' if len(unident) == 1 else 'each'} alone (or combined with identified perturbations)."
-        )
-        if m == 0:
-            statuses.append(WARNING)
-    if latent_dim is not None:
-        if space.rank < latent_dim:
-            statuses.append(FAIL)
-            parts.append(
-                f"rank {space.rank} < latent dimension {latent_dim}: the perturbation shifts span at most "
-                f"{space.rank} latent directions; add at least {latent_dim - space.rank} perturbation(s) with "
-                f"new directions or lower the latent dimension."
-            )
-        else:
-            parts.append(f"rank {space.rank} >= latent dimension {latent_dim} (necessary condition holds).")
     if m:
         n_cov = int(covered.sum())
-        parts.append(f"{n_cov} of {m} test perturbations are covered.")
+        text = f"{n_cov} of {m} test perturbation{'s' if m > 1 else ''} {'is' if m == 1 else 'are'} identified"
         if n_cov < m:
             statuses.append(FAIL)
             bad = [r for r in results if not r.covered]
-            parts.append(f"Not covered: {join_names([r.label for r in bad], 8)}.")
-            first = next((r for r in bad if r.details), None)
-            if first is not None:
-                parts.append(first.message)
+            verb = "is" if len(bad) == 1 else "are"
+            text += f"; {len(bad)} {verb} not: {join_names([r.label for r in bad], 8)}"
+        parts.append(text + ".")
+        first = next((r for r in results if not r.covered and r.details), None)
+        if first is not None:
+            parts.append(first.message)
         ext = [r.label for r in results if r.extrapolation]
         if ext:
             statuses.append(WARNING)
             parts.append(
-                f"{len(ext)} covered test(s) lie outside the convex hull of the training labels "
+                f"{len(ext)} identified test(s) lie outside the convex hull of the training labels "
                 f"(extrapolation): {join_names(ext, 8)}."
             )
         ill = [r for r in results if r.ill_conditioned]
@@ -711,6 +684,35 @@ def check_design(
                     f"{fmt(worst.coefficient_norm)}-fold"
                 )
             parts.append(text + ".")
+    if not prep.reference_is_row:
+        statuses.append(WARNING)
+        parts.append(
+            f"The reference {prep.reference_label!r} is not among the training rows: coverage is computed "
+            f"as if it were measured; measure it (control cells) or pass reference=<a measured row>."
+        )
+    scope = ""
+    if space.rank == K:
+        parts.append(f"Design as a whole{scope}: full rank {K}, every elementary perturbation is identified.")
+    else:
+        text = (
+            f"Design as a whole{scope}: rank {space.rank} of {K}; {len(unident)} elementary perturbation(s) "
+            f"are not identified on their own: {join_names(unident)}"
+        )
+        if design_adds:
+            text += f"; to identify every one, add {join_names(design_adds)}{' alone' if control_ref else ''}"
+        parts.append(text + (" (separate from the test verdicts)." if m else "."))
+        if m == 0:
+            statuses.append(WARNING)
+    if latent_dim is not None:
+        if space.rank < latent_dim:
+            statuses.append(FAIL)
+            parts.append(
+                f"rank {space.rank} < latent dimension {latent_dim}: the perturbation shifts span at most "
+                f"{space.rank} latent directions; add at least {latent_dim - space.rank} perturbation(s) with "
+                f"new directions or lower the latent dimension."
+            )
+        else:
+            parts.append(f"rank {space.rank} >= latent dimension {latent_dim} (necessary condition holds).")
     status = max(statuses, key=[OK, WARNING, FAIL].index)
     return DesignReport(
         status=status,
@@ -741,5 +743,6 @@ def check_design(
         max_coefficient_norm=float(max_coefficient_norm),
         space=space,
         design=prep,
+        unmeasured=tuple(unmeasured),
+        design_additions=tuple(design_adds),
     )
-

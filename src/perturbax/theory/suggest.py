@@ -162,16 +162,20 @@ def _lower_bound(R0: np.ndarray, tnorm: np.ndarray, residual_rtol: float) -> int
 def greedy_unit_additions(
     space: RowSpace,
     r: np.ndarray,
-    tnorm: float,
+    tnorm: float | np.ndarray,
     residual_rtol: float,
     q2: np.ndarray,
     prefer: np.ndarray | None = None,
+    prune: bool = True,
 ) -> list[int]:
-    """Elementary perturbations to add alone so that a vector with residual ``r`` is covered
-    (greedy + pruning on unit-vector candidates); ``q2`` = squared elementary residuals; ties go
-    to ``prefer``-ed perturbations (e.g. those in the test)."""
+    """Elementary perturbations to add alone so that vectors with residuals ``r`` (one vector or
+    rows of a matrix, norms ``tnorm``) are covered (greedy + pruning on unit-vector candidates);
+    ``q2`` = squared elementary residuals; ties go to ``prefer``-ed perturbations (e.g. those in
+    the test). ``prune=False`` skips the pruning, which cannot shorten the list when the targets are
+    unit vectors of every unidentified perturbation (each addition then raises the rank by one, and
+    ``K - rank`` additions are needed)."""
     R0 = np.atleast_2d(r)
-    tn = np.atleast_1d(float(tnorm))
+    tn = np.broadcast_to(np.asarray(tnorm, dtype=np.float64), (R0.shape[0],)).copy()
     cand = _Candidates(space, None, q2)
     chosen, _ = _greedy_cover(
         space, R0, tn, cand, residual_rtol=residual_rtol, max_additions=None, prefer=prefer
@@ -181,7 +185,7 @@ def greedy_unit_additions(
     P = [space.residuals(cand.vector(j, space.K))[0] for j in chosen]
     if not np.all(_covered_with(R0, tn, P, residual_rtol)):
         return []
-    return [chosen[i] for i in _prune(R0, tn, P, residual_rtol)]
+    return [chosen[i] for i in _prune(R0, tn, P, residual_rtol)] if prune else chosen
 
 
 @dataclass(frozen=True, eq=False, repr=False)
