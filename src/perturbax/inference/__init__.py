@@ -8,8 +8,8 @@ from perturbax.inference.energy import (
     mean_distance_groups,
     pairwise_distance,
 )
-from perturbax.inference.fitting import BUILTIN_MODELS, data_start, fit, training_times
-from perturbax.inference.guides import GLOBAL_GUIDES, global_sites, hide_cells, local_sites, make_guide, uses_time
+from perturbax.inference.fitting import data_start, fit
+from perturbax.inference.guides import GLOBAL_GUIDES, global_sites, hide_cells, local_sites, make_guide
 from perturbax.inference.prediction import (
     UnseenPerturbationError,
     pair_key,
@@ -19,6 +19,8 @@ from perturbax.inference.prediction import (
     to_arviz,
 )
 from perturbax.inference.result import FitResult
+from perturbax.inference.times import training_times
+from perturbax.models.registry import BUILTIN_MODELS, uses_time
 
 __all__ = [
     "BUILTIN_MODELS",

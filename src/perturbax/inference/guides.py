@@ -25,6 +25,7 @@ from numpyro.infer.initialization import init_to_median
 
 from perturbax.models.batch import Batch
 from perturbax.models.blocks import CELL_PLATE, network
+from perturbax.models.registry import uses_time
 
 __all__ = ["GLOBAL_GUIDES", "encoder_input", "global_sites", "hide_cells", "local_sites", "make_guide", "uses_time"]
 
@@ -35,14 +36,6 @@ GLOBAL_GUIDES = ("lowrank", "mvn", "normal", "delta")
 PRIOR_LOCALS = ("eta", "z_noise")
 # Per-cell sites the built-in encoder amortises.
 AMORTIZED_LOCALS = ("z_base", "s")
-
-
-def uses_time(config: Any) -> bool:
-    """Whether a model configuration describes a model of time (cells are snapshots at times
-    ``batch.t``): the latent dynamics model, or any config with a true ``uses_time`` attribute."""
-    from perturbax.models.dynamics import LatentDynamicsConfig
-
-    return isinstance(config, LatentDynamicsConfig) or bool(getattr(config, "uses_time", False))
 
 
 def time_features(t: jax.Array, config: Any) -> jax.Array:

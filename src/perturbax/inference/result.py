@@ -45,7 +45,7 @@ def _flatten(params: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def _uses_time(config) -> bool:
-    from perturbax.inference.guides import uses_time
+    from perturbax.models.registry import uses_time
 
     return uses_time(config)
 
@@ -279,7 +279,7 @@ class FitResult:
         ``ValueError`` (``FileNotFoundError`` without ``meta.json``) if the folder is not a
         perturbax fit, was written by an incompatible version, or is incomplete or corrupted.
         """
-        from perturbax.inference.fitting import BUILTIN_MODELS
+        from perturbax.models.registry import BUILTIN_MODELS
         from perturbax.inference.guides import make_guide
 
         path = Path(path)
@@ -396,7 +396,7 @@ def _encode(model, guide, params, config, data: PerturbationData, cells: np.ndar
     kwargs = {"config": config, "n_cells": max(int(n_train), min(int(chunk), int(cells.size)))}
     timed = _uses_time(config)
     if timed:
-        from perturbax.inference.fitting import training_times
+        from perturbax.inference.times import training_times
 
         if data.times is None:
             training_times(data)  # the error that says how to pass times

@@ -290,10 +290,8 @@ def _as_float64(x):
 
 
 def _uses_time(config) -> bool:
-    try:
-        from perturbax.inference.guides import uses_time
-    except ImportError:  # pragma: no cover - inference layer unavailable
-        return bool(getattr(config, "uses_time", False))
+    from perturbax.models.registry import uses_time
+
     return uses_time(config)
 
 
