@@ -17,7 +17,6 @@ from perturbax.theory import (
     LatentRotation,
     ModelIdentifiabilityReport,
     bs_equivalences,
-    fit_identifiability,
     linear_dynamics_mask,
     linear_dynamics_summary_fn,
     linear_gaussian_summary_fn,
@@ -280,6 +279,7 @@ def _hand_made_fit(d, design):
 
 
 def test_fit_identifiability_runs_at_the_posterior_mean():
+    from perturbax.inference import fit_identifiability
     from perturbax.inference.prediction import posterior_globals
 
     fit, W0 = _hand_made_fit(2, ONE_SINGLE)

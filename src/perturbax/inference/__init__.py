@@ -10,6 +10,7 @@ from perturbax.inference.energy import (
 )
 from perturbax.inference.fitting import data_start, fit
 from perturbax.inference.guides import GLOBAL_GUIDES, global_sites, hide_cells, local_sites, make_guide
+from perturbax.inference.identifiability import fit_identifiability
 from perturbax.inference.prediction import (
     UnseenPerturbationError,
     pair_key,
@@ -32,6 +33,7 @@ __all__ = [
     "data_start",
     "energy_score_groups",
     "fit",
+    "fit_identifiability",
     "fitted_causal_order",
     "global_sites",
     "hide_cells",

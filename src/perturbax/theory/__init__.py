@@ -74,7 +74,6 @@ _MODEL_CHECK = (
     "ModelSummary",
     "model_summary_fn",
     "model_identifiability",
-    "fit_identifiability",
 )
 
 __all__ = [
