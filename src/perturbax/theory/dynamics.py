@@ -36,7 +36,6 @@ All checks are pure functions on arrays (float64) with explicit tolerances.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,6 +43,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from perturbax.data.labels import PerturbationRegistry
+from perturbax.models.linear_scm import _check_bs, bs_to_w, equivalent_bs, sole_targets, w_to_bs
 from perturbax.theory._design_input import as_label_rows, resolve_registry, row_labels
 from perturbax.theory.report import FAIL, OK, WARNING, ReportMixin, fmt, join_names, top_weights, worst_status
 
@@ -780,16 +780,11 @@ def check_order_from_effects(targets, *, atol: float = 0.0, program_names: Seque
     S = np.asarray(targets)
     if S.ndim != 2:
         raise ValueError(f"targets must be (n_programs, K), got shape {S.shape}.")
-    supp = S.astype(bool) if S.dtype == bool else np.abs(S.astype(np.float64)) > atol
-    ell, _ = supp.shape
+    ell = S.shape[0]
     pnames = tuple(program_names) if program_names is not None else tuple(f"z{i + 1}" for i in range(ell))
     if len(pnames) != ell:
         raise ValueError(f"program_names has {len(pnames)} names for {ell} programs.")
-    single = supp.sum(axis=0) == 1
-    sole = []
-    for i in range(ell):
-        ks = np.flatnonzero(single & supp[i])
-        sole.append(int(ks[0]) if ks.size else -1)
+    sole = sole_targets(S, atol=atol)
     missing = tuple(p for p, k in zip(pnames, sole) if k < 0)
     if not missing:
         message = (
@@ -887,65 +882,3 @@ def check_dynamics(
     status = worst_status(*(r.status for r in reports))
     message = " ".join(r.message for r in reports if r.status != OK) or " ".join(r.message for r in reports)
     return DynamicsReport(status=status, message=message, contexts=ctx, variability=var_report, targets=tgt_report)
-
-
-# --------------------------------------------------------------------------- B, S <-> W
-def _xp(*arrays):
-    jax = sys.modules.get("jax")
-    if jax is not None and any(isinstance(a, jax.Array) for a in arrays):
-        import jax.numpy as jnp
-
-        return jnp
-    return np
-
-
-def _check_bs(B, S) -> None:
-    if B.ndim != 2 or B.shape[0] != B.shape[1]:
-        raise ValueError(f"B must be square (l x l), got shape {B.shape}.")
-    if S.ndim != 2 or S.shape[0] != B.shape[0]:
-        raise ValueError(f"S must be (l x K) with l = {B.shape[0]}, got shape {S.shape}.")
-
-
-def bs_to_w(B, S):
-    """``W = (I - B)^{-1} S``: the long-time latent shifts of the linear dynamics
-    ``dz/dt = (B - I)(z - mu) + S l`` (its equilibrium is ``mu + W l``).
-
-    Works on numpy (float64) and JAX arrays (differentiable).
-    """
-    xp = _xp(B, S)
-    B = xp.asarray(B, dtype=None if xp is not np else np.float64)
-    S = xp.asarray(S, dtype=None if xp is not np else np.float64)
-    _check_bs(B, S)
-    eye = xp.eye(B.shape[0], dtype=B.dtype)
-    if xp is np:
-        cond = np.linalg.cond(eye - B)
-        if not np.isfinite(cond) or cond > 1e12:
-            raise np.linalg.LinAlgError(
-                f"I - B is singular (condition number {cond:.3g}): the dynamics have no unique equilibrium."
-            )
-    return xp.linalg.solve(eye - B, S)
-
-
-def w_to_bs(W, B=None):
-    """One ``(B, S)`` pair that gives the shifts ``W``: ``S = (I - B) W``.
-
-    ``W`` alone does **not** determine ``B`` and ``S``: for *every* ``B`` with ``I - B`` invertible
-    (acyclic or not), ``S = (I - B) W`` reproduces ``W`` exactly. So steady-state data (which see
-    only ``W``) leave the causal weights and the direct targets unidentified; transients
-    (``exp((B - I) t)`` at two or more times) are needed. ``B`` defaults to zero (no edges between
-    programs, ``S = W``). See :func:`equivalent_bs` to move within the family.
-    """
-    xp = _xp(W, B)
-    W = xp.asarray(W, dtype=None if xp is not np else np.float64)
-    if W.ndim != 2:
-        raise ValueError(f"W must be (l x K), got shape {W.shape}.")
-    ell = W.shape[0]
-    B = xp.zeros((ell, ell), dtype=W.dtype) if B is None else xp.asarray(B, dtype=W.dtype)
-    _check_bs(B, W)
-    return B, (xp.eye(ell, dtype=W.dtype) - B) @ W
-
-
-def equivalent_bs(B, S, B_new):
-    """The pair ``(B_new, S_new)`` with the same ``W = (I - B)^{-1} S`` as ``(B, S)``:
-    ``S_new = (I - B_new)(I - B)^{-1} S``."""
-    return w_to_bs(bs_to_w(B, S), B_new)
