@@ -213,6 +213,12 @@ def test_unseen_and_unknown_perturbations(sim, elbo_fit):
     assert pred.n_obs == 4
     with pytest.raises(ValueError, match=r"'P9'.*did you mean"):
         predict(elbo_fit, ["P0+P9"], num_samples=2)
+    # "did you mean" names only labels that would be accepted: P3 was never seen in training
+    with pytest.raises(ValueError, match="'P33'") as err:
+        predict(elbo_fit, ["P0+P33"], num_samples=2)
+    assert "did you mean" not in str(err.value)
+    with pytest.raises(ValueError, match=r"did you mean \['P3'\]"):
+        predict(elbo_fit, ["P0+P33"], num_samples=2, allow_unseen=True)
 
 
 def test_predict_moves_observed_cells(sim, elbo_fit):

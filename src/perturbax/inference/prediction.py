@@ -128,7 +128,9 @@ def _parse(fit: FitResult, perturbations, allow_unseen: bool) -> tuple[list[str]
     for p in perturbations:
         unknown = reg.unknown(p)
         if unknown:
-            hints = {u: close_matches(u, reg.names) for u in unknown}
+            # suggest only names that would be accepted: seen in training, unless unseen ones are allowed
+            accepted = reg.names if allow_unseen else tuple(fit.seen_elementary)
+            hints = {u: close_matches(u, accepted) for u in unknown}
             text = "; ".join(f"{u!r}" + (f" (did you mean {h}?)" if h else "") for u, h in hints.items())
             raise ValueError(
                 f"Perturbation {p!r} names elementary perturbation(s) unknown to the model: {text}. "
