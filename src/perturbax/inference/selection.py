@@ -73,6 +73,8 @@ LAMBDA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 CELL_MODES = ("generated", "control")
 #: DE genes per held-out condition whose errors calibrate the intervals.
 CALIBRATION_GENES = 50
+#: Interval levels whose factors a fit and a prediction report (reliability diagrams).
+REPORTED_LEVELS = (0.5, 0.8, 0.9, 0.95)
 #: Without held-out training conditions (no in-span CV possible): the ridge mean with control cells.
 FALLBACK = {"lambda": 0.0, "cells": "control"}
 #: Control cells kept in a fit for the ``"control"`` cell mode (a random subset beyond this).
@@ -172,7 +174,9 @@ def nested_columns(arrays, lam: float, mode: str, vecs: np.ndarray, mean_draws: 
     """Apply the nested estimator to a raw model prediction.
 
     ``vecs`` ``(C, K)`` labels, ``mean_draws`` ``(C, S, G)`` the model's per-draw means, ``cells``
-    its cells per column. Returns ``(draws (C, S, G), cells, sigma (C, G))``; ``sigma`` is the
+    its cells per column. The cells of each column are re-centred on its nested mean: the model's
+    generated cells (``"generated"``) or training control cells drawn at random (``"control"``).
+    Returns ``(draws (C, S, G), cells, sigma (C, G))``; ``sigma`` is the
     interval scale of the module docstring.
     """
     vecs = np.asarray(vecs, dtype=np.float64)
@@ -184,11 +188,12 @@ def nested_columns(arrays, lam: float, mode: str, vecs: np.ndarray, mean_draws: 
     out = []
     for i, x in enumerate(cells):
         if mode == "generated":
-            new = x.astype(np.float64) + (mean[i] - mean_draws[i].mean(0))
+            base = x.astype(np.float64)
         else:
-            idx = rng.choice(ctrl.shape[0], size=x.shape[0], replace=x.shape[0] > ctrl.shape[0])
-            new = ctrl[idx].astype(np.float64) + (mean[i] - arrays["control_mean"])
-        out.append(new.astype(np.float32))
+            n0 = ctrl.shape[0]  # every control cell once before any is used again (no duplicates)
+            idx = np.concatenate([rng.permutation(n0) for _ in range(-(-x.shape[0] // n0))])[: x.shape[0]]
+            base = ctrl[idx].astype(np.float64)
+        out.append((base - base.mean(0) + mean[i]).astype(np.float32))  # re-centred on the nested mean
     sigma = np.sqrt(draws.var(1) + arrays["cell_var"] / n_ref)
     return draws, out, sigma
 
@@ -226,6 +231,7 @@ def nested_prediction(fit_result, vecs: np.ndarray, mean_draws: np.ndarray, cell
         "cells": sel["cells"],
         "interval_factor": q,
         "calibrated": calibrated,
+        "factors": {str(a): interval_factor(arrays, a)[0] for a in REPORTED_LEVELS} | {str(interval): q},
         "covers": sel["calibration"]["covers"] if calibrated else
         "not calibrated (no held-out training conditions): normal quantile of the posterior and cell-sampling SD",
     }
@@ -269,7 +275,10 @@ def fit_with_selection(fit_fn: Callable[[PerturbationData], Any], data: Perturba
         train = data.select(labels, exclude=True)
         res = fit_fn(train)
         arrays, facts = nested_path(res, train, seed=seed)
-        pr = predict(res, labels, n_cells=CV_CELLS, num_samples=CV_DRAWS, seed=seed + 1)
+        # (as many cells as control cells, at most CV_CELLS: the control mode then repeats none,
+        # which would bias the U-statistic energy distance upwards)
+        n_cells = min(CV_CELLS, arrays["control_cells"].shape[0])
+        pr = predict(res, labels, n_cells=n_cells, num_samples=CV_DRAWS, seed=seed + 1)
         meta_labels = list(pr.uns["perturbax"]["labels"])
         obs_lab = pr.obs[res.perturbation_key].astype(str).to_numpy()
         X = np.asarray(pr.X)
@@ -306,7 +315,6 @@ def fit_with_selection(fit_fn: Callable[[PerturbationData], Any], data: Perturba
     res = fit_fn(data)
     arrays, facts = nested_path(res, data, seed=seed)
     arrays["scores"] = np.sort(np.asarray(calib.get(lam, []), dtype=np.float64))
-    levels = (0.5, 0.8, 0.9, 0.95)
     selection = {
         "lambda": float(lam),
         "cells": mode,
@@ -320,7 +328,7 @@ def fit_with_selection(fit_fn: Callable[[PerturbationData], Any], data: Perturba
         "calibration": {
             "n_scores": int(arrays["scores"].size),
             "genes_per_condition": CALIBRATION_GENES,
-            "factor": {str(a): interval_factor(arrays, a)[0] for a in levels},
+            "factor": {str(a): interval_factor(arrays, a)[0] for a in REPORTED_LEVELS},
             "calibrated": bool(arrays["scores"].size),
             "covers": f"the observed mean of {facts['n_ref']:g} cells (median cells per training condition)",
         },
