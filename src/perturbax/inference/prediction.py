@@ -22,6 +22,14 @@ its posterior mean and equal-tailed credible interval come from the draws. The i
 carry the posterior uncertainty of the global sites (W, ...) and of the basal population; they
 do not carry the error of the decoder, which is a point estimate.
 
+Fits with the nested estimator (the default of ``fit("additive_shift", ...)``; ``fit.nested``
+non-empty): the per-draw means become ``control mean + l W_ridge + lambda * (model remainder)``,
+the cells are re-centred on that mean (generated cells or training control cells, as selected),
+and the intervals are ``mean +- q sigma`` with the conformal factor ``q`` calibrated on held-out
+training conditions; they aim to cover the observed mean of ``n_ref`` cells of the condition
+(:mod:`perturbax.inference.selection`; ``uns["perturbax"]["nested"]`` says what was applied).
+Not applied to ``source=<observed cells>`` or models of time.
+
 Output AnnData (same genes and expression space as the training ``X``):
 
 - ``X``: predicted cells; ``obs[perturbation_key]``: label; ``obs["draw"]``: posterior draw used;
