@@ -209,3 +209,13 @@ def test_cli_and_python_share_defaults():
 def test_fit_default_objective_is_energy(selected, plain):
     assert selected.objective == plain.objective == "energy"
     assert dataclasses.asdict(selected.config) == dataclasses.asdict(plain.config)
+
+
+def test_cli_fit_output_names_the_selection(selected, plain):
+    from perturbax.cli.fit import selection_lines
+
+    sel = selected.info["selection"]
+    text = "\n".join(selection_lines(sel))
+    assert f"lambda={sel['lambda']:g}, cells={sel['cells']}" in text
+    assert "CV energy (lambda/cells): 0/generated=" in text and "calibrated on" in text
+    assert selection_lines(plain.info.get("selection")) == []

@@ -268,12 +268,15 @@ def fit_with_selection(fit_fn: Callable[[PerturbationData], Any], data: Perturba
     folds = in_span_folds(summary.design)
     scores = {(lam, mode): [] for lam in LAMBDA_GRID for mode in CELL_MODES}
     calib = {lam: [] for lam in LAMBDA_GRID}
-    held_names = []
+    held_names, skipped = [], []
     for f, rows in enumerate(folds):
         labels = [summary.conditions[r] for r in rows]
         held_names.append(labels)
         train = data.select(labels, exclude=True)
         res = fit_fn(train)
+        if res.info.get("stop_reason") == "nan":  # a diverged CV fit says nothing about the settings
+            skipped.append(labels)
+            continue
         arrays, facts = nested_path(res, train, seed=seed)
         # (as many cells as control cells, at most CV_CELLS: the control mode then repeats none,
         # which would bias the U-statistic energy distance upwards)
@@ -301,17 +304,24 @@ def fit_with_selection(fit_fn: Callable[[PerturbationData], Any], data: Perturba
                         sig = np.sqrt(draws[i].var(0) + arrays["cell_var"] / truth[lab].shape[0])
                         calib[lam].extend((np.abs(obs - draws[i].mean(0)) / np.maximum(sig, 1e-12))[genes].tolist())
     cv_seconds = time.perf_counter() - t0
+    folds = [f for f, labels in zip(folds, held_names) if labels not in skipped]
+    held_names = [labels for labels in held_names if labels not in skipped]
     if folds:
         mean_scores = {k: float(np.mean(v)) for k, v in scores.items()}
         lam, mode = min(mean_scores, key=mean_scores.get)
         note = (f"in-span CV over the training conditions: {len(folds)} fold(s) holding out "
-                f"{sum(len(h) for h in held_names)} combination(s) inside the span of the rest")
+                f"{sum(len(h) for h in held_names)} condition(s) inside the span of the rest"
+                + (f"; fold(s) {skipped} skipped (the CV fit diverged)" if skipped else ""))
     else:
         mean_scores = {}
         lam, mode = FALLBACK["lambda"], FALLBACK["cells"]
         note = ("no training condition can be held out inside the span of the others (e.g. singles only), so "
                 "nothing was cross-validated: used lambda=0 (the ridge baseline's mean) with control cells, "
                 "and the intervals are not calibrated")
+        if skipped:
+            note = (f"the CV fits diverged (non-finite loss) on every fold ({skipped}), so nothing was "
+                    f"cross-validated: used lambda=0 (the ridge baseline's mean) with control cells, and the "
+                    f"intervals are not calibrated")
     res = fit_fn(data)
     arrays, facts = nested_path(res, data, seed=seed)
     arrays["scores"] = np.sort(np.asarray(calib.get(lam, []), dtype=np.float64))
