@@ -337,3 +337,13 @@ def test_prediction_summary_table_layout():
     pred.varm["pred_upper"] = np.zeros((3, 3))
     with pytest.raises(ValueError, match="pred_upper"):
         prediction_summary_table(pred)
+
+
+def test_fit_and_predict_report_the_nested_estimator(fitted, predicted):
+    """`perturbax fit` with default flags selects the nested estimator on training conditions
+    and says what it chose; `perturbax predict` says what its intervals cover."""
+    fit = FitResult.load(fitted["dir"])
+    sel = fit.info["selection"]
+    assert f"Nested estimator: lambda={sel['lambda']:g}, cells={sel['cells']}" in fitted["output"]
+    assert fit.nested and set(fit.nested) >= {"ridge_effects", "model_effects", "scores"}
+    assert f"Nested estimator: lambda={sel['lambda']:g}, cells={sel['cells']}; intervals:" in predicted["output"]
