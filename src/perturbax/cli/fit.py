@@ -152,8 +152,9 @@ def fit_file(
     programs relax, in the units of that column) and save it to the folder ``out``.
     ``mean_weight`` is :class:`~perturbax.inference.EnergyOptions` ``mean_weight`` (energy
     objective only). ``objective``, ``learning_rate`` and ``select`` ``None``: the defaults of
-    :func:`perturbax.inference.fit` (the CLI and Python share them). An existing non-empty ``out`` holding a saved fit is replaced only with
-    ``overwrite``; nothing is saved if the loss was not finite from the first steps.
+    :func:`perturbax.inference.fit` (the CLI and Python share them). An existing non-empty ``out``
+    holding a saved fit is replaced only with ``overwrite``; nothing is saved if the loss was not
+    finite from the first steps.
 
     Returns ``(fit_result, data_used, held_out_labels)``. Library errors (ValueError/KeyError)
     propagate with their messages.

@@ -348,10 +348,11 @@ def fit(
         :class:`~perturbax.models.LatentDynamicsConfig` sized to ``data``).
     objective
         ``None`` (default): :func:`default_objective` (energy for the additive shift model with
-        gaussian or implicit likelihood). ``"elbo"`` (amortised encoder q(z_base | x, l) -- for models of time q(z(0) | x, l, t) --
-        + a posterior over the global sites) or ``"energy"`` (PDAE's energy score with a
-        generalised-Bayes posterior over the globals; for models of time each (condition, time)
-        context is one group, simulated at its own time from the basal states of other groups).
+        gaussian or implicit likelihood; the CLI's default too). ``"elbo"`` (amortised encoder
+        q(z_base | x, l) -- for models of time q(z(0) | x, l, t) -- + a posterior over the global
+        sites) or ``"energy"`` (PDAE's energy score with a generalised-Bayes posterior over the
+        globals; for models of time each (condition, time) context is one group, simulated at its
+        own time from the basal states of other groups).
     steps, batch_size, learning_rate
         Optimiser steps (Adam with gradient clipping), cells per step, and the initial step size
         (cosine-decayed to 5% over ``steps``).
