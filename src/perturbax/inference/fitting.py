@@ -389,8 +389,8 @@ def fit(
         (and ``init_params`` not given); ``False``: the plain model fit.
     """
     if objective is None:
-        objective = default_objective(model if isinstance(model, str) else None,
-                                      getattr(config, "likelihood", "gaussian"))
+        builtin = model if isinstance(model, str) else next((k for k, (f, _) in BUILTIN_MODELS.items() if f is model), None)
+        objective = default_objective(builtin, getattr(config, "likelihood", "gaussian"))
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r} is not supported; choose one of {OBJECTIVES}.")
     if not isinstance(data, PerturbationData):
