@@ -188,19 +188,20 @@ def test_prediction_intervals_at_other_levels(selected):
 def test_cli_and_python_share_defaults():
     from perturbax.cli.fit import fit as fit_cmd
     from perturbax.cli.fit import fit_file
-    from perturbax.inference.fitting import DEFAULT_LEARNING_RATE, default_objective
+    from perturbax.inference.fitting import default_learning_rate, default_objective
 
     py = inspect.signature(fit).parameters
     cli = {p.name: p for p in fit_cmd.params}
     ff = inspect.signature(fit_file).parameters
     for name in ("steps", "batch_size", "seed"):
         assert cli[name].default == py[name].default == ff[name].default, name
-    # None on the CLI means: the library's default
-    assert py["learning_rate"].default == DEFAULT_LEARNING_RATE
-    assert cli["learning_rate"].default in (None, DEFAULT_LEARNING_RATE)
-    assert ff["learning_rate"].default in (None, DEFAULT_LEARNING_RATE)
+    # None everywhere means: the library's per-model default
+    assert py["learning_rate"].default is None and cli["learning_rate"].default is None
+    assert ff["learning_rate"].default is None and ff["objective"].default is None
+    assert default_learning_rate("additive_shift") == 2e-3 and default_learning_rate("latent_dynamics") == 5e-3
     assert py["objective"].default is None and cli["objective"].default is None
     assert default_objective("additive_shift", "gaussian") == "energy"
+    assert default_objective("latent_dynamics", "gaussian") == "elbo"
     assert cli["latent_dim"].default == AdditiveShiftConfig.latent_dim
     assert py["select"].default is None and cli["no_select"].is_flag
     assert "Norman" not in (cli["mean_weight"].help or "")
@@ -208,6 +209,7 @@ def test_cli_and_python_share_defaults():
 
 def test_fit_default_objective_is_energy(selected, plain):
     assert selected.objective == plain.objective == "energy"
+    assert selected.info["learning_rate"] == plain.info["learning_rate"] == 2e-3
     assert dataclasses.asdict(selected.config) == dataclasses.asdict(plain.config)
 
 

@@ -161,7 +161,7 @@ def fit_file(
     """
     from perturbax.data.core import from_anndata
     from perturbax.inference.energy import EnergyOptions
-    from perturbax.inference.fitting import DEFAULT_LEARNING_RATE, default_objective
+    from perturbax.inference.fitting import default_objective
     from perturbax.inference.fitting import fit as fit_model
     from perturbax.models.config import AdditiveShiftConfig
     from perturbax.models.dynamics import LatentDynamicsConfig
@@ -174,7 +174,6 @@ def fit_file(
             "time since the perturbation was switched on (e.g. --time-key time_h)."
         )
     objective = objective or default_objective(MODELS[model], likelihood)
-    learning_rate = DEFAULT_LEARNING_RATE if learning_rate is None else learning_rate
     if mean_weight and objective != "energy":
         raise ValueError(
             f"--mean-weight {mean_weight:g} weights a term of the energy objective, but the objective is {objective!r}; "
@@ -254,7 +253,8 @@ def fit_file(
     }
     if result.info.get("stop_reason") == "nan" and not result.info.get("steps_run"):
         raise ValueError(
-            f"The loss was not finite from the first steps (--learning-rate {learning_rate:g}), so nothing was "
+            f"The loss was not finite from the first steps (--learning-rate {result.info['learning_rate']:g}), so "
+            f"nothing was "
             f"learned and nothing was saved. Try a smaller --learning-rate or a larger --batch-size, and check "
             f"the data for extreme values."
         )
@@ -285,7 +285,8 @@ def fit_file(
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Cells per step.")
 @click.option("--latent-dim", "-d", default=10, show_default=True, type=click.IntRange(min=1), help="Latent dimension d.")
 @click.option("--learning-rate", default=None, type=FiniteFloat(min=0, min_open=True),
-              help="Initial Adam step size (cosine-decayed) [default: 0.002, as perturbax.inference.fit].")
+              help="Initial Adam step size (cosine-decayed) [default: as perturbax.inference.fit: 0.002 additive, "
+                   "0.005 dynamics].")
 @click.option("--layer", default=None, help="Layer with the expression to fit (default X); e.g. counts.")
 @click.option("--dose-key", default=None, help="obs column of doses aligned with the components ('0.5+2').")
 @click.option("--sep", default="+", show_default=True, callback=check_sep,

@@ -38,7 +38,7 @@ from perturbax.models.config import AdditiveShiftConfig
 from perturbax.models.dynamics import LatentDynamicsConfig, check_times, latent_dynamics_model
 
 __all__ = ["fit", "BUILTIN_MODELS", "DeviceData", "training_times", "data_start", "default_objective",
-           "DEFAULT_LEARNING_RATE"]
+           "default_learning_rate", "DEFAULT_LEARNING_RATE"]
 
 BUILTIN_MODELS: dict[str, tuple[Callable, type]] = {
     "additive_shift": (additive_shift_model, AdditiveShiftConfig),
@@ -46,8 +46,16 @@ BUILTIN_MODELS: dict[str, tuple[Callable, type]] = {
 }
 
 OBJECTIVES = ("elbo", "energy")
-#: Initial step size of ``fit`` and ``perturbax fit`` (the setting of the measured Norman runs, issue 17).
-DEFAULT_LEARNING_RATE = 2e-3
+#: Initial step size of ``fit`` and ``perturbax fit`` per built-in model: the settings their benchmarks
+#: used (additive shift: the Norman runs of issue 17; latent dynamics: docs/benchmarks.md, dynamics).
+DEFAULT_LEARNING_RATE = {"additive_shift": 2e-3, "latent_dynamics": 5e-3}
+#: ... and for custom model functions (the earlier default of ``fit``).
+CUSTOM_LEARNING_RATE = 5e-3
+
+
+def default_learning_rate(model_name: str | None) -> float:
+    """The initial step size of ``fit(learning_rate=None)`` and ``perturbax fit`` for a model."""
+    return DEFAULT_LEARNING_RATE.get(model_name, CUSTOM_LEARNING_RATE)
 
 
 def default_objective(model_name: str | None, likelihood: str) -> str:
@@ -317,7 +325,7 @@ def fit(
     objective: str | None = None,
     steps: int = 2000,
     batch_size: int = 256,
-    learning_rate: float = DEFAULT_LEARNING_RATE,
+    learning_rate: float | None = None,
     seed: int = 0,
     guide: Callable | None = None,
     global_guide: str = "lowrank",
@@ -355,7 +363,8 @@ def fit(
         own time from the basal states of other groups).
     steps, batch_size, learning_rate
         Optimiser steps (Adam with gradient clipping), cells per step, and the initial step size
-        (cosine-decayed to 5% over ``steps``).
+        (cosine-decayed to 5% over ``steps``; ``None``: :func:`default_learning_rate`, 2e-3 for
+        the additive shift model, 5e-3 for latent dynamics and custom models).
     guide
         A custom guide with the model's signature (default: :func:`make_guide`).
     global_guide
@@ -388,9 +397,11 @@ def fit(
         ``None`` (default): on for ``"additive_shift"`` with a gaussian or implicit likelihood
         (and ``init_params`` not given); ``False``: the plain model fit.
     """
+    builtin = model if isinstance(model, str) else next((k for k, (f, _) in BUILTIN_MODELS.items() if f is model), None)
     if objective is None:
-        builtin = model if isinstance(model, str) else next((k for k, (f, _) in BUILTIN_MODELS.items() if f is model), None)
         objective = default_objective(builtin, getattr(config, "likelihood", "gaussian"))
+    if learning_rate is None:
+        learning_rate = default_learning_rate(builtin)
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r} is not supported; choose one of {OBJECTIVES}.")
     if not isinstance(data, PerturbationData):
