@@ -368,3 +368,13 @@ def test_where_selects_cells_for_fit_and_source_cells(files, tmp_path):
     assert "--where site=c: no cell has obs['site'] == 'c'; values present: 'a', 'b'" in _error_line(res)
     res = _run(["predict", tmp_path / "m", "-p", "P1", "--where", "site=a", "--out", tmp_path / "q.h5ad"])
     assert res.exit_code != 0 and "pass --source-cells too" in _error_line(res)
+
+
+def test_fit_and_predict_report_the_nested_estimator(fitted, predicted):
+    """`perturbax fit` with default flags selects the nested estimator on training conditions
+    and says what it chose; `perturbax predict` says what its intervals cover."""
+    fit = FitResult.load(fitted["dir"])
+    sel = fit.info["selection"]
+    assert f"Nested estimator: lambda={sel['lambda']:g}, cells={sel['cells']}" in fitted["output"]
+    assert fit.nested and set(fit.nested) >= {"ridge_effects", "model_effects", "scores"}
+    assert f"Nested estimator: lambda={sel['lambda']:g}, cells={sel['cells']}; intervals:" in predicted["output"]

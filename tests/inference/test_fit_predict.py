@@ -44,8 +44,10 @@ def energy_fit(sim):
 @pytest.fixture(scope="module")
 def elbo_fit(sim):
     _, _, data, split = sim
+    # the plain model (the nested estimator of the default fit is tested through energy_fit and in
+    # test_selection.py): what these tests check is the model's own prediction
     return fit("additive_shift", split.train, config=_config(data), objective="elbo", steps=STEPS, batch_size=128,
-               eval_every=100, progress=False, seed=1)
+               eval_every=100, progress=False, seed=1, select=False)
 
 
 @pytest.mark.parametrize("which", ["energy_fit", "elbo_fit"])
@@ -151,7 +153,7 @@ def test_implicit_likelihood_fits_with_the_energy_objective(sim, tmp_path):
     _, _, data, split = sim
     res = fit("additive_shift", split.train, config=_config(data, likelihood="implicit", noise_dim=2),
               objective="energy", steps=300, energy=EnergyOptions(cells_per_condition=32), eval_every=100,
-              progress=False, seed=1)
+              progress=False, seed=1)  # the default: the nested estimator
     assert "eta" not in res.global_names and np.isfinite(res.history["loss"]).all()
     assert res.history["loss"][-50:].mean() < res.history["loss"][:50].mean()
     labels = [lab for lab in split.test_labels if split.test_groups[lab] != "out-of-span"
@@ -197,7 +199,8 @@ def test_predict_is_deterministic_by_seed(elbo_fit):
 
 def test_fit_is_deterministic_by_seed(sim):
     _, _, data, split = sim
-    kw = dict(config=_config(data), objective="elbo", steps=20, batch_size=64, progress=False, patience=None, seed=5)
+    kw = dict(config=_config(data), objective="elbo", steps=20, batch_size=64, progress=False, patience=None, seed=5,
+              select=False)
     a = fit("additive_shift", split.train, **kw)
     b = fit("additive_shift", split.train, **kw)
     np.testing.assert_array_equal(a.history["loss"], b.history["loss"])
@@ -293,15 +296,16 @@ def test_load_errors(tmp_path, energy_fit):
 def test_bad_inputs(sim):
     adata, _, data, split = sim
     with pytest.raises(ValueError, match="batch_size=100000 is larger"):
-        fit("additive_shift", split.train, config=_config(data), steps=2, batch_size=100000, progress=False)
+        fit("additive_shift", split.train, config=_config(data), objective="elbo", steps=2, batch_size=100000,
+            progress=False)
     # the energy objective samples cells per condition with replacement: a large batch_size only
     # means "all conditions per step", not an error
     big = fit("additive_shift", split.train, config=_config(data), objective="energy", steps=2, batch_size=100000,
-              progress=False, patience=None)
+              progress=False, patience=None, select=False)
     assert big.info["cells_per_step"] == split.train.n_conditions * big.info["energy_options"]["cells_per_condition"]
     # ... also when a step draws more cells than there are (the model's plate must hold them)
     more = fit("additive_shift", split.train, config=_config(data), objective="energy", steps=2, batch_size=100000,
-               energy=EnergyOptions(cells_per_condition=400), progress=False, eval_every=1, patience=5)
+               energy=EnergyOptions(cells_per_condition=400), progress=False, eval_every=1, patience=5, select=False)
     assert more.info["cells_per_step"] > split.train.n_cells and np.isfinite(more.history["val_loss"]).all()
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         fit("additive_shift", split.train, config=_config(data), steps=2, batch_size=0, progress=False)
@@ -323,7 +327,7 @@ def test_nan_guard_returns_last_finite_state(sim):
     _, _, data, split = sim
     with pytest.warns(RuntimeWarning, match="last finite state"):
         res = fit("additive_shift", split.train, config=_config(data), objective="elbo", steps=400, batch_size=64,
-                  learning_rate=1e6, eval_every=20, patience=None, progress=False)
+                  learning_rate=1e6, eval_every=20, patience=None, progress=False, select=False)
     assert res.info["stop_reason"] == "nan"
     assert all(np.all(np.isfinite(np.asarray(v))) for v in __import__("jax").tree_util.tree_leaves(res.params))
 

@@ -11,7 +11,7 @@ import numpy as np
 from perturbax.baselines.base import TrainingSummary, _Fitted, _ShiftBaseline
 from perturbax.theory.holdouts import in_span_holdouts
 
-__all__ = ["LinearBaseline", "ridge_loo_scores", "ALPHA_GRID"]
+__all__ = ["LinearBaseline", "ridge_loo_scores", "ridge_solve", "ALPHA_GRID"]
 
 _UNMEASURED = ("error", "zero")
 
@@ -19,6 +19,13 @@ _UNMEASURED = ("error", "zero")
 ALPHA_GRID = (0.0, *np.round(np.logspace(-3, 2, 16), 6).tolist())
 #: Penalty used by ``alpha="cv"`` when no training condition can be held out inside the span.
 FALLBACK_ALPHA = 0.1
+
+
+def ridge_solve(L: np.ndarray, D: np.ndarray, alpha: float) -> np.ndarray:
+    """Ridge effects ``(L^T L + alpha I)^{-1} L^T D`` (``alpha=0``: minimum-norm least squares)."""
+    if alpha > 0:
+        return np.linalg.solve(L.T @ L + alpha * np.eye(L.shape[1]), L.T @ D)
+    return np.linalg.lstsq(L, D, rcond=None)[0]
 
 
 def ridge_loo_scores(L: np.ndarray, D: np.ndarray, rows: np.ndarray, alphas) -> np.ndarray:
@@ -82,7 +89,7 @@ class LinearBaseline(_ShiftBaseline):
 
     def _estimate(self, summary: TrainingSummary) -> _Fitted:
         names = summary.registry.names
-        K, G = summary.registry.K, summary.control_mean.shape[0]
+        G = summary.control_mean.shape[0]
         rows = summary.perturbed
         if rows.size == 0:
             raise ValueError(
@@ -92,10 +99,7 @@ class LinearBaseline(_ShiftBaseline):
         L = summary.design[rows]
         D = summary.deltas[rows]
         alpha, cv = self._choose_alpha(L, D, [summary.conditions[r] for r in rows])
-        if alpha > 0:
-            W = np.linalg.solve(L.T @ L + alpha * np.eye(K), L.T @ D)
-        else:
-            W = np.linalg.lstsq(L, D, rcond=None)[0]
+        W = ridge_solve(L, D, alpha)
         absent = np.flatnonzero(~summary.in_training)
         W[absent] = 0.0
         blocked = {}

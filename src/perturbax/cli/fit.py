@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-__all__ = ["fit", "fit_file", "default_objective", "cli_message", "split_list", "read_h5ad", "FiniteFloat",
+__all__ = ["fit", "fit_file", "cli_message", "split_list", "read_h5ad", "FiniteFloat",
            "check_sep", "where_option"]
 
 # Python keyword spellings in library messages -> the flags of this CLI.
@@ -129,10 +129,23 @@ def where_option(help_text: str = "Use only the cells of DATA with obs[KEY] == V
 # --- end --where ---
 
 
-def default_objective(likelihood: str) -> str:
-    """``elbo`` for the negative binomial (it has a density but cannot be sampled
-    differentiably); ``energy`` for ``gaussian`` and ``implicit``."""
-    return "elbo" if likelihood == "negative_binomial" else "energy"
+def selection_lines(sel: dict | None) -> list[str]:
+    """What the training-condition selection of the nested estimator chose, for the fit output."""
+    if not sel:
+        return []
+    out = [f"Nested estimator: lambda={sel['lambda']:g}, cells={sel['cells']}, ridge alpha={sel['alpha']:g} "
+           f"({sel['note']})"]
+    if sel.get("cv_scores"):
+        best = {(r["lambda"], r["cells"]): r["energy"] for r in sel["cv_scores"]}
+        row = ", ".join(f"{lam:g}/{mode}={e:.4g}" for (lam, mode), e in best.items())
+        out.append(f"CV energy (lambda/cells): {row}")
+    cal = sel.get("calibration", {})
+    if cal.get("calibrated"):
+        out.append(f"Intervals calibrated on {cal['n_scores']} held-out gene means; 90% factor "
+                   f"{cal['factor']['0.9']:.3g}; they cover {cal['covers']}")
+    else:
+        out.append("Intervals not calibrated (no held-out training conditions)")
+    return out
 
 
 def fit_file(
@@ -147,7 +160,7 @@ def fit_file(
     seed: int = 0,
     batch_size: int = 256,
     latent_dim: int = 10,
-    learning_rate: float = 2e-3,
+    learning_rate: float | None = None,
     layer: str | None = None,
     dose_key: str | None = None,
     sep: str = "+",
@@ -160,21 +173,25 @@ def fit_file(
     mean_weight: float = 0.0,
     overwrite: bool = False,
     where: Sequence[str] = (),
+    select: bool | None = None,
 ):
     """Read ``data_path`` (h5ad), drop the ``holdout`` conditions, fit the additive shift model
     (``model="additive"``) or the latent dynamics model (``model="dynamics"``, which needs the
     ``time_key`` column of times since the perturbation; ``time_scale`` is the time over which the
     programs relax, in the units of that column) and save it to the folder ``out``.
     ``mean_weight`` is :class:`~perturbax.inference.EnergyOptions` ``mean_weight`` (energy
-    objective only). ``where`` (``KEY=VALUE`` items) keeps only the selected cells of the file.
-    An existing non-empty ``out`` holding a saved fit is replaced only with
-    ``overwrite``; nothing is saved if the loss was not finite from the first steps.
+    objective only). ``objective``, ``learning_rate`` and ``select`` ``None``: the defaults of
+    :func:`perturbax.inference.fit` (the CLI and Python share them). ``where`` (``KEY=VALUE``
+    items) keeps only the selected cells of the file. An existing non-empty ``out`` holding a
+    saved fit is replaced only with ``overwrite``; nothing is saved if the loss was not finite
+    from the first steps.
 
     Returns ``(fit_result, data_used, held_out_labels)``. Library errors (ValueError/KeyError)
     propagate with their messages.
     """
     from perturbax.data.core import from_anndata
     from perturbax.inference.energy import EnergyOptions
+    from perturbax.inference.fitting import default_objective
     from perturbax.inference.fitting import fit as fit_model
     from perturbax.models.config import AdditiveShiftConfig
     from perturbax.models.dynamics import LatentDynamicsConfig
@@ -186,9 +203,7 @@ def fit_file(
             "--model dynamics needs the time of every cell: pass --time-key with the numeric obs column of "
             "time since the perturbation was switched on (e.g. --time-key time_h)."
         )
-    # The dynamics model defaults to the ELBO (its encoder q(z(0) | x, l, t) and the posterior over
-    # B, S are what the benchmarks validate); the additive model keeps default_objective.
-    objective = objective or ("elbo" if model == "dynamics" else default_objective(likelihood))
+    objective = objective or default_objective(MODELS[model], likelihood)
     if mean_weight and objective != "energy":
         raise ValueError(
             f"--mean-weight {mean_weight:g} weights a term of the energy objective, but the objective is {objective!r}; "
@@ -249,6 +264,7 @@ def fit_file(
         seed=seed,
         progress=progress,
         energy=EnergyOptions(mean_weight=mean_weight) if objective == "energy" else None,
+        select=select,
     )
     record = {
         "data": str(Path(data_path).resolve()),
@@ -268,7 +284,8 @@ def fit_file(
     }
     if result.info.get("stop_reason") == "nan" and not result.info.get("steps_run"):
         raise ValueError(
-            f"The loss was not finite from the first steps (--learning-rate {learning_rate:g}), so nothing was "
+            f"The loss was not finite from the first steps (--learning-rate {result.info['learning_rate']:g}), so "
+            f"nothing was "
             f"learned and nothing was saved. Try a smaller --learning-rate or a larger --batch-size, and check "
             f"the data for extreme values."
         )
@@ -298,8 +315,9 @@ def fit_file(
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the fit.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Cells per step.")
 @click.option("--latent-dim", "-d", default=10, show_default=True, type=click.IntRange(min=1), help="Latent dimension d.")
-@click.option("--learning-rate", default=2e-3, show_default=True, type=FiniteFloat(min=0, min_open=True),
-              help="Initial Adam step size (cosine-decayed).")
+@click.option("--learning-rate", default=None, type=FiniteFloat(min=0, min_open=True),
+              help="Initial Adam step size (cosine-decayed) [default: as perturbax.inference.fit: 0.002 additive, "
+                   "0.005 dynamics].")
 @click.option("--layer", default=None, help="Layer with the expression to fit (default X); e.g. counts.")
 @click.option("--dose-key", default=None, help="obs column of doses aligned with the components ('0.5+2').")
 @click.option("--sep", default="+", show_default=True, callback=check_sep,
@@ -315,12 +333,15 @@ def fit_file(
               help="Time over which the latent programs relax, in the units of --time-key (--model dynamics).")
 @click.option("--mean-weight", default=0.0, show_default=True, type=FiniteFloat(min=0),
               help="Energy objective: weight of the squared distance between simulated and real condition means "
-                   "added to the energy score; helps with hundreds of genes (1 on Norman 2019), not with tens.")
+                   "added to the energy score (experts; no benchmark supports a value other than 0).")
+@click.option("--no-select", is_flag=True,
+              help="Additive model: skip the nested estimator and its selection on training conditions "
+                   "(plain model fit; 3x faster, uncalibrated intervals).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @where_option()
 def fit(data, perturbation_key, control, out, overwrite, objective, likelihood, steps, seed, batch_size, latent_dim,
         learning_rate, layer, dose_key, sep, covariate_keys, holdout, model, time_key, time_scale, mean_weight,
-        no_progress, where):
+        no_select, no_progress, where):
     """Fit the additive latent shift model to DATA (h5ad) and save it to --out.
 
     With --model dynamics (and --time-key) the latent dynamics model is fitted instead: latent
@@ -335,10 +356,10 @@ def fit(data, perturbation_key, control, out, overwrite, objective, likelihood, 
     the fitted matrix (X or --layer).
     """
     from perturbax.cli.paths import check_outputs
-    from perturbax.inference.result import META_FILE, SAVED_FILES
+    from perturbax.inference.result import FIT_FILES
 
     check_outputs(folders={"--out": out}, inputs={"DATA": data}, overwrite=overwrite,
-                  replaceable=frozenset((META_FILE, *SAVED_FILES)))
+                  replaceable=frozenset(FIT_FILES))
     covs = split_list(covariate_keys, "covariate keys", "--covariate-keys")
     held = split_list(holdout, "held-out conditions", "--holdout")
     with warnings.catch_warnings(record=True) as caught:
@@ -350,7 +371,7 @@ def fit(data, perturbation_key, control, out, overwrite, objective, likelihood, 
                 likelihood=likelihood, steps=steps, seed=seed, batch_size=batch_size, latent_dim=latent_dim,
                 learning_rate=learning_rate, layer=layer, dose_key=dose_key, sep=sep, covariate_keys=covs,
                 holdout=held, progress=not no_progress, model=model, time_key=time_key, time_scale=time_scale,
-                mean_weight=mean_weight, overwrite=overwrite, where=where,
+                mean_weight=mean_weight, overwrite=overwrite, where=where, select=False if no_select else None,
             )
         except (ValueError, KeyError) as err:
             raise click.ClickException(cli_message(err)) from None
@@ -383,5 +404,6 @@ def fit(data, perturbation_key, control, out, overwrite, objective, likelihood, 
         last_step = int(np.asarray(result.history["val_step"])[-1])
         lines.append(f"Held-out loss: best {info['best_val_loss']:.6g} at step {info['best_step']} (the parameters "
                      f"saved), last {val[-1]:.6g} at step {last_step}")
+    lines.extend(selection_lines(info.get("selection")))
     lines.append(f"Saved to {out}")
     click.echo("\n".join(lines))

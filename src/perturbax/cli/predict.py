@@ -240,7 +240,8 @@ def predict_dir(
               help="Posterior draws of the global parameters.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the prediction.")
 @click.option("--interval", default=0.9, show_default=True,
-              type=FiniteFloat(0, 1, min_open=True, max_open=True), help="Credible level of the intervals.")
+              type=FiniteFloat(0, 1, min_open=True, max_open=True),
+              help="Level of the intervals (for a default additive fit: calibrated on held-out training conditions).")
 @click.option("--source", default=None, type=click.Choice(["control", "prior"]),
               help="Basal states: training control cells, or draws from the base distribution "
                    "[default: control; prior for the dynamics model with relaxing programs].")
@@ -318,6 +319,14 @@ def predict(model_dir, perturbations, out, summary, n_cells, num_samples, seed, 
     if meta.get("times") is not None:
         ts = list(dict.fromkeys(float(t) for t in np.asarray(meta["times"]).reshape(-1)))
         click.echo('Times (obs["time"]): ' + ", ".join(f"{t:g}" for t in ts))
+    nested = meta.get("nested")
+    if nested is not None:
+        click.echo(
+            f"Nested estimator: lambda={float(nested['lambda']):g}, cells={nested['cells']}; intervals: "
+            + (f"calibrated on held-out training conditions (factor {float(nested['interval_factor']):.3g}), they "
+               f"cover {nested['covers']}" if bool(nested["calibrated"]) else str(nested["covers"]))
+            + "."
+        )
     if fit_result.info.get("cli"):
         click.echo(f"Expression space: {space} of the training data.")
     click.echo(f"Wrote {out}")

@@ -173,9 +173,14 @@ def cells_by_condition(
     return data.cells_by_condition()
 
 
-def prediction_intervals(adata, label) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def prediction_intervals(adata, label, *, level: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(mean, lower, upper)`` per gene of one predicted perturbation in an AnnData written by
-    :func:`perturbax.inference.predict` (label in any spelling the prediction used)."""
+    :func:`perturbax.inference.predict` (label in any spelling the prediction used).
+
+    ``level``: the interval at another level than the prediction's (``None``: its own). For the
+    nested estimator's calibrated intervals (``uns["perturbax"]["nested"]``) the half-width is
+    rescaled by the ratio of the conformal factors (levels 0.5, 0.8, 0.9, 0.95 and the
+    prediction's); otherwise the equal-tailed quantiles of ``uns["mean_draws"]``."""
     meta = adata.uns.get("perturbax", {})
     labels = list(meta.get("labels", []))
     if not labels or "pred_mean" not in adata.varm:
@@ -187,7 +192,20 @@ def prediction_intervals(adata, label) -> tuple[np.ndarray, np.ndarray, np.ndarr
         raise KeyError(f"{label!r} was not predicted here.{' Did you mean ' + repr(hint) + '?' if hint else ''} "
                        f"Predicted: {labels}.")
     j = labels.index(label)
-    return tuple(np.asarray(adata.varm[k])[:, j] for k in ("pred_mean", "pred_lower", "pred_upper"))
+    mean, lower, upper = (np.asarray(adata.varm[k])[:, j] for k in ("pred_mean", "pred_lower", "pred_upper"))
+    if level is None or float(level) == float(meta.get("interval", np.nan)):
+        return mean, lower, upper
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}.")
+    nested = meta.get("nested")
+    if nested is not None:
+        factors = {float(a): float(q) for a, q in dict(nested["factors"]).items()}
+        if float(level) not in factors:
+            raise ValueError(f"level={level} is not one this calibrated prediction holds; use one of {sorted(factors)}.")
+        scale = factors[float(level)] / float(nested["interval_factor"])
+        return mean, mean - (mean - lower) * scale, mean + (upper - mean) * scale
+    draws = np.asarray(adata.uns["mean_draws"])[j]
+    return mean, np.quantile(draws, (1 - level) / 2, axis=0), np.quantile(draws, (1 + level) / 2, axis=0)
 
 
 def prediction_summary(adata) -> pd.DataFrame:

@@ -36,9 +36,27 @@ from perturbax.inference.times import training_times
 from perturbax.models.batch import Batch
 from perturbax.models.registry import BUILTIN_MODELS, uses_time
 
-__all__ = ["fit", "BUILTIN_MODELS", "DeviceData", "training_times", "data_start", "EarlyStopping", "track_held_out"]
+__all__ = ["fit", "BUILTIN_MODELS", "DeviceData", "training_times", "data_start", "EarlyStopping", "track_held_out",
+           "default_objective", "default_learning_rate", "DEFAULT_LEARNING_RATE"]
 
 OBJECTIVES = ("elbo", "energy")
+#: Initial step size of ``fit`` and ``perturbax fit`` per built-in model: the settings their benchmarks
+#: used (additive shift: the Norman runs of issue 17; latent dynamics: docs/benchmarks.md, dynamics).
+DEFAULT_LEARNING_RATE = {"additive_shift": 2e-3, "latent_dynamics": 5e-3}
+#: ... and for custom model functions (the earlier default of ``fit``).
+CUSTOM_LEARNING_RATE = 5e-3
+
+
+def default_learning_rate(model_name: str | None) -> float:
+    """The initial step size of ``fit(learning_rate=None)`` and ``perturbax fit`` for a model."""
+    return DEFAULT_LEARNING_RATE.get(model_name, CUSTOM_LEARNING_RATE)
+
+
+def default_objective(model_name: str | None, likelihood: str) -> str:
+    """The objective of ``fit(objective=None)`` and ``perturbax fit``: ``"elbo"`` for the latent
+    dynamics model (what its benchmarks validate) and for the negative binomial (a density that
+    cannot be sampled differentiably); ``"energy"`` otherwise (gaussian and implicit)."""
+    return "elbo" if model_name == "latent_dynamics" or likelihood == "negative_binomial" else "energy"
 
 
 class DeviceData(NamedTuple):
@@ -276,10 +294,10 @@ def fit(
     data: PerturbationData,
     *,
     config: Any = None,
-    objective: str = "elbo",
+    objective: str | None = None,
     steps: int = 2000,
     batch_size: int = 256,
-    learning_rate: float = 5e-3,
+    learning_rate: float | None = None,
     seed: int = 0,
     guide: Callable | None = None,
     global_guide: str = "lowrank",
@@ -290,6 +308,7 @@ def fit(
     progress: bool = True,
     init_params: Mapping[str, Any] | FitResult | None = None,
     data_init: bool | None = None,
+    select: bool | None = None,
 ) -> FitResult:
     """Fit a model to perturbed cells by stochastic variational inference.
 
@@ -308,13 +327,16 @@ def fit(
         Model configuration (default: :class:`~perturbax.models.AdditiveShiftConfig` or
         :class:`~perturbax.models.LatentDynamicsConfig` sized to ``data``).
     objective
-        ``"elbo"`` (amortised encoder q(z_base | x, l) -- for models of time q(z(0) | x, l, t) --
-        + a posterior over the global sites) or ``"energy"`` (PDAE's energy score with a
-        generalised-Bayes posterior over the globals; for models of time each (condition, time)
-        context is one group, simulated at its own time from the basal states of other groups).
+        ``None`` (default): :func:`default_objective` (energy for the additive shift model with
+        gaussian or implicit likelihood; the CLI's default too). ``"elbo"`` (amortised encoder
+        q(z_base | x, l) -- for models of time q(z(0) | x, l, t) -- + a posterior over the global
+        sites) or ``"energy"`` (PDAE's energy score with a generalised-Bayes posterior over the
+        globals; for models of time each (condition, time) context is one group, simulated at its
+        own time from the basal states of other groups).
     steps, batch_size, learning_rate
         Optimiser steps (Adam with gradient clipping), cells per step, and the initial step size
-        (cosine-decayed to 5% over ``steps``).
+        (cosine-decayed to 5% over ``steps``; ``None``: :func:`default_learning_rate`, 2e-3 for
+        the additive shift model, 5e-3 for latent dynamics and custom models).
     guide
         A custom guide with the model's signature (default: :func:`make_guide`).
     global_guide
@@ -344,7 +366,20 @@ def fit(
         Gaussian noise at each gene's SD (:func:`data_start`; ``info["data_init"]`` lists the
         sites set). ``None`` (default): on for ``objective="energy"``, off for the ELBO.
         ``init_params`` takes precedence where both set a site.
+    select
+        The nested estimator with settings chosen on training conditions
+        (:mod:`perturbax.inference.selection`): the prediction's mean is the ridge baseline's
+        plus ``lambda`` x the model's nonlinear remainder, ``lambda`` and the cell mode chosen by
+        in-span CV over the training conditions (two extra fits with these settings), intervals
+        calibrated on the held-out ones; ``info["selection"]`` says what was chosen.
+        ``None`` (default): on for ``"additive_shift"`` with a gaussian or implicit likelihood
+        (and ``init_params`` not given); ``False``: the plain model fit.
     """
+    builtin = model if isinstance(model, str) else next((k for k, (f, _) in BUILTIN_MODELS.items() if f is model), None)
+    if objective is None:
+        objective = default_objective(builtin, getattr(config, "likelihood", "gaussian"))
+    if learning_rate is None:
+        learning_rate = default_learning_rate(builtin)
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r} is not supported; choose one of {OBJECTIVES}.")
     if not isinstance(data, PerturbationData):
@@ -365,6 +400,25 @@ def fit(
     if data.control_index is None:
         raise ValueError(f"The training data have no control cells ({data.control!r}); predictions start from them.")
     timed = uses_time(config)
+    eligible = name == "additive_shift" and likelihood != "negative_binomial" and not timed
+    if select is None:
+        select = eligible and init_params is None
+    if select:  # the nested estimator: CV fits and the final fit are this function with select=False
+        if not eligible:
+            raise ValueError(
+                f"select=True needs the additive_shift model with a gaussian or implicit likelihood (got model "
+                f"{name!r}, likelihood {likelihood!r}); pass select=False."
+            )
+        from functools import partial
+
+        from perturbax.inference.selection import fit_with_selection
+
+        plain = partial(fit, model, config=config, objective=objective, steps=steps, batch_size=batch_size,
+                        learning_rate=learning_rate, seed=seed, guide=guide, global_guide=global_guide,
+                        energy=energy, validation_fraction=validation_fraction, eval_every=eval_every,
+                        patience=patience, progress=progress, init_params=init_params, data_init=data_init,
+                        select=False)
+        return fit_with_selection(plain, data, seed=seed)
     time_info: dict[str, Any] = {}
     if timed:
         uniq = training_times(data, name)

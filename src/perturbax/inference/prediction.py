@@ -22,6 +22,14 @@ its posterior mean and equal-tailed credible interval come from the draws. The i
 carry the posterior uncertainty of the global sites (W, ...) and of the basal population; they
 do not carry the error of the decoder, which is a point estimate.
 
+Fits with the nested estimator (the default of ``fit("additive_shift", ...)``; ``fit.nested``
+non-empty): the per-draw means become ``control mean + l W_ridge + lambda * (model remainder)``,
+the cells are re-centred on that mean (generated cells or training control cells, as selected),
+and the intervals are ``mean +- q sigma`` with the conformal factor ``q`` calibrated on held-out
+training conditions; they aim to cover the observed mean of ``n_ref`` cells of the condition
+(:mod:`perturbax.inference.selection`; ``uns["perturbax"]["nested"]`` says what was applied).
+Not applied to ``source=<observed cells>`` or models of time.
+
 Output AnnData (same genes and expression space as the training ``X``):
 
 - ``X``: predicted cells; ``obs[perturbation_key]``: label; ``obs["draw"]``: posterior draw used;
@@ -443,6 +451,13 @@ def predict(
             all_latent.append(np.asarray(latents))
     mean_draws = np.stack(all_means).astype(np.float64)  # (columns, S, G)
     lo_q, hi_q = (1 - interval) / 2, (1 + interval) / 2
+    bounds, nested_notes = None, None
+    if fit.nested and not timed and not moved:  # the nested estimator (perturbax.inference.selection)
+        from perturbax.inference.selection import nested_prediction
+
+        mean_draws, all_cells, lower, upper, nested_notes = nested_prediction(
+            fit, vecs, mean_draws, all_cells, interval, seed)
+        bounds = (lower.T, upper.T)
     draw_idx = np.repeat(np.arange(num_samples), per_draw)[:n_cells]
     meta = {
         "labels": list(labels),
@@ -455,13 +470,15 @@ def predict(
     }
     if moved:
         meta["source_cells"] = n_src
+    if nested_notes is not None:
+        meta["nested"] = nested_notes
     uns = {"perturbax": meta, "mean_draws": mean_draws.astype(np.float32)}
     if all_latent:
         uns["latent_mean_draws"] = np.stack(all_latent).astype(np.float32)  # (columns, S, d)
     varm = {
         "pred_mean": mean_draws.mean(1).T,
-        "pred_lower": np.quantile(mean_draws, lo_q, axis=1).T,
-        "pred_upper": np.quantile(mean_draws, hi_q, axis=1).T,
+        "pred_lower": np.quantile(mean_draws, lo_q, axis=1).T if bounds is None else bounds[0],
+        "pred_upper": np.quantile(mean_draws, hi_q, axis=1).T if bounds is None else bounds[1],
     }
     if not timed:
         return predictions_to_anndata(

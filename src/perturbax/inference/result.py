@@ -8,6 +8,8 @@ A saved fit is a folder::
     params.npz    fitted parameters (one array per leaf of the parameter pytree)
     basal.npz     basal states of the training control cells (prediction sources)
     history.npz   loss curves
+    nested.npz    (fits with the nested estimator only) its arrays, see
+                  :mod:`perturbax.inference.selection`; what was selected is in ``info["selection"]``
 
 :meth:`FitResult.save` writes the folder beside its destination and renames it into place, so an
 interrupted save leaves the destination as it was.
@@ -85,7 +87,11 @@ class FitResult:
     info
         Settings and run facts (seed, steps run, stop reason, timings; for models of time also
         ``"times"``, the distinct training times, ``"time_key"`` and ``"contexts"``, the
-        (condition, time) context check of :func:`perturbax.theory.count_contexts`).
+        (condition, time) context check of :func:`perturbax.theory.count_contexts`); with the
+        nested estimator ``"selection"``: what the training-condition CV chose and scored.
+    nested
+        Arrays of the nested estimator (:mod:`perturbax.inference.selection`; empty without it).
+        :func:`~perturbax.inference.predict` applies it when present.
     """
 
     model_name: str
@@ -105,6 +111,7 @@ class FitResult:
     basal: dict[str, np.ndarray]
     history: dict[str, np.ndarray]
     info: dict[str, Any] = field(default_factory=dict)
+    nested: dict[str, np.ndarray] = field(default_factory=dict)
     version: str = __version__
 
     # ------------------------------------------------------------------ build
@@ -245,7 +252,10 @@ class FitResult:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
         try:
             files = {}
-            for name, arrays in (("params.npz", flat), ("basal.npz", self.basal), ("history.npz", self.history)):
+            saved = [("params.npz", flat), ("basal.npz", self.basal), ("history.npz", self.history)]
+            if self.nested:
+                saved.append((NESTED_FILE, self.nested))
+            for name, arrays in saved:
                 np.savez(tmp / name, **arrays)
                 files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
             meta["files"] = files
@@ -298,6 +308,7 @@ class FitResult:
         _check_meta(meta, meta_file)
         headers = {name: _verified_npz(path, name, meta["files"]) for name in SAVED_FILES}
         _check_arrays(meta, headers, path)
+        nested_shapes = _check_nested(meta, path, meta_file)
         name = meta["model_name"]
         if model is None:
             if name not in BUILTIN_MODELS:
@@ -314,6 +325,7 @@ class FitResult:
         _check_config_sizes(config, meta, headers, path)
         try:
             flat, basal, history = ({k: v for k, v in _read_npz(path / n).items()} for n in SAVED_FILES)
+            nested = _read_npz(path / NESTED_FILE) if nested_shapes is not None else {}
         except Exception as err:  # zipfile/format errors of a damaged file
             raise ValueError(f"{path} is corrupted ({type(err).__name__}: {_short(err, 200)}). Re-save the fit.") from None
 
@@ -360,6 +372,7 @@ class FitResult:
             basal=basal,
             history=history,
             info=meta.get("info", {}),
+            nested=nested,
             version=meta.get("perturbax_version", "unknown"),
         )
 
@@ -426,6 +439,9 @@ def _encode(model, guide, params, config, data: PerturbationData, cells: np.ndar
 # ------------------------------------------------------------------ safe save / load helpers
 META_FILE = "meta.json"
 SAVED_FILES = ("params.npz", "basal.npz", "history.npz")
+NESTED_FILE = "nested.npz"  # saved only by fits with the nested estimator
+#: Every file a saved fit folder may hold.
+FIT_FILES = (META_FILE, *SAVED_FILES, NESTED_FILE)
 MAX_META_BYTES = 256 * 2**20  # gene names, design and settings; far above any real fit
 MAX_META_DEPTH = 32
 _NUMERIC_KINDS = "biuf"
@@ -464,7 +480,7 @@ def _check_replaceable(path: Path, overwrite: bool) -> None:
     entries = sorted(p.name for p in path.iterdir())
     if not entries:
         return
-    foreign = [e for e in entries if e not in (*SAVED_FILES, META_FILE)]
+    foreign = [e for e in entries if e not in FIT_FILES]
     if foreign:
         raise ValueError(
             f"{path} holds files that are not a saved fit (e.g. {foreign[0]!r}); save to a new or empty folder."
@@ -623,6 +639,24 @@ def _check_arrays(meta: dict, headers: dict, path: Path) -> None:
         )
     if not all(len(s) == 1 for s, _ in history.values()) or "loss" not in history:
         raise ValueError(f"{path} is corrupted: history.npz must hold 1-D loss curves. Re-save the fit.")
+
+
+def _check_nested(meta: dict, path: Path, meta_file: Path) -> dict | None:
+    """Shapes of ``nested.npz`` when ``meta.json`` records it (checked against the genes,
+    perturbations and ``info["selection"]``), else ``None``."""
+    rec = meta["files"].get(NESTED_FILE)
+    if rec is None:
+        return None
+    if not (isinstance(rec, dict) and _is_int(rec.get("bytes")) and isinstance(rec.get("sha256"), str)):
+        raise ValueError(f"{meta_file} is malformed: files.{NESTED_FILE} must be {{bytes, sha256}}. Re-save the fit.")
+    from perturbax.inference.selection import check_nested_arrays
+
+    headers = _verified_npz(path, NESTED_FILE, meta["files"])
+    why = check_nested_arrays({k: s for k, (s, _) in headers.items()}, meta.get("info", {}).get("selection"),
+                              len(meta["gene_names"]), len(meta["registry"]["names"]))
+    if why:
+        raise ValueError(f"{path} is corrupted: {why}. Re-save the fit.")
+    return headers
 
 
 def _check_config_sizes(config, meta: dict, headers: dict, path: Path) -> None:

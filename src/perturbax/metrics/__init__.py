@@ -13,7 +13,7 @@ from perturbax.metrics.distances import (
 )
 from perturbax.metrics.evaluate import PCAProjector, evaluate_conditions, summarize
 from perturbax.metrics.expression import mse_means, pearson_delta, r2_means, top_de_genes
-from perturbax.metrics.intervals import interval_coverage, interval_width
+from perturbax.metrics.intervals import interval_coverage, interval_width, reliability
 from perturbax.metrics.latent import linear_r2, mcc, procrustes_r2
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "pearson_delta",
     "procrustes_r2",
     "r2_means",
+    "reliability",
     "summarize",
     "top_de_genes",
 ]

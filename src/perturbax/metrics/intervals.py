@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["interval_coverage", "interval_width"]
+__all__ = ["interval_coverage", "interval_width", "reliability"]
 
 
 def _as_float(a, name: str) -> np.ndarray:
@@ -66,3 +66,18 @@ def interval_width(lower, upper) -> float:
     """Mean width ``mean(upper - lower)`` of the intervals (same shapes, ``lower <= upper``)."""
     lo, hi = _check_bounds(lower, upper)
     return float(np.mean(hi - lo))
+
+
+def reliability(intervals, truth) -> dict[float, float]:
+    """Empirical coverage at each nominal level: ``{level: interval_coverage(lower, upper, truth)}``
+    for ``intervals = {level: (lower, upper)}`` (levels in (0, 1), sorted in the result); the data
+    of a reliability diagram (:func:`perturbax.plotting.plot_reliability`)."""
+    out = {}
+    for level in sorted(intervals):
+        if not 0 < float(level) < 1:
+            raise ValueError(f"Nominal levels must be in (0, 1), got {level!r}.")
+        lower, upper = intervals[level]
+        out[float(level)] = interval_coverage(lower, upper, truth)
+    if not out:
+        raise ValueError("intervals is empty; pass {level: (lower, upper)} for at least one level.")
+    return out

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-__all__ = ["plot_predicted_vs_observed", "plot_gene_intervals"]
+__all__ = ["plot_predicted_vs_observed", "plot_gene_intervals", "plot_reliability"]
 
 
 def _check(mean, lower, upper, observed=None):
@@ -83,4 +83,34 @@ def plot_gene_intervals(
     if title:
         ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
+    return ax
+
+
+def plot_reliability(intervals, truth, *, ax=None, label: str | None = None, title: str | None = None):
+    """Reliability diagram: nominal level (x) against the fraction of ``truth`` inside the
+    intervals of that level (y), with the diagonal of perfect calibration.
+
+    ``intervals``: ``{level: (lower, upper)}`` (e.g. from
+    :func:`perturbax.data.prediction_intervals` with ``level=`` 0.5, 0.8, 0.9, 0.95), arrays shaped
+    like ``truth`` (e.g. observed means of the top DE genes). The coverages are
+    :func:`perturbax.metrics.reliability`; the curve's data (``ax.lines[-1].get_xydata()``) are
+    exactly those numbers.
+    """
+    from perturbax.metrics.intervals import reliability
+
+    cov = reliability(intervals, truth)
+    ax = ax or plt.subplots(figsize=(3.6, 3.6))[1]
+    ax.plot([0, 1], [0, 1], color="0.5", lw=0.8, ls="--", zorder=0)
+    levels = list(cov)
+    ax.plot(levels, [cov[a] for a in levels], "o-", ms=4, label=label)
+    for a in levels:
+        ax.annotate(f"{cov[a]:.2f}", (a, cov[a]), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("nominal coverage")
+    ax.set_ylabel("empirical coverage")
+    if title:
+        ax.set_title(title, fontsize=10)
+    if label:
+        ax.legend(fontsize=7, loc="upper left")
     return ax

@@ -1,0 +1,375 @@
+"""The nested estimator of the additive-shift model, chosen and calibrated on training conditions.
+
+**Nested mean.** With ``W_ridge`` the ridge effects of the linear baseline (condition means on
+labels, penalty chosen by in-span leave-one-condition-out CV; :class:`LinearBaseline`), ``m(l)``
+the fitted model's mean expression under label ``l`` (averaged over the control basal states),
+``m_0 = m(0)`` and ``W_model`` the ridge effects (same penalty) of the model's own training
+condition changes ``m(l_c) - m_0``, the predicted mean of a label ``l`` is
+
+    mean(l) = control_mean + l W_ridge + lambda * [m(l) - m_0 - l W_model]
+
+``lambda = 0`` is exactly the ridge baseline's mean; ``lambda = 1`` is the model's mean with its
+residual on the training condition means ridge-corrected (``m(l) + R_0 + l R``, ``R`` the ridge
+fit of the observed-minus-model training means). The bracket is the model's nonlinear
+remainder: what its decoder predicts beyond its own linear part (interactions of combined
+perturbations carried by the shared decoder). The prediction depends on ``l`` only through
+additive terms -- ``l W_ridge`` and ``l W_model`` in gene space, ``W l`` in the latent space of
+``m`` -- so the span checks of :mod:`perturbax.theory` hold for it: what is identified is the
+linear path on the row space of the training labels, and the remainder through the latent shifts
+``W l`` (identified on the same span).
+
+**Cells.** Predicted cells carry the nested mean; their spread and shape come either from the
+model's generated cells, re-centred (``"generated"``), or from the training control cells
+(``"control"``, the baselines' way).
+
+**Selection** (:func:`fit_with_selection`, the default of ``fit("additive_shift", ...)`` for
+gaussian/implicit likelihoods): two in-span cross-validation folds over the *training*
+conditions (:func:`in_span_folds`), one model fit per fold, and ``lambda`` (``LAMBDA_GRID``) and
+the cell mode chosen by the mean energy distance (U-statistic, 50 PCs of the fold's training
+cells) between predicted and held-out training cells. Energy distance, not the squared error of
+the means, because the cell mode changes the distribution and not the mean; the energy distance
+is dominated by the mean shift, so it also judges ``lambda``.
+
+**Calibration.** Intervals of per-gene means are ``mean +- q * sigma`` with
+``sigma^2 = (posterior variance of the nested mean) + (pooled within-condition variance) / n_ref``
+(``n_ref``: median cells of a perturbed training condition), so they aim to cover the *observed
+mean of n_ref cells* of the condition. ``q`` is the conformal quantile of
+``|observed - predicted| / sigma`` over the top-``CALIBRATION_GENES`` DE genes of the held-out
+training conditions of the CV folds; without held-out conditions ``q`` is the normal quantile
+(not calibrated, said so in the prediction).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from scipy.stats import norm
+
+from perturbax.baselines.base import summarize_training
+from perturbax.baselines.linear import LinearBaseline, ridge_solve
+from perturbax.data.core import PerturbationData
+from perturbax.inference.result import NESTED_FILE
+from perturbax.theory.holdouts import in_span_holdouts, label_leverage
+
+__all__ = [
+    "LAMBDA_GRID",
+    "CELL_MODES",
+    "CALIBRATION_GENES",
+    "in_span_folds",
+    "nested_path",
+    "nested_columns",
+    "conformal_quantile",
+    "fit_with_selection",
+    "check_nested_arrays",
+    "nested_prediction",
+]
+
+LAMBDA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+CELL_MODES = ("generated", "control")
+#: DE genes per held-out condition whose errors calibrate the intervals.
+CALIBRATION_GENES = 50
+#: Interval levels whose factors a fit and a prediction report (reliability diagrams).
+REPORTED_LEVELS = (0.5, 0.8, 0.9, 0.95)
+#: Without held-out training conditions (no in-span CV possible): the ridge mean with control cells.
+FALLBACK = {"lambda": 0.0, "cells": "control"}
+#: Control cells kept in a fit for the ``"control"`` cell mode (a random subset beyond this).
+MAX_CONTROL_CELLS = 2000
+#: Posterior draws and predicted cells per condition used inside the selection.
+CV_DRAWS, CV_CELLS, CV_PCS = 30, 300, 50
+NESTED_KEYS = ("control_mean", "ridge_effects", "model_control", "model_effects", "control_cells", "cell_var",
+               "scores")
+
+
+def in_span_folds(design: np.ndarray, n_folds: int = 2, max_fraction: float = 1 / 6) -> list[np.ndarray]:
+    """Disjoint sets of training conditions (row indices of ``design``) to hold out, one per fold.
+
+    Each set stays in the span of the rows left in training when it is held out, so a fold tests
+    in-span prediction as the use case does. Candidates are the rows of
+    :func:`~perturbax.theory.holdouts.in_span_holdouts`, combinations (two or more nonzero
+    entries) only when there are any; they are taken greedily, lowest
+    :func:`~perturbax.theory.holdouts.label_leverage` first (the best supported), while the held-out
+    set stays in the span of the rest; at most ``max(1, max_fraction * perturbed rows)`` per
+    fold. Returns fewer (possibly no) folds when there are not enough candidates.
+    """
+    D = np.asarray(design, dtype=np.float64)
+    cand = in_span_holdouts(D)
+    combos = cand[np.count_nonzero(D[cand], axis=1) >= 2]
+    if combos.size:
+        cand = combos
+    if cand.size == 0:
+        return []
+    lev = label_leverage(D)
+    order = cand[np.argsort(lev[cand], kind="stable")]
+    n_pert = int(np.count_nonzero(np.any(D != 0, axis=1)))
+    cap = max(1, min(int(max_fraction * n_pert), math.ceil(order.size / n_folds)))
+    used: set[int] = set()
+    folds = []
+    for _ in range(n_folds):
+        held: list[int] = []
+        for j in order:
+            if j in used or len(held) >= cap:
+                continue
+            trial = held + [int(j)]
+            rest = np.setdiff1d(np.arange(D.shape[0]), trial)
+            if np.linalg.matrix_rank(D[rest]) == np.linalg.matrix_rank(np.vstack([D[rest], D[trial]])):
+                held = trial
+        if not held:
+            break
+        used.update(held)
+        folds.append(np.asarray(sorted(held)))
+    return folds
+
+
+def _model_means(fit_result, labels: list[str], seed: int) -> np.ndarray:
+    """Posterior-mean expression ``(C, G)`` of the fitted model (no nested path) for ``labels``."""
+    from perturbax.inference.prediction import predict
+
+    pr = predict(fit_result, labels, n_cells=1, num_samples=CV_DRAWS, seed=seed, bootstrap=False)
+    order = [list(pr.uns["perturbax"]["labels"]).index(lab) for lab in labels]
+    return np.asarray(pr.varm["pred_mean"], dtype=np.float64).T[order]
+
+
+def nested_path(fit_result, data: PerturbationData, *, seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The arrays of the nested mean (module docstring) for a model fitted to ``data`` (its
+    training cells): ``(arrays, facts)`` with the ridge penalty and ``n_ref`` in ``facts``."""
+    summary = summarize_training(data)
+    lin = LinearBaseline(alpha="cv", unmeasured="zero").fit(data)
+    alpha = float(lin.fitted.info["alpha"])
+    conds = list(summary.conditions)
+    ci = conds.index(data.control)
+    M = _model_means(fit_result, conds, seed)
+    rows = summary.perturbed
+    L = summary.design[rows]
+    W_model = ridge_solve(L, M[rows] - M[ci], alpha)
+    W_model[~summary.in_training] = 0.0
+    # pooled within-condition variance of each gene (sampling noise of a condition mean)
+    ss, dof = np.zeros(data.n_genes), 0
+    for cells in data.cells_by_condition().values():
+        if cells.shape[0] > 1:
+            ss += cells.astype(np.float64).var(0, ddof=1) * (cells.shape[0] - 1)
+            dof += cells.shape[0] - 1
+    ctrl = summary.control_cells
+    if ctrl.shape[0] > MAX_CONTROL_CELLS:
+        ctrl = ctrl[np.sort(np.random.default_rng(seed).choice(ctrl.shape[0], MAX_CONTROL_CELLS, replace=False))]
+    arrays = {
+        "control_mean": summary.control_mean,
+        "ridge_effects": np.asarray(lin.fitted.effects, dtype=np.float64),
+        "model_control": M[ci],
+        "model_effects": W_model,
+        "control_cells": np.asarray(ctrl, dtype=np.float32),
+        "cell_var": ss / max(dof, 1),
+        "scores": np.zeros(0),
+    }
+    n_ref = float(np.median(summary.n_cells[rows])) if rows.size else float(summary.n_cells[ci])
+    return arrays, {"alpha": alpha, "n_ref": n_ref}
+
+
+def nested_columns(arrays, lam: float, mode: str, vecs: np.ndarray, mean_draws: np.ndarray,
+                   cells: list[np.ndarray], n_ref: float, rng: np.random.Generator):
+    """Apply the nested estimator to a raw model prediction.
+
+    ``vecs`` ``(C, K)`` labels, ``mean_draws`` ``(C, S, G)`` the model's per-draw means, ``cells``
+    its cells per column. The cells of each column are re-centred on its nested mean: the model's
+    generated cells (``"generated"``) or training control cells drawn at random (``"control"``).
+    Returns ``(draws (C, S, G), cells, sigma (C, G))``; ``sigma`` is the
+    interval scale of the module docstring.
+    """
+    vecs = np.asarray(vecs, dtype=np.float64)
+    ridge = arrays["control_mean"] + vecs @ arrays["ridge_effects"]  # (C, G)
+    remainder = mean_draws - arrays["model_control"] - (vecs @ arrays["model_effects"])[:, None]
+    draws = ridge[:, None] + lam * remainder
+    mean = draws.mean(1)
+    ctrl = arrays["control_cells"]
+    out = []
+    for i, x in enumerate(cells):
+        if mode == "generated":
+            base = x.astype(np.float64)
+        else:
+            n0 = ctrl.shape[0]  # every control cell once before any is used again (no duplicates)
+            idx = np.concatenate([rng.permutation(n0) for _ in range(-(-x.shape[0] // n0))])[: x.shape[0]]
+            base = ctrl[idx].astype(np.float64)
+        out.append((base - base.mean(0) + mean[i]).astype(np.float32))  # re-centred on the nested mean
+    sigma = np.sqrt(draws.var(1) + arrays["cell_var"] / n_ref)
+    return draws, out, sigma
+
+
+def conformal_quantile(scores: np.ndarray, level: float) -> float | None:
+    """Split-conformal quantile of ``scores`` at ``level``: the ``ceil((m + 1) level)``-th smallest
+    (the largest when that exceeds ``m``); ``None`` without scores."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    if s.size == 0:
+        return None
+    k = min(math.ceil((s.size + 1) * level), s.size)
+    return float(s[k - 1])
+
+
+def interval_factor(arrays, level: float) -> tuple[float, bool]:
+    """``(q, calibrated)``: the conformal factor at ``level``, or the normal quantile if there are no
+    calibration scores."""
+    q = conformal_quantile(arrays["scores"], level)
+    return (q, True) if q is not None else (float(norm.ppf(0.5 + level / 2)), False)
+
+
+def nested_prediction(fit_result, vecs: np.ndarray, mean_draws: np.ndarray, cells: list[np.ndarray],
+                      interval: float, seed: int):
+    """What :func:`~perturbax.inference.predict` returns for a fit with the nested estimator:
+    ``(draws (C, S, G), cells, lower (C, G), upper (C, G), notes)``."""
+    sel = fit_result.info["selection"]
+    arrays = fit_result.nested
+    draws, new, sigma = nested_columns(arrays, float(sel["lambda"]), sel["cells"], vecs, mean_draws, cells,
+                                       float(sel["n_ref"]), np.random.default_rng([int(seed), 17]))
+    q, calibrated = interval_factor(arrays, interval)
+    mean = draws.mean(1)
+    notes = {
+        "estimator": "nested: ridge linear path + lambda x the model's nonlinear remainder",
+        "lambda": float(sel["lambda"]),
+        "cells": sel["cells"],
+        "interval_factor": q,
+        "calibrated": calibrated,
+        "factors": {str(a): interval_factor(arrays, a)[0] for a in REPORTED_LEVELS} | {str(interval): q},
+        "covers": sel["calibration"]["covers"] if calibrated else
+        "not calibrated (no held-out training conditions): normal quantile of the posterior and cell-sampling SD",
+    }
+    return draws, new, mean - q * sigma, mean + q * sigma, notes
+
+
+def _energy_pcs(train: PerturbationData, seed: int):
+    from perturbax.metrics.evaluate import PCAProjector
+
+    n = train.n_cells
+    idx = np.arange(n) if n <= 5000 else np.sort(np.random.default_rng(seed).choice(n, 5000, replace=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return PCAProjector.fit(train.dense(idx), n_components=min(CV_PCS, train.n_genes))
+
+
+def fit_with_selection(fit_fn: Callable[[PerturbationData], Any], data: PerturbationData, *, seed: int = 0):
+    """Fit with the nested estimator, ``lambda`` and the cell mode chosen by in-span CV over the
+    training conditions, intervals calibrated on the held-out ones (module docstring).
+
+    ``fit_fn(data)`` fits the model without selection (the same settings for every fold). Cost:
+    one fit per fold (two folds) plus the final fit. The returned ``FitResult`` carries the
+    nested arrays in ``nested`` and what was chosen, the CV scores and the calibration in
+    ``info["selection"]``.
+    """
+    import dataclasses
+
+    from perturbax.inference.prediction import predict
+    from perturbax.metrics.distances import energy_distance
+    from perturbax.metrics.expression import top_de_genes
+
+    t0 = time.perf_counter()
+    summary = summarize_training(data)
+    folds = in_span_folds(summary.design)
+    scores = {(lam, mode): [] for lam in LAMBDA_GRID for mode in CELL_MODES}
+    calib = {lam: [] for lam in LAMBDA_GRID}
+    held_names, skipped = [], []
+    for f, rows in enumerate(folds):
+        labels = [summary.conditions[r] for r in rows]
+        held_names.append(labels)
+        train = data.select(labels, exclude=True)
+        res = fit_fn(train)
+        if res.info.get("stop_reason") == "nan":  # a diverged CV fit says nothing about the settings
+            skipped.append(labels)
+            continue
+        arrays, facts = nested_path(res, train, seed=seed)
+        # (as many cells as control cells, at most CV_CELLS: the control mode then repeats none,
+        # which would bias the U-statistic energy distance upwards)
+        n_cells = min(CV_CELLS, arrays["control_cells"].shape[0])
+        pr = predict(res, labels, n_cells=n_cells, num_samples=CV_DRAWS, seed=seed + 1)
+        meta_labels = list(pr.uns["perturbax"]["labels"])
+        obs_lab = pr.obs[res.perturbation_key].astype(str).to_numpy()
+        X = np.asarray(pr.X)
+        cells = [X[obs_lab == lab] for lab in meta_labels]
+        vecs = np.stack([data.registry.encode(lab) for lab in meta_labels])
+        mean_draws = np.asarray(pr.uns["mean_draws"], dtype=np.float64)
+        pcs = _energy_pcs(train, seed)
+        truth = {lab: data.dense(np.flatnonzero(data.env == data.condition_index(lab))) for lab in meta_labels}
+        truth_pc = {lab: pcs.transform(v) for lab, v in truth.items()}
+        for lam in LAMBDA_GRID:
+            for mode in CELL_MODES:
+                draws, new, sigma = nested_columns(arrays, lam, mode, vecs, mean_draws, cells, facts["n_ref"],
+                                                   np.random.default_rng(seed + f))
+                for i, lab in enumerate(meta_labels):
+                    scores[(lam, mode)].append(energy_distance(pcs.transform(new[i]), truth_pc[lab]))
+                if mode == CELL_MODES[0]:
+                    for i, lab in enumerate(meta_labels):
+                        obs = truth[lab].astype(np.float64).mean(0)
+                        genes = top_de_genes(obs, arrays["control_mean"], min(CALIBRATION_GENES, data.n_genes))
+                        sig = np.sqrt(draws[i].var(0) + arrays["cell_var"] / truth[lab].shape[0])
+                        calib[lam].extend((np.abs(obs - draws[i].mean(0)) / np.maximum(sig, 1e-12))[genes].tolist())
+    cv_seconds = time.perf_counter() - t0
+    folds = [f for f, labels in zip(folds, held_names) if labels not in skipped]
+    held_names = [labels for labels in held_names if labels not in skipped]
+    if folds:
+        mean_scores = {k: float(np.mean(v)) for k, v in scores.items()}
+        lam, mode = min(mean_scores, key=mean_scores.get)
+        note = (f"in-span CV over the training conditions: {len(folds)} fold(s) holding out "
+                f"{sum(len(h) for h in held_names)} condition(s) inside the span of the rest"
+                + (f"; fold(s) {skipped} skipped (the CV fit diverged)" if skipped else ""))
+    else:
+        mean_scores = {}
+        lam, mode = FALLBACK["lambda"], FALLBACK["cells"]
+        note = ("no training condition can be held out inside the span of the others (e.g. singles only), so "
+                "nothing was cross-validated: used lambda=0 (the ridge baseline's mean) with control cells, "
+                "and the intervals are not calibrated")
+        if skipped:
+            note = (f"the CV fits diverged (non-finite loss) on every fold ({skipped}), so nothing was "
+                    f"cross-validated: used lambda=0 (the ridge baseline's mean) with control cells, and the "
+                    f"intervals are not calibrated")
+    res = fit_fn(data)
+    arrays, facts = nested_path(res, data, seed=seed)
+    arrays["scores"] = np.sort(np.asarray(calib.get(lam, []), dtype=np.float64))
+    selection = {
+        "lambda": float(lam),
+        "cells": mode,
+        "alpha": facts["alpha"],
+        "n_ref": facts["n_ref"],
+        "criterion": "mean energy distance (U-statistic, 50 PCs of the fold's training cells) over held-out "
+                     "training conditions",
+        "note": note,
+        "held_out": held_names,
+        "cv_scores": [{"lambda": k[0], "cells": k[1], "energy": v} for k, v in mean_scores.items()],
+        "calibration": {
+            "n_scores": int(arrays["scores"].size),
+            "genes_per_condition": CALIBRATION_GENES,
+            "factor": {str(a): interval_factor(arrays, a)[0] for a in REPORTED_LEVELS},
+            "calibrated": bool(arrays["scores"].size),
+            "covers": f"the observed mean of {facts['n_ref']:g} cells (median cells per training condition)",
+        },
+        "cv_seconds": cv_seconds,
+    }
+    return dataclasses.replace(res, nested=arrays, info={**res.info, "selection": selection})
+
+
+def check_nested_arrays(shapes: dict[str, tuple[int, ...]], selection: Any, n_genes: int, K: int) -> str | None:
+    """Why the saved nested arrays (``{name: shape}``) or ``info["selection"]`` do not fit a model
+    of ``n_genes`` genes and ``K`` perturbations, or ``None`` if they do."""
+    G = n_genes
+    if set(shapes) != set(NESTED_KEYS):
+        return f"{NESTED_FILE} must hold {list(NESTED_KEYS)}, got {sorted(shapes)}"
+    want = {"control_mean": (G,), "ridge_effects": (K, G), "model_control": (G,), "model_effects": (K, G),
+            "cell_var": (G,)}
+    for k, s in want.items():
+        if tuple(shapes[k]) != s:
+            return f"{NESTED_FILE}: {k} has shape {tuple(shapes[k])}, expected {s}"
+    cs = tuple(shapes["control_cells"])
+    if len(cs) != 2 or cs[1] != G or cs[0] < 1:
+        return f"{NESTED_FILE}: control_cells has shape {cs}, expected (n >= 1, {G})"
+    if len(shapes["scores"]) != 1:
+        return f"{NESTED_FILE}: scores must be 1-D"
+    if not isinstance(selection, dict):
+        return "info.selection must be an object"
+    lam, mode, n_ref = selection.get("lambda"), selection.get("cells"), selection.get("n_ref")
+    if not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and 0 <= lam <= 1):
+        return f"info.selection.lambda must be a number in [0, 1], got {lam!r}"
+    if mode not in CELL_MODES:
+        return f"info.selection.cells must be one of {CELL_MODES}, got {mode!r}"
+    if not (isinstance(n_ref, (int, float)) and not isinstance(n_ref, bool) and math.isfinite(n_ref) and n_ref >= 1):
+        return f"info.selection.n_ref must be a number >= 1, got {n_ref!r}"
+    return None

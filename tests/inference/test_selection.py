@@ -1,0 +1,223 @@
+"""The nested estimator of the additive-shift model, its selection on training conditions and its
+calibrated intervals (issue 17), on tiny simulated data."""
+
+import dataclasses
+import inspect
+import json
+
+import matplotlib
+import numpy as np
+import pytest
+
+matplotlib.use("Agg")
+
+from perturbax.baselines import LinearBaseline, summarize_training  # noqa: E402
+from perturbax.baselines.linear import ridge_solve  # noqa: E402
+from perturbax.data import from_anndata, prediction_intervals, simulate_additive_shift  # noqa: E402
+from perturbax.inference import FitResult, fit, predict  # noqa: E402
+from perturbax.inference.selection import (  # noqa: E402
+    conformal_quantile,
+    in_span_folds,
+    nested_columns,
+    nested_path,
+)
+from perturbax.metrics import interval_coverage, reliability  # noqa: E402
+from perturbax.models import AdditiveShiftConfig  # noqa: E402
+from perturbax.theory import check_design  # noqa: E402
+
+FIT = dict(steps=30, eval_every=10, progress=False, seed=0)
+
+
+@pytest.fixture(scope="module")
+def sim():
+    adata, _ = simulate_additive_shift(
+        n_perturbations=3, latent_dim=2, n_genes=8, n_cells=40, doubles="all", doses=None, n_out_of_span=0, seed=3
+    )
+    return from_anndata(adata, "perturbation", "control")
+
+
+def _config(data):
+    return AdditiveShiftConfig(n_genes=data.n_genes, n_perturbations=data.K, latent_dim=2, decoder_hidden=(16,),
+                               encoder_hidden=(16,))
+
+
+@pytest.fixture(scope="module")
+def selected(sim):
+    return fit("additive_shift", sim, config=_config(sim), **FIT)  # selection is the default
+
+
+@pytest.fixture(scope="module")
+def plain(sim):
+    return fit("additive_shift", sim, config=_config(sim), select=False, **FIT)
+
+
+def test_lambda_zero_is_the_ridge_baseline_and_one_the_corrected_model(sim, plain):
+    arrays, facts = nested_path(plain, sim)
+    labels = ["P0+P1", "P2", "P1:0.5+P2:2"]
+    vecs = np.stack([sim.registry.encode(lab) for lab in labels])
+    pr = predict(plain, labels, n_cells=20, num_samples=8, seed=4)
+    draws = np.asarray(pr.uns["mean_draws"], dtype=np.float64)
+    cells = [np.asarray(pr.X)[pr.obs["perturbation"].astype(str).to_numpy() == lab] for lab in labels]
+    rng = np.random.default_rng(0)
+    base = LinearBaseline(alpha="cv").fit(sim)
+    zero, _, _ = nested_columns(arrays, 0.0, "generated", vecs, draws, cells, facts["n_ref"], rng)
+    for i, lab in enumerate(labels):
+        np.testing.assert_allclose(zero[i].mean(0), base.predict_mean(lab), rtol=0, atol=1e-10)
+    # lambda = 1: the model's mean + R0 + l R, R the ridge fit of the observed-minus-model training means
+    S = summarize_training(sim)
+    conds = list(S.conditions)
+    model = np.asarray(predict(plain, conds, n_cells=1, num_samples=30, seed=0, bootstrap=False).varm["pred_mean"]).T
+    resid = S.means - model
+    ci = conds.index(sim.control)
+    R = ridge_solve(S.design[S.perturbed], resid[S.perturbed] - resid[ci], facts["alpha"])
+    one, _, _ = nested_columns(arrays, 1.0, "generated", vecs, draws, cells, facts["n_ref"], rng)
+    for i in range(len(labels)):
+        np.testing.assert_allclose(one[i], draws[i] + resid[ci] + vecs[i] @ R, rtol=0, atol=1e-8)
+
+
+def test_cell_modes_carry_the_nested_mean(sim, plain):
+    arrays, facts = nested_path(plain, sim)
+    vecs = sim.registry.encode("P0+P2")[None]
+    pr = predict(plain, ["P0+P2"], n_cells=100, num_samples=8, seed=1)
+    draws = np.asarray(pr.uns["mean_draws"], dtype=np.float64)
+    for mode in ("generated", "control"):
+        d, cells, _ = nested_columns(arrays, 0.5, mode, vecs, draws, [np.asarray(pr.X)],
+                                     facts["n_ref"], np.random.default_rng(0))
+        np.testing.assert_allclose(cells[0].mean(0), d[0].mean(0), atol=1e-5)
+        spread = cells[0].std(0)
+        ref = np.asarray(pr.X).std(0) if mode == "generated" else arrays["control_cells"].std(0)
+        np.testing.assert_allclose(spread, ref, rtol=0.15)
+        if mode == "control":  # 100 cells from 40 control cells: each used 2-3 times, none more
+            counts = np.unique(cells[0], axis=0, return_counts=True)[1]
+            assert counts.max() == 3 and counts.size == 40
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_in_span_folds_keep_every_held_out_condition_in_the_span(seed):
+    rng = np.random.default_rng(seed)
+    K = 6
+    singles = np.eye(K)[rng.permutation(K)[: rng.integers(3, K + 1)]]
+    pairs = np.zeros((8, K))
+    for r in pairs:
+        r[rng.choice(K, 2, replace=False)] = 1.0
+    design = np.vstack([np.zeros((1, K)), singles, pairs])
+    folds = in_span_folds(design)
+    assert folds, "a design of singles and pairs has in-span pairs to hold out"
+    seen = set()
+    for held in folds:
+        assert not seen & set(held.tolist())  # disjoint folds
+        seen |= set(held.tolist())
+        assert np.all(np.count_nonzero(design[held], axis=1) == 2)  # combinations first
+        rest = np.setdiff1d(np.arange(design.shape[0]), held)
+        report = check_design(design[rest], design[held])
+        assert all(t.covered for t in report.tests), held
+
+
+def test_in_span_folds_singles_only_and_fallback(sim):
+    assert in_span_folds(np.vstack([np.zeros(3), np.eye(3)])) == []
+    singles = sim.select(["control", "P0", "P1", "P2"])
+    res = fit("additive_shift", singles, config=_config(singles), **FIT)
+    sel = res.info["selection"]
+    assert sel["held_out"] == [] and sel["cv_scores"] == []
+    assert (sel["lambda"], sel["cells"]) == (0.0, "control") and not sel["calibration"]["calibrated"]
+    assert "singles only" in sel["note"]
+
+
+def test_selection_is_recorded_and_survives_save_load(tmp_path, selected):
+    sel = selected.info["selection"]
+    assert sel["held_out"] and len(sel["cv_scores"]) == 10
+    best = min(sel["cv_scores"], key=lambda r: r["energy"])
+    assert (sel["lambda"], sel["cells"]) == (best["lambda"], best["cells"])
+    assert selected.nested["scores"].size == 2 * 8 * 0 + sum(len(h) for h in sel["held_out"]) * 8
+    selected.save(tmp_path / "m")
+    back = FitResult.load(tmp_path / "m")
+    assert back.info["selection"] == json.loads(json.dumps(sel))
+    assert set(back.nested) == set(selected.nested)
+    for k, v in selected.nested.items():
+        np.testing.assert_array_equal(back.nested[k], v)
+    a, b = (predict(r, ["P0+P1"], num_samples=5, seed=2) for r in (selected, back))
+    np.testing.assert_allclose(np.asarray(a.varm["pred_lower"]), np.asarray(b.varm["pred_lower"]), rtol=1e-6)
+    assert a.uns["perturbax"]["nested"]["lambda"] == sel["lambda"]
+    # a tampered selection in meta.json is refused
+    meta = json.loads((tmp_path / "m" / "meta.json").read_text())
+    meta["info"]["selection"]["lambda"] = 2.0
+    (tmp_path / "m" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="lambda must be a number in"):
+        FitResult.load(tmp_path / "m")
+
+
+def test_select_false_keeps_the_plain_fit(plain):
+    assert "selection" not in plain.info and plain.nested == {}
+
+
+def test_conformal_scale_widens_intervals_of_a_miscalibrated_model():
+    rng = np.random.default_rng(0)
+    sigma = np.full(4000, 0.2)  # the model's stated scale
+    err_cal = rng.normal(0.0, 3 * 0.2, 4000)  # it is three times too confident
+    err_new = rng.normal(0.0, 3 * 0.2, 4000)
+    scores = np.abs(err_cal) / sigma
+    q = conformal_quantile(scores, 0.9)
+    assert q > 2.5 * 1.6449  # the normal factor, widened
+    naive = interval_coverage(-1.6449 * sigma, 1.6449 * sigma, err_new)
+    calibrated = interval_coverage(-q * sigma, q * sigma, err_new)
+    assert naive < 0.5 and abs(calibrated - 0.9) < 0.02
+    assert conformal_quantile(np.arange(1.0, 10.0), 0.5) == 5.0  # ceil(10 * 0.5) = 5th smallest
+    assert conformal_quantile(np.zeros(0), 0.9) is None
+
+
+def test_reliability_and_its_diagram_return_the_right_numbers():
+    from perturbax.plotting import plot_reliability
+
+    truth = np.array([0.0, 1.0, 2.0, 3.0])
+    intervals = {0.9: (truth - 1, truth + 1), 0.5: (np.zeros(4), np.full(4, 1.5))}
+    cov = reliability(intervals, truth)
+    assert cov == {0.5: 0.5, 0.9: 1.0}
+    ax = plot_reliability(intervals, truth)
+    np.testing.assert_array_equal(ax.lines[-1].get_xydata(), [[0.5, 0.5], [0.9, 1.0]])
+
+
+def test_prediction_intervals_at_other_levels(selected):
+    pr = predict(selected, ["P0+P1"], num_samples=5, seed=2)
+    mean, lo, hi = prediction_intervals(pr, "P0+P1")
+    f = selected.info["selection"]["calibration"]["factor"]
+    m5, lo5, hi5 = prediction_intervals(pr, "P0+P1", level=0.5)
+    np.testing.assert_allclose(hi5 - m5, (hi - mean) * f["0.5"] / f["0.9"], rtol=1e-6)
+    assert np.all(hi5 - lo5 <= hi - lo + 1e-12)
+
+
+def test_cli_and_python_share_defaults():
+    from perturbax.cli.fit import fit as fit_cmd
+    from perturbax.cli.fit import fit_file
+    from perturbax.inference.fitting import default_learning_rate, default_objective
+
+    py = inspect.signature(fit).parameters
+    cli = {p.name: p for p in fit_cmd.params}
+    ff = inspect.signature(fit_file).parameters
+    for name in ("steps", "batch_size", "seed"):
+        assert cli[name].default == py[name].default == ff[name].default, name
+    # None everywhere means: the library's per-model default
+    assert py["learning_rate"].default is None and cli["learning_rate"].default is None
+    assert ff["learning_rate"].default is None and ff["objective"].default is None
+    assert default_learning_rate("additive_shift") == 2e-3 and default_learning_rate("latent_dynamics") == 5e-3
+    assert py["objective"].default is None and cli["objective"].default is None
+    assert default_objective("additive_shift", "gaussian") == "energy"
+    assert default_objective("latent_dynamics", "gaussian") == "elbo"
+    assert cli["latent_dim"].default == AdditiveShiftConfig.latent_dim
+    assert py["select"].default is None and cli["no_select"].is_flag
+    assert "Norman" not in (cli["mean_weight"].help or "")
+
+
+def test_fit_default_objective_is_energy(selected, plain):
+    assert selected.objective == plain.objective == "energy"
+    assert selected.info["learning_rate"] == plain.info["learning_rate"] == 2e-3
+    assert dataclasses.asdict(selected.config) == dataclasses.asdict(plain.config)
+
+
+def test_cli_fit_output_names_the_selection(selected, plain):
+    from perturbax.cli.fit import selection_lines
+
+    sel = selected.info["selection"]
+    text = "\n".join(selection_lines(sel))
+    assert f"lambda={sel['lambda']:g}, cells={sel['cells']}" in text
+    assert "CV energy (lambda/cells): 0/generated=" in text and "calibrated on" in text
+    assert selection_lines(plain.info.get("selection")) == []
