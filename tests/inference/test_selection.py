@@ -15,12 +15,8 @@ from perturbax.baselines import LinearBaseline, summarize_training  # noqa: E402
 from perturbax.baselines.linear import ridge_solve  # noqa: E402
 from perturbax.data import from_anndata, prediction_intervals, simulate_additive_shift  # noqa: E402
 from perturbax.inference import FitResult, fit, predict  # noqa: E402
-from perturbax.inference.selection import (  # noqa: E402
-    conformal_quantile,
-    in_span_folds,
-    nested_columns,
-    nested_path,
-)
+from perturbax.inference.nested import conformal_quantile, nested_columns  # noqa: E402
+from perturbax.inference.selection import in_span_folds, nested_path  # noqa: E402
 from perturbax.metrics import interval_coverage, reliability  # noqa: E402
 from perturbax.models import AdditiveShiftConfig  # noqa: E402
 from perturbax.theory import check_design  # noqa: E402

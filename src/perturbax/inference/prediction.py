@@ -453,7 +453,7 @@ def predict(
     lo_q, hi_q = (1 - interval) / 2, (1 + interval) / 2
     bounds, nested_notes = None, None
     if fit.nested and not timed and not moved:  # the nested estimator (perturbax.inference.selection)
-        from perturbax.inference.selection import nested_prediction
+        from perturbax.inference.nested import nested_prediction
 
         mean_draws, all_cells, lower, upper, nested_notes = nested_prediction(
             fit, vecs, mean_draws, all_cells, interval, seed)

@@ -33,6 +33,7 @@ from numpyro import handlers
 from perturbax import __version__
 from perturbax.data.core import PerturbationData
 from perturbax.data.labels import PerturbationRegistry
+from perturbax.inference.nested import NESTED_FILE, check_nested_arrays
 from perturbax.models.batch import Batch
 
 __all__ = ["FitResult", "FORMAT_VERSION"]
@@ -439,7 +440,6 @@ def _encode(model, guide, params, config, data: PerturbationData, cells: np.ndar
 # ------------------------------------------------------------------ safe save / load helpers
 META_FILE = "meta.json"
 SAVED_FILES = ("params.npz", "basal.npz", "history.npz")
-NESTED_FILE = "nested.npz"  # saved only by fits with the nested estimator
 #: Every file a saved fit folder may hold.
 FIT_FILES = (META_FILE, *SAVED_FILES, NESTED_FILE)
 MAX_META_BYTES = 256 * 2**20  # gene names, design and settings; far above any real fit
@@ -649,7 +649,6 @@ def _check_nested(meta: dict, path: Path, meta_file: Path) -> dict | None:
         return None
     if not (isinstance(rec, dict) and _is_int(rec.get("bytes")) and isinstance(rec.get("sha256"), str)):
         raise ValueError(f"{meta_file} is malformed: files.{NESTED_FILE} must be {{bytes, sha256}}. Re-save the fit.")
-    from perturbax.inference.selection import check_nested_arrays
 
     headers = _verified_npz(path, NESTED_FILE, meta["files"])
     why = check_nested_arrays({k: s for k, (s, _) in headers.items()}, meta.get("info", {}).get("selection"),

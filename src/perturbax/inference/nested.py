@@ -1,0 +1,133 @@
+"""The nested estimator as a fitted model applies it: its saved arrays and how ``predict`` uses them.
+
+How the estimator is defined, selected and calibrated on training conditions is in
+:mod:`perturbax.inference.selection` (which builds these arrays inside ``fit``); this module holds
+what a saved fit needs afterwards -- applying ``lambda`` and the cell mode to a raw model
+prediction, the conformal interval factor, and the check of the saved arrays on load -- so that
+``result`` and ``prediction`` depend on it and not on the selection.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from scipy.stats import norm
+
+__all__ = [
+    "NESTED_FILE",
+    "NESTED_KEYS",
+    "CELL_MODES",
+    "REPORTED_LEVELS",
+    "nested_columns",
+    "conformal_quantile",
+    "interval_factor",
+    "nested_prediction",
+    "check_nested_arrays",
+]
+
+NESTED_FILE = "nested.npz"  # saved only by fits with the nested estimator
+
+CELL_MODES = ("generated", "control")
+#: Interval levels whose factors a fit and a prediction report (reliability diagrams).
+REPORTED_LEVELS = (0.5, 0.8, 0.9, 0.95)
+NESTED_KEYS = ("control_mean", "ridge_effects", "model_control", "model_effects", "control_cells", "cell_var",
+               "scores")
+
+
+def nested_columns(arrays, lam: float, mode: str, vecs: np.ndarray, mean_draws: np.ndarray,
+                   cells: list[np.ndarray], n_ref: float, rng: np.random.Generator):
+    """Apply the nested estimator to a raw model prediction.
+
+    ``vecs`` ``(C, K)`` labels, ``mean_draws`` ``(C, S, G)`` the model's per-draw means, ``cells``
+    its cells per column. The cells of each column are re-centred on its nested mean: the model's
+    generated cells (``"generated"``) or training control cells drawn at random (``"control"``).
+    Returns ``(draws (C, S, G), cells, sigma (C, G))``; ``sigma`` is the
+    interval scale of :mod:`perturbax.inference.selection` (Calibration).
+    """
+    vecs = np.asarray(vecs, dtype=np.float64)
+    ridge = arrays["control_mean"] + vecs @ arrays["ridge_effects"]  # (C, G)
+    remainder = mean_draws - arrays["model_control"] - (vecs @ arrays["model_effects"])[:, None]
+    draws = ridge[:, None] + lam * remainder
+    mean = draws.mean(1)
+    ctrl = arrays["control_cells"]
+    out = []
+    for i, x in enumerate(cells):
+        if mode == "generated":
+            base = x.astype(np.float64)
+        else:
+            n0 = ctrl.shape[0]  # every control cell once before any is used again (no duplicates)
+            idx = np.concatenate([rng.permutation(n0) for _ in range(-(-x.shape[0] // n0))])[: x.shape[0]]
+            base = ctrl[idx].astype(np.float64)
+        out.append((base - base.mean(0) + mean[i]).astype(np.float32))  # re-centred on the nested mean
+    sigma = np.sqrt(draws.var(1) + arrays["cell_var"] / n_ref)
+    return draws, out, sigma
+
+
+def conformal_quantile(scores: np.ndarray, level: float) -> float | None:
+    """Split-conformal quantile of ``scores`` at ``level``: the ``ceil((m + 1) level)``-th smallest
+    (the largest when that exceeds ``m``); ``None`` without scores."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    if s.size == 0:
+        return None
+    k = min(math.ceil((s.size + 1) * level), s.size)
+    return float(s[k - 1])
+
+
+def interval_factor(arrays, level: float) -> tuple[float, bool]:
+    """``(q, calibrated)``: the conformal factor at ``level``, or the normal quantile if there are no
+    calibration scores."""
+    q = conformal_quantile(arrays["scores"], level)
+    return (q, True) if q is not None else (float(norm.ppf(0.5 + level / 2)), False)
+
+
+def nested_prediction(fit_result, vecs: np.ndarray, mean_draws: np.ndarray, cells: list[np.ndarray],
+                      interval: float, seed: int):
+    """What :func:`~perturbax.inference.predict` returns for a fit with the nested estimator:
+    ``(draws (C, S, G), cells, lower (C, G), upper (C, G), notes)``."""
+    sel = fit_result.info["selection"]
+    arrays = fit_result.nested
+    draws, new, sigma = nested_columns(arrays, float(sel["lambda"]), sel["cells"], vecs, mean_draws, cells,
+                                       float(sel["n_ref"]), np.random.default_rng([int(seed), 17]))
+    q, calibrated = interval_factor(arrays, interval)
+    mean = draws.mean(1)
+    notes = {
+        "estimator": "nested: ridge linear path + lambda x the model's nonlinear remainder",
+        "lambda": float(sel["lambda"]),
+        "cells": sel["cells"],
+        "interval_factor": q,
+        "calibrated": calibrated,
+        "factors": {str(a): interval_factor(arrays, a)[0] for a in REPORTED_LEVELS} | {str(interval): q},
+        "covers": sel["calibration"]["covers"] if calibrated else
+        "not calibrated (no held-out training conditions): normal quantile of the posterior and cell-sampling SD",
+    }
+    return draws, new, mean - q * sigma, mean + q * sigma, notes
+
+
+def check_nested_arrays(shapes: dict[str, tuple[int, ...]], selection: Any, n_genes: int, K: int) -> str | None:
+    """Why the saved nested arrays (``{name: shape}``) or ``info["selection"]`` do not fit a model
+    of ``n_genes`` genes and ``K`` perturbations, or ``None`` if they do."""
+    G = n_genes
+    if set(shapes) != set(NESTED_KEYS):
+        return f"{NESTED_FILE} must hold {list(NESTED_KEYS)}, got {sorted(shapes)}"
+    want = {"control_mean": (G,), "ridge_effects": (K, G), "model_control": (G,), "model_effects": (K, G),
+            "cell_var": (G,)}
+    for k, s in want.items():
+        if tuple(shapes[k]) != s:
+            return f"{NESTED_FILE}: {k} has shape {tuple(shapes[k])}, expected {s}"
+    cs = tuple(shapes["control_cells"])
+    if len(cs) != 2 or cs[1] != G or cs[0] < 1:
+        return f"{NESTED_FILE}: control_cells has shape {cs}, expected (n >= 1, {G})"
+    if len(shapes["scores"]) != 1:
+        return f"{NESTED_FILE}: scores must be 1-D"
+    if not isinstance(selection, dict):
+        return "info.selection must be an object"
+    lam, mode, n_ref = selection.get("lambda"), selection.get("cells"), selection.get("n_ref")
+    if not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and 0 <= lam <= 1):
+        return f"info.selection.lambda must be a number in [0, 1], got {lam!r}"
+    if mode not in CELL_MODES:
+        return f"info.selection.cells must be one of {CELL_MODES}, got {mode!r}"
+    if not (isinstance(n_ref, (int, float)) and not isinstance(n_ref, bool) and math.isfinite(n_ref) and n_ref >= 1):
+        return f"info.selection.n_ref must be a number >= 1, got {n_ref!r}"
+    return None
