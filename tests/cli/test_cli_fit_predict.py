@@ -351,7 +351,7 @@ def test_where_selects_cells_for_fit_and_source_cells(files, tmp_path):
     path = tmp_path / "sites.h5ad"
     adata.write_h5ad(path)
     n_b = int((adata.obs["site"] == "b").sum())
-    res = _run(["fit", path, *FIT_ARGS, "--steps", "3", "--where", "site=b", "--out", tmp_path / "m"])
+    res = _run(["fit", path, *FIT_ARGS, "--steps", "3", "--no-select", "--where", "site=b", "--out", tmp_path / "m"])
     assert res.exit_code == 0, res.output
     assert f"on {n_b} cells" in res.output
     assert FitResult.load(tmp_path / "m").info["cli"]["where"] == ["site=b"]
@@ -363,7 +363,7 @@ def test_where_selects_cells_for_fit_and_source_cells(files, tmp_path):
     assert res.exit_code == 0, res.output
     pred = ad.read_h5ad(tmp_path / "p.h5ad")
     assert pred.uns["perturbax"]["source_cells"] == n_src and pred.n_obs == n_src
-    res = _run(["fit", path, *FIT_ARGS, "--steps", "3", "--where", "site=c", "--out", tmp_path / "m2"])
+    res = _run(["fit", path, *FIT_ARGS, "--steps", "3", "--no-select", "--where", "site=c", "--out", tmp_path / "m2"])
     assert res.exit_code != 0
     assert "--where site=c: no cell has obs['site'] == 'c'; values present: 'a', 'b'" in _error_line(res)
     res = _run(["predict", tmp_path / "m", "-p", "P1", "--where", "site=a", "--out", tmp_path / "q.h5ad"])

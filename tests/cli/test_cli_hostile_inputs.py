@@ -20,8 +20,9 @@ from perturbax.inference.result import FitResult
 
 KEY = "perturbation"
 # long spellings (valid on the base commit too, so each test fails there for its own reason)
+# --no-select: these tests are about paths and messages, not the nested estimator (one fit, not three)
 FIT_ARGS = ["--perturbation-key", KEY, "--control", "control", "--steps", "20", "--batch-size", "64",
-            "--latent-dim", "2", "--no-progress"]
+            "--latent-dim", "2", "--no-progress", "--no-select"]
 EVAL = ["--perturbation-key", KEY, "--control", "control"]
 
 
