@@ -48,7 +48,7 @@ def plain(sim):
 
 
 def test_lambda_zero_is_the_ridge_baseline_and_one_the_corrected_model(sim, plain):
-    arrays, facts = nested_path(plain, sim)
+    arrays, facts, _ = nested_path(plain, sim)
     labels = ["P0+P1", "P2", "P1:0.5+P2:2"]
     vecs = np.stack([sim.registry.encode(lab) for lab in labels])
     pr = predict(plain, labels, n_cells=20, num_samples=8, seed=4)
@@ -72,7 +72,7 @@ def test_lambda_zero_is_the_ridge_baseline_and_one_the_corrected_model(sim, plai
 
 
 def test_cell_modes_carry_the_nested_mean(sim, plain):
-    arrays, facts = nested_path(plain, sim)
+    arrays, facts, _ = nested_path(plain, sim)
     vecs = sim.registry.encode("P0+P2")[None]
     pr = predict(plain, ["P0+P2"], n_cells=100, num_samples=8, seed=1)
     draws = np.asarray(pr.uns["mean_draws"], dtype=np.float64)

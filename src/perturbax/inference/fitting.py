@@ -224,34 +224,78 @@ def _matching_params(init: Mapping[str, Any] | FitResult | None, current: Mappin
     return out
 
 
-def _draw_groups(key: jax.Array, dev: DeviceData, n_groups: int, source: str = "other") -> jax.Array:
-    """The groups of one energy step: ``n_groups`` distinct ones at random; with
-    ``source="control"`` the first is a control group (a random one, for models of time) and the
-    others are non-control groups where there are enough."""
+class _Allowed(NamedTuple):
+    """What a run of the trainer may draw from a :class:`DeviceData`: ``groups`` (E,) bool, and
+    ``pool`` (N,) cell rows whose first ``n_cells`` are the allowed cells (for ELBO batches)."""
+
+    groups: jax.Array
+    pool: jax.Array
+    n_cells: jax.Array
+
+
+def _group_conditions(data: PerturbationData, cells: np.ndarray, timed: bool) -> np.ndarray:
+    """The condition of each group of ``_device_data(data, cells, timed)``."""
+    env = np.asarray(data.env)[cells]
+    groups = _groups(data.subset(cells), timed)
+    out = np.full(int(groups.max()) + 1 if groups.size else 0, -1, dtype=np.int64)
+    out[groups] = env
+    return out
+
+
+def _condition_ids(data: PerturbationData, labels) -> np.ndarray:
+    """Condition indices of ``labels`` (names of conditions of ``data``)."""
+    names = list(data.conditions)
+    missing = [lab for lab in labels if lab not in names]
+    if missing:
+        raise ValueError(f"cannot leave out {missing}: not conditions of the training data ({names[:8]} ...).")
+    return np.asarray([names.index(lab) for lab in labels], dtype=np.int64)
+
+
+def _allowed(dev: DeviceData, group_cond: np.ndarray, held: np.ndarray) -> _Allowed:
+    """The groups and cells of ``dev`` outside the conditions ``held``."""
+    ok = ~np.isin(group_cond, held)
+    table, counts = np.asarray(dev.table), np.asarray(dev.counts)
+    cells = np.concatenate([table[e, : counts[e]] for e in np.flatnonzero(ok)] or [np.zeros(0, np.int32)])
+    rest = np.setdiff1d(np.arange(dev.x.shape[0]), cells)
+    pool = np.concatenate([np.sort(cells), rest]).astype(np.int32)
+    return _Allowed(jnp.asarray(ok), jnp.asarray(pool), jnp.asarray(cells.size, jnp.int32))
+
+
+def _draw_groups(key: jax.Array, dev: DeviceData, n_groups: int, source: str = "other",
+                 allowed: jax.Array | None = None) -> jax.Array:
+    """The groups of one energy step: ``n_groups`` distinct ones at random among the ``allowed``
+    (E,) ones (default all); with ``source="control"`` the first is a control group (a random one,
+    for models of time) and the others are non-control groups where there are enough."""
     E = dev.counts.shape[0]
+    barred = jnp.zeros(E) if allowed is None else 4.0 * (~allowed)
+    u = jax.random.uniform(key, (E,))
     if source == "control":
-        u = jax.random.uniform(key, (E,)) + 2.0 * dev.is_control
-        return jnp.concatenate([jnp.argmax(u)[None], jnp.argsort(u)[: n_groups - 1]])
-    if n_groups < E:
-        return jax.random.permutation(key, E)[:n_groups]
-    return jnp.arange(E)
+        first = jnp.argmax(u + 2.0 * dev.is_control - barred)
+        rest = jnp.argsort(u + 2.0 * dev.is_control + barred)
+        return jnp.concatenate([first[None], rest[: n_groups - 1]])
+    return jnp.argsort(u + barred)[:n_groups]
 
 
-def _val_blocks(is_control: np.ndarray, n_groups: int, source: str = "other") -> list[np.ndarray]:
-    """Blocks of ``n_groups`` group ids that together cover every group (the last block filled up
-    from the start); with ``source="control"`` each block starts with a control group."""
-    E = is_control.size
-    if source == "control" and is_control.any() and n_groups > 1:
-        ctrl = np.flatnonzero(is_control)
-        rest = np.flatnonzero(~is_control)
+def _val_blocks(is_control: np.ndarray, n_groups: int, source: str = "other",
+                allowed: np.ndarray | None = None) -> list[np.ndarray]:
+    """Blocks of ``n_groups`` group ids that together cover every ``allowed`` group (default all;
+    the last block filled up from the start); with ``source="control"`` each block starts with a
+    control group. No blocks when no group is allowed."""
+    ok = np.ones(is_control.size, bool) if allowed is None else np.asarray(allowed, bool)
+    ids = np.flatnonzero(ok)
+    if ids.size == 0:
+        return []
+    if source == "control" and is_control[ids].any() and n_groups > 1:
+        ctrl = ids[is_control[ids]]
+        rest = ids[~is_control[ids]]
         if rest.size == 0:
             rest = ctrl
         k = n_groups - 1
         n = -(-rest.size // k)
         others = np.resize(rest, n * k).reshape(n, k)
         return [np.concatenate([[ctrl[i % ctrl.size]], o]) for i, o in enumerate(others)]
-    n = -(-E // n_groups)
-    return list(np.resize(np.arange(E), n * n_groups).reshape(n, n_groups))
+    n = -(-ids.size // n_groups)
+    return list(np.resize(ids, n * n_groups).reshape(n, n_groups))
 
 
 def data_start(params: Mapping[str, Any], dev: DeviceData, *, likelihood: str, objective: str,
@@ -403,22 +447,44 @@ def fit(
     eligible = name == "additive_shift" and likelihood != "negative_binomial" and not timed
     if select is None:
         select = eligible and init_params is None
-    if select:  # the nested estimator: CV fits and the final fit are this function with select=False
-        if not eligible:
-            raise ValueError(
-                f"select=True needs the additive_shift model with a gaussian or implicit likelihood (got model "
-                f"{name!r}, likelihood {likelihood!r}); pass select=False."
-            )
-        from functools import partial
+    if select and not eligible:
+        raise ValueError(
+            f"select=True needs the additive_shift model with a gaussian or implicit likelihood (got model "
+            f"{name!r}, likelihood {likelihood!r}); pass select=False."
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    from functools import partial
 
+    trainer = partial(
+        _trainer, name, model_fn, config, data, objective=objective, steps=steps, batch_size=batch_size,
+        learning_rate=learning_rate, seed=seed, guide=guide, global_guide=global_guide, energy=energy,
+        validation_fraction=validation_fraction, eval_every=eval_every, patience=patience, progress=progress,
+        init_params=init_params, data_init=data_init,
+    )
+    if select:  # the nested estimator: the CV fits and the final fit share one compiled trainer
         from perturbax.inference.selection import fit_with_selection
 
-        plain = partial(fit, model, config=config, objective=objective, steps=steps, batch_size=batch_size,
-                        learning_rate=learning_rate, seed=seed, guide=guide, global_guide=global_guide,
-                        energy=energy, validation_fraction=validation_fraction, eval_every=eval_every,
-                        patience=patience, progress=progress, init_params=init_params, data_init=data_init,
-                        select=False)
-        return fit_with_selection(plain, data, seed=seed)
+        return fit_with_selection(trainer, data, seed=seed)
+    return trainer()()
+
+
+def _trainer(
+    name: str, model_fn: Callable, config: Any, data: PerturbationData, holdouts=(), *, objective: str, steps: int,
+    batch_size: int, learning_rate: float, seed: int, guide, global_guide: str, energy: EnergyOptions | None,
+    validation_fraction: float, eval_every: int, patience: int | None, progress: bool, init_params, data_init,
+) -> Callable[..., FitResult]:
+    """Compile the fitting loop of ``fit`` once for ``data``; returns ``run(exclude=())``, which fits
+    with the cells of the conditions named in ``exclude`` left out (neither drawn nor held out).
+
+    ``holdouts``: the sets of conditions ``run`` will be asked to leave out (the in-span CV folds
+    of the nested estimator), so that every run draws as many conditions per energy step. The runs
+    share the compiled step and held-out loss (same shapes: the cells of left-out conditions stay on
+    the device but are never drawn); the objective's cell count (the ELBO's scale and the
+    generalised-Bayes weight of the energy score) is the training cells of ``data`` in every run.
+    """
+    timed = uses_time(config)
+    likelihood = getattr(config, "likelihood", "gaussian")
     time_info: dict[str, Any] = {}
     if timed:
         uniq = training_times(data, name)
@@ -441,6 +507,9 @@ def fit(
     train = _device_data(data, train_idx, timed)
     val = _device_data(data, val_idx, timed) if val_idx.size else None
     n_cond = int(train.counts.shape[0])
+    train_group_cond = _group_conditions(data, train_idx, timed)
+    val_group_cond = None if val is None else _group_conditions(data, val_idx, timed)
+    held_sets = [_condition_ids(data, labels) for labels in holdouts]
 
     if objective == "energy":
         opts = energy or EnergyOptions()
@@ -448,7 +517,8 @@ def fit(
         n_groups = opts.conditions_per_step or max(1, batch_size // m)
         if opts.source == "control":
             n_groups = max(n_groups, 2)  # the control block and at least one other
-        n_groups = min(n_groups, n_cond)
+        fewest = min([n_cond] + [int((~np.isin(train_group_cond, h)).sum()) for h in held_sets])
+        n_groups = max(1, min(n_groups, fewest))
         step_size = n_groups * m
     else:
         opts, m, n_groups, step_size = None, None, None, batch_size
@@ -460,19 +530,20 @@ def fit(
         idx = dev.table[groups[:, None], pos].reshape(-1)
         return dev.batch(idx), {"cell_ids": idx}
 
-    def draw_batch(dev: DeviceData, key) -> tuple[Batch, dict[str, jax.Array]]:
-        if objective == "elbo":
-            idx = jax.random.randint(key, (batch_size,), 0, dev.x.shape[0])
+    def draw_batch(dev: DeviceData, key, allowed: _Allowed) -> tuple[Batch, dict[str, jax.Array]]:
+        if objective == "elbo":  # cells at random among the allowed ones (the first n_cells of the pool)
+            idx = allowed.pool[jax.random.randint(key, (batch_size,), 0, allowed.n_cells)]
             return dev.batch(idx), {}
         k1, k2 = jax.random.split(key)
-        return cells_of(dev, _draw_groups(k1, dev, n_groups, opts.source), k2)
+        return cells_of(dev, _draw_groups(k1, dev, n_groups, opts.source, allowed.groups), k2)
 
     # (the plate must hold a step's cells: an energy step can draw more cells than there are, with
     # replacement; the energy score does not use the plate size, the ELBO scales by it)
     model_kwargs = {"config": config, "n_cells": max(n_train, step_size)}
     key = jax.random.PRNGKey(seed)
     k_init, k_data, k_val = jax.random.split(key, 3)
-    init_batch = draw_batch(train, k_data)[0]
+    everything = _allowed(train, train_group_cond, ())
+    init_batch = draw_batch(train, k_data, everything)[0]
     if guide is None:
         guide, global_names = make_guide(
             model_fn,
@@ -498,24 +569,17 @@ def fit(
     # sees it with the cells hidden: models without a density (the implicit likelihood) fit too.
     svi_model = hide_cells(model_fn) if objective == "energy" else model_fn
     svi = SVI(svi_model, guide, optim, loss, **model_kwargs)
-    state = jax.jit(svi.init)(k_init, init_batch)
-    start = svi.get_params(state)
+    init_state = jax.jit(svi.init)(k_init, init_batch)
+    start = svi.get_params(init_state)
     if data_init is None:
         data_init = objective == "energy"
-    from_data = data_start(start, train, likelihood=likelihood, objective=objective) if data_init else {}
     warm = _matching_params(init_params, start)
-    if from_data or warm:
-        transforms = svi.constrain_fn.args[0]  # name -> bijection from unconstrained values
-        raw = dict(svi.optim.get_params(state.optim_state))
-        new = {**from_data, **warm}
-        raw.update({k: transforms[k].inv(v) if k in transforms else v for k, v in new.items()})
-        state = state._replace(optim_state=svi.optim.init(raw))
     per_cell = 1.0 / n_train if objective == "elbo" else 1.0
 
     @jax.jit
-    def run_chunk(state, keys):
+    def run_chunk(state, keys, dev, allowed):
         def body(st, k):
-            b, loss_kw = draw_batch(train, k)
+            b, loss_kw = draw_batch(dev, k, allowed)
             st, value = svi.update(st, b, **loss_kw)
             return st, value * per_cell
 
@@ -524,115 +588,152 @@ def fit(
     # Held-out loss: the ELBO on 4 random batches of held-out cells; the energy score on every
     # held-out group (condition or context), in blocks of a step's layout, so that evaluations (and
     # fits from different seeds) score the same groups. Paired: the keys (cells drawn and the
-    # loss's own draws) are the same at every evaluation.
+    # loss's own draws) are the same at every evaluation. Blocks are padded to the number of the
+    # run that leaves nothing out, with weight 0, so every run shares the compiled function.
+    n_blocks = 4
     if objective == "energy" and val is not None:
-        val_blocks = jnp.asarray(np.stack(_val_blocks(np.asarray(val.is_control), n_groups, opts.source)))
-    else:
-        val_blocks = None
-    val_keys = jax.random.split(k_val, 4 if val_blocks is None else val_blocks.shape[0])
+        n_blocks = len(_val_blocks(np.asarray(val.is_control), n_groups, opts.source))
+    val_keys = jax.random.split(k_val, n_blocks)
 
     def held_out(params, batch_and_kw, key):
         b, loss_kw = batch_and_kw
         return loss.loss(key, params, svi_model, guide, b, **loss_kw, **model_kwargs)
 
     @jax.jit
-    def val_loss(state):
-        if val is None:
-            return jnp.nan
+    def val_loss(state, dev, allowed, blocks, weights):
         params = svi.get_params(state)
 
         def one(a):
             k_cells, k_loss = jax.random.split(a[1])
-            drawn = draw_batch(val, k_cells) if val_blocks is None else cells_of(val, a[0], k_cells)
+            drawn = draw_batch(dev, k_cells, allowed) if objective == "elbo" else cells_of(dev, a[0], k_cells)
             return held_out(params, drawn, k_loss)
 
-        blocks = jnp.zeros((val_keys.shape[0],), jnp.int32) if val_blocks is None else val_blocks
-        return jnp.mean(jax.lax.map(one, (blocks, val_keys))) * per_cell
+        return jnp.sum(weights * jax.lax.map(one, (blocks, val_keys))) / jnp.sum(weights) * per_cell
 
-    history_loss, val_steps, val_losses = [], [], []
-    tracking = val is not None and patience is not None
-    record = EarlyStopping()
-    if tracking:  # the starting state is the first candidate (a warm start the fit makes worse is kept)
-        v = float(val_loss(state))
-        val_steps.append(0)
-        val_losses.append(v)
-        record = track_held_out(record, v, 0, state)
-    stop_reason = "steps"
-    step = 0
-    t0 = time.perf_counter()
-    keys_all = jax.random.split(k_data, steps)
-    bar = tqdm(total=steps, disable=not progress, desc=f"fit {name} ({objective})", unit="step", leave=False)
-    try:
-        while step < steps:
-            n = min(eval_every, steps - step)
-            new_state, losses = run_chunk(state, keys_all[step : step + n])
-            losses = np.asarray(losses)
-            if not np.all(np.isfinite(losses)):
-                first = int(np.flatnonzero(~np.isfinite(losses))[0])
-                stop_reason = "nan"
-                warnings.warn(
-                    f"The loss became {losses[first]} at step {step + first + 1}; training stopped and the "
-                    f"parameters of step {step} (the last finite state) are returned. Try a smaller "
-                    f"learning_rate (now {learning_rate}), a larger batch_size, or check the data for "
-                    f"extreme values.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                history_loss.extend(losses[:first].tolist())
-                break
-            state = new_state
-            step += n
-            history_loss.extend(losses.tolist())
-            bar.update(n)
-            if tracking:
-                v = float(val_loss(state))
-                val_steps.append(step)
-                val_losses.append(v)
-                record = track_held_out(record, v, step, state)
-                bar.set_postfix(loss=f"{np.mean(losses[-max(1, n // 4):]):.4g}", val=f"{v:.4g}")
-                if record.waited >= patience:
-                    stop_reason = "early_stopping"
-                    break
+    def run(exclude=()) -> FitResult:
+        held = _condition_ids(data, exclude)
+        allowed = _allowed(train, train_group_cond, held)
+        if objective == "energy" and int(allowed.groups.sum()) < n_groups:
+            raise ValueError(
+                f"leaving out {list(exclude)} leaves {int(allowed.groups.sum())} conditions to draw, fewer than "
+                f"the {n_groups} of an energy step; name the left-out sets in holdouts= when building the trainer."
+            )
+        run_idx = train_idx[~np.isin(np.asarray(data.env)[train_idx], held)]
+        state = init_state
+        from_data = {}
+        if data_init:
+            rows = jnp.asarray(np.flatnonzero(~np.isin(np.asarray(data.env)[train_idx], held)))
+            from_data = data_start(start, train._replace(x=train.x[rows], library=train.library[rows]),
+                                   likelihood=likelihood, objective=objective)
+        if from_data or warm:
+            transforms = svi.constrain_fn.args[0]  # name -> bijection from unconstrained values
+            raw = dict(svi.optim.get_params(state.optim_state))
+            new = {**from_data, **warm}
+            raw.update({k: transforms[k].inv(v) if k in transforms else v for k, v in new.items()})
+            state = state._replace(optim_state=svi.optim.init(raw))
+        tracking = val is not None and patience is not None
+        if tracking:
+            val_allowed = _allowed(val, val_group_cond, held)
+            if objective == "energy":
+                ok = np.asarray(val_allowed.groups)
+                blocks = _val_blocks(np.asarray(val.is_control), n_groups, opts.source, ok)
+                tracking = bool(blocks)
             else:
-                bar.set_postfix(loss=f"{np.mean(losses[-max(1, n // 4):]):.4g}")
-    finally:
-        bar.close()
-    fit_seconds = time.perf_counter() - t0
-    if record.state is not None and stop_reason != "nan":
-        final_state, best_step, best_val = record.state, record.step, record.best
-    else:  # no held-out evaluation (patience=None), none finite, or the NaN guard fired
-        final_state, best_step, best_val = state, step, None
-    params = {k: v for k, v in svi.get_params(final_state).items()}
+                blocks = [np.zeros(1, np.int64)] * n_blocks
+                tracking = int(val_allowed.n_cells) > 0
+        if tracking:
+            weights = jnp.asarray(np.arange(n_blocks) < len(blocks), jnp.float32)
+            blocks = jnp.asarray(np.stack([blocks[i % len(blocks)] for i in range(n_blocks)]), jnp.int32)
 
-    return FitResult.build(
-        model_name=name,
-        model=model_fn,
-        guide=guide,
-        config=config,
-        params=params,
-        global_names=global_names,
-        data=data,
-        train_cells=train_idx,
-        objective=objective,
-        global_guide=global_guide,
-        history={
-            "loss": np.asarray(history_loss, dtype=np.float64),
-            "val_step": np.asarray(val_steps, dtype=np.int64),
-            "val_loss": np.asarray(val_losses, dtype=np.float64),
-        },
-        info={
-            "seed": seed,
-            "steps_run": step,
-            "best_step": best_step,
-            "best_val_loss": best_val,
-            "stop_reason": stop_reason,
-            "fit_seconds": fit_seconds,
-            "batch_size": batch_size,
-            "cells_per_step": step_size,
-            "learning_rate": learning_rate,
-            "energy_options": None if opts is None else opts._asdict(),
-            "warm_started": sorted(warm),
-            "data_init": sorted(set(from_data) - set(warm)),
-            **time_info,
-        },
-    )
+        def evaluate(st) -> float:
+            return float(val_loss(st, val, val_allowed, blocks, weights))
+
+        history_loss, val_steps, val_losses = [], [], []
+        record = EarlyStopping()
+        if tracking:  # the starting state is the first candidate (a warm start the fit makes worse is kept)
+            v = evaluate(state)
+            val_steps.append(0)
+            val_losses.append(v)
+            record = track_held_out(record, v, 0, state)
+        stop_reason = "steps"
+        step = 0
+        t0 = time.perf_counter()
+        keys_all = jax.random.split(k_data, steps)
+        bar = tqdm(total=steps, disable=not progress, desc=f"fit {name} ({objective})", unit="step", leave=False)
+        try:
+            while step < steps:
+                n = min(eval_every, steps - step)
+                new_state, losses = run_chunk(state, keys_all[step : step + n], train, allowed)
+                losses = np.asarray(losses)
+                if not np.all(np.isfinite(losses)):
+                    first = int(np.flatnonzero(~np.isfinite(losses))[0])
+                    stop_reason = "nan"
+                    warnings.warn(
+                        f"The loss became {losses[first]} at step {step + first + 1}; training stopped and the "
+                        f"parameters of step {step} (the last finite state) are returned. Try a smaller "
+                        f"learning_rate (now {learning_rate}), a larger batch_size, or check the data for "
+                        f"extreme values.",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                    history_loss.extend(losses[:first].tolist())
+                    break
+                state = new_state
+                step += n
+                history_loss.extend(losses.tolist())
+                bar.update(n)
+                if tracking:
+                    v = evaluate(state)
+                    val_steps.append(step)
+                    val_losses.append(v)
+                    record = track_held_out(record, v, step, state)
+                    bar.set_postfix(loss=f"{np.mean(losses[-max(1, n // 4):]):.4g}", val=f"{v:.4g}")
+                    if record.waited >= patience:
+                        stop_reason = "early_stopping"
+                        break
+                else:
+                    bar.set_postfix(loss=f"{np.mean(losses[-max(1, n // 4):]):.4g}")
+        finally:
+            bar.close()
+        fit_seconds = time.perf_counter() - t0
+        if record.state is not None and stop_reason != "nan":
+            final_state, best_step, best_val = record.state, record.step, record.best
+        else:  # no held-out evaluation (patience=None), none finite, or the NaN guard fired
+            final_state, best_step, best_val = state, step, None
+        params = {k: v for k, v in svi.get_params(final_state).items()}
+
+        return FitResult.build(
+            model_name=name,
+            model=model_fn,
+            guide=guide,
+            config=config,
+            params=params,
+            global_names=global_names,
+            data=data,
+            train_cells=run_idx,
+            objective=objective,
+            global_guide=global_guide,
+            history={
+                "loss": np.asarray(history_loss, dtype=np.float64),
+                "val_step": np.asarray(val_steps, dtype=np.int64),
+                "val_loss": np.asarray(val_losses, dtype=np.float64),
+            },
+            info={
+                "seed": seed,
+                "steps_run": step,
+                "best_step": best_step,
+                "best_val_loss": best_val,
+                "stop_reason": stop_reason,
+                "fit_seconds": fit_seconds,
+                "batch_size": batch_size,
+                "cells_per_step": step_size,
+                "learning_rate": learning_rate,
+                "energy_options": None if opts is None else opts._asdict(),
+                "warm_started": sorted(warm),
+                "data_init": sorted(set(from_data) - set(warm)),
+                **({"left_out": [str(v) for v in exclude]} if len(exclude) else {}),
+                **time_info,
+            },
+        )
+
+    return run

@@ -114,24 +114,27 @@ def in_span_folds(design: np.ndarray, n_folds: int = 2, max_fraction: float = 1 
     return folds
 
 
-def _model_means(fit_result, labels: list[str], seed: int) -> np.ndarray:
-    """Posterior-mean expression ``(C, G)`` of the fitted model (no nested path) for ``labels``."""
+def _model_prediction(fit_result, labels: list[str], n_cells: int, seed: int):
+    """The fitted model's prediction (no nested path) for ``labels``: ``n_cells`` cells each and the
+    posterior draws of the mean expression (``uns["mean_draws"]``, ``varm["pred_mean"]``)."""
     from perturbax.inference.prediction import predict
 
-    pr = predict(fit_result, labels, n_cells=1, num_samples=CV_DRAWS, seed=seed, bootstrap=False)
-    order = [list(pr.uns["perturbax"]["labels"]).index(lab) for lab in labels]
-    return np.asarray(pr.varm["pred_mean"], dtype=np.float64).T[order]
+    return predict(fit_result, labels, n_cells=n_cells, num_samples=CV_DRAWS, seed=seed, bootstrap=False)
 
 
-def nested_path(fit_result, data: PerturbationData, *, seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def nested_path(fit_result, data: PerturbationData, *, seed: int = 0, extra=(), n_cells: int = 1):
     """The arrays of the nested mean (module docstring) for a model fitted to ``data`` (its
-    training cells): ``(arrays, facts)`` with the ridge penalty and ``n_ref`` in ``facts``."""
+    training cells): ``(arrays, facts, prediction)`` with the ridge penalty and ``n_ref`` in
+    ``facts``. ``prediction`` is the model's own prediction for the training conditions and the
+    labels ``extra`` (``n_cells`` cells each), made once for both uses."""
     summary = summarize_training(data)
     lin = LinearBaseline(alpha="cv", unmeasured="zero").fit(data)
     alpha = float(lin.fitted.info["alpha"])
     conds = list(summary.conditions)
     ci = conds.index(data.control)
-    M = _model_means(fit_result, conds, seed)
+    pr = _model_prediction(fit_result, conds + [lab for lab in extra if lab not in conds], n_cells, seed)
+    pred_labels = list(pr.uns["perturbax"]["labels"])
+    M = np.asarray(pr.varm["pred_mean"], dtype=np.float64).T[[pred_labels.index(lab) for lab in conds]]
     rows = summary.perturbed
     L = summary.design[rows]
     W_model = ridge_solve(L, M[rows] - M[ci], alpha)
@@ -155,7 +158,7 @@ def nested_path(fit_result, data: PerturbationData, *, seed: int = 0) -> tuple[d
         "scores": np.zeros(0),
     }
     n_ref = float(np.median(summary.n_cells[rows])) if rows.size else float(summary.n_cells[ci])
-    return arrays, {"alpha": alpha, "n_ref": n_ref}
+    return arrays, {"alpha": alpha, "n_ref": n_ref}, pr
 
 
 def _energy_pcs(train: PerturbationData, seed: int):
@@ -168,46 +171,47 @@ def _energy_pcs(train: PerturbationData, seed: int):
         return PCAProjector.fit(train.dense(idx), n_components=min(CV_PCS, train.n_genes))
 
 
-def fit_with_selection(fit_fn: Callable[[PerturbationData], Any], data: PerturbationData, *, seed: int = 0):
+def fit_with_selection(trainer: Callable[..., Callable[..., Any]], data: PerturbationData, *, seed: int = 0):
     """Fit with the nested estimator, ``lambda`` and the cell mode chosen by in-span CV over the
     training conditions, intervals calibrated on the held-out ones (module docstring).
 
-    ``fit_fn(data)`` fits the model without selection (the same settings for every fold). Cost:
-    one fit per fold (two folds) plus the final fit. The returned ``FitResult`` carries the
-    nested arrays in ``nested`` and what was chosen, the CV scores and the calibration in
-    ``info["selection"]``.
+    ``trainer(holdouts)`` compiles the plain fit (no selection) for ``data`` and returns
+    ``run(exclude)``, which fits with the conditions ``exclude`` left out (``fit`` passes its
+    ``_trainer``); the CV fits and the final fit share that one compilation. Cost: one fit per
+    fold (two folds) plus the final fit. The returned ``FitResult`` carries the nested arrays in
+    ``nested`` and what was chosen, the CV scores and the calibration in ``info["selection"]``.
     """
     import dataclasses
 
-    from perturbax.inference.prediction import predict
     from perturbax.metrics.distances import energy_distance
     from perturbax.metrics.expression import top_de_genes
 
     t0 = time.perf_counter()
     summary = summarize_training(data)
     folds = in_span_folds(summary.design)
+    held_names = [[summary.conditions[r] for r in rows] for rows in folds]
+    run = trainer(held_names)
     scores = {(lam, mode): [] for lam in LAMBDA_GRID for mode in CELL_MODES}
     calib = {lam: [] for lam in LAMBDA_GRID}
-    held_names, skipped = [], []
-    for f, rows in enumerate(folds):
-        labels = [summary.conditions[r] for r in rows]
-        held_names.append(labels)
+    skipped = []
+    for f, labels in enumerate(held_names):
         train = data.select(labels, exclude=True)
-        res = fit_fn(train)
+        res = run(labels)
         if res.info.get("stop_reason") == "nan":  # a diverged CV fit says nothing about the settings
             skipped.append(labels)
             continue
-        arrays, facts = nested_path(res, train, seed=seed)
-        # (as many cells as control cells, at most CV_CELLS: the control mode then repeats none,
-        # which would bias the U-statistic energy distance upwards)
-        n_cells = min(CV_CELLS, arrays["control_cells"].shape[0])
-        pr = predict(res, labels, n_cells=n_cells, num_samples=CV_DRAWS, seed=seed + 1)
-        meta_labels = list(pr.uns["perturbax"]["labels"])
+        # one prediction for the training conditions (the nested path's model means) and the
+        # held-out ones (cells to score): as many cells as control cells, at most CV_CELLS (the
+        # control mode then repeats none, which would bias the U-statistic energy distance upwards)
+        n_cells = min(CV_CELLS, summary.control_cells.shape[0], MAX_CONTROL_CELLS)
+        arrays, facts, pr = nested_path(res, train, seed=seed, extra=labels, n_cells=n_cells)
+        meta_labels = list(labels)
         obs_lab = pr.obs[res.perturbation_key].astype(str).to_numpy()
         X = np.asarray(pr.X)
         cells = [X[obs_lab == lab] for lab in meta_labels]
         vecs = np.stack([data.registry.encode(lab) for lab in meta_labels])
-        mean_draws = np.asarray(pr.uns["mean_draws"], dtype=np.float64)
+        pred_labels = list(pr.uns["perturbax"]["labels"])
+        mean_draws = np.asarray(pr.uns["mean_draws"], dtype=np.float64)[[pred_labels.index(lab) for lab in meta_labels]]
         pcs = _energy_pcs(train, seed)
         truth = {lab: data.dense(np.flatnonzero(data.env == data.condition_index(lab))) for lab in meta_labels}
         truth_pc = {lab: pcs.transform(v) for lab, v in truth.items()}
@@ -242,8 +246,8 @@ def fit_with_selection(fit_fn: Callable[[PerturbationData], Any], data: Perturba
             note = (f"the CV fits diverged (non-finite loss) on every fold ({skipped}), so nothing was "
                     f"cross-validated: used lambda=0 (the ridge baseline's mean) with control cells, and the "
                     f"intervals are not calibrated")
-    res = fit_fn(data)
-    arrays, facts = nested_path(res, data, seed=seed)
+    res = run()
+    arrays, facts, _ = nested_path(res, data, seed=seed)
     arrays["scores"] = np.sort(np.asarray(calib.get(lam, []), dtype=np.float64))
     selection = {
         "lambda": float(lam),
