@@ -146,6 +146,46 @@ def test_select_false_keeps_the_plain_fit(plain):
     assert "selection" not in plain.info and plain.nested == {}
 
 
+def test_one_standard_error_rule_prefers_the_ridge_end_within_the_noise():
+    from perturbax.inference.selection import one_standard_error_choice
+
+    # lambda=1 is best on average, but not by more than the paired standard error: lambda=0.5 is taken
+    noisy = {(0.0, "c"): [1.5, 1.5, 1.5], (0.5, "c"): [0.9, 0.5, 1.0], (1.0, "c"): [0.2, 1.2, 0.9]}
+    assert one_standard_error_choice(noisy) == (0.5, "c")
+    # a clear, consistent win is kept
+    clear = {(0.0, "c"): [1.0, 1.1, 0.9], (1.0, "c"): [0.5, 0.6, 0.4], (1.0, "g"): [0.7, 0.8, 0.6]}
+    assert one_standard_error_choice(clear) == (1.0, "c")
+    # one condition: the lowest mean
+    assert one_standard_error_choice({(0.0, "c"): [1.0], (0.5, "g"): [0.99]}) == (0.5, "g")
+
+
+def test_cv_fits_share_the_final_fits_compiled_step(sim, monkeypatch):
+    """The nested estimator's CV fits leave conditions out of one compiled trainer (issue 17)."""
+    import perturbax.inference.fitting as fitting
+
+    builds, runs = [], []
+    real = fitting._trainer
+
+    def counting(*args, **kwargs):
+        builds.append(args[4] if len(args) > 4 else kwargs.get("holdouts", ()))
+        run = real(*args, **kwargs)
+
+        def counted(exclude=()):
+            res = run(exclude)
+            runs.append((list(exclude), res.train_conditions))
+            return res
+
+        return counted
+
+    monkeypatch.setattr(fitting, "_trainer", counting)
+    res = fit("additive_shift", sim, config=_config(sim), **FIT)
+    held = res.info["selection"]["held_out"]
+    assert len(builds) == 1 and [list(h) for h in builds[0]] == held
+    assert [r[0] for r in runs] == held + [[]]
+    for exclude, conds in runs:  # a CV fit's training conditions are the data's minus its fold
+        assert set(conds) == set(sim.conditions) - set(exclude)
+
+
 def test_conformal_scale_widens_intervals_of_a_miscalibrated_model():
     rng = np.random.default_rng(0)
     sigma = np.full(4000, 0.2)  # the model's stated scale

@@ -25,10 +25,12 @@ model's generated cells, re-centred (``"generated"``), or from the training cont
 **Selection** (:func:`fit_with_selection`, the default of ``fit("additive_shift", ...)`` for
 gaussian/implicit likelihoods): two in-span cross-validation folds over the *training*
 conditions (:func:`in_span_folds`), one model fit per fold, and ``lambda`` (``LAMBDA_GRID``) and
-the cell mode chosen by the mean energy distance (U-statistic, 50 PCs of the fold's training
-cells) between predicted and held-out training cells. Energy distance, not the squared error of
-the means, because the cell mode changes the distribution and not the mean; the energy distance
-is dominated by the mean shift, so it also judges ``lambda``.
+the cell mode chosen by the energy distance (U-statistic, 50 PCs of the fold's training cells)
+between predicted and held-out training cells, with the one-standard-error rule towards the
+ridge baseline (:func:`one_standard_error_choice`: a few held-out conditions make the CV noisy,
+and a larger ``lambda`` must earn its place). Energy distance, not the squared error of the
+means, because the cell mode changes the distribution and not the mean; the energy distance is
+dominated by the mean shift, so it also judges ``lambda``.
 
 **Calibration.** Intervals of per-gene means are ``mean +- q * sigma`` with
 ``sigma^2 = (posterior variance of the nested mean) + (pooled within-condition variance) / n_ref``
@@ -61,6 +63,7 @@ __all__ = [
     "in_span_folds",
     "nested_path",
     "fit_with_selection",
+    "one_standard_error_choice",
 ]
 
 LAMBDA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -161,6 +164,29 @@ def nested_path(fit_result, data: PerturbationData, *, seed: int = 0, extra=(), 
     return arrays, {"alpha": alpha, "n_ref": n_ref}, pr
 
 
+def one_standard_error_choice(scores: dict[tuple[float, str], list[float]]) -> tuple[float, str]:
+    """The setting ``(lambda, cell mode)`` chosen from per-condition CV scores (lower is better;
+    the lists aligned: entry ``i`` of every list scores the same held-out condition).
+
+    The one-standard-error rule, paired: with ``best`` the setting of the lowest mean score and
+    ``d_i`` a setting's score minus ``best``'s on condition ``i``, the settings whose mean ``d``
+    is at most its standard error (``sd(d) / sqrt(n)``) fit as well as ``best`` within the CV's
+    noise; of those the smallest ``lambda`` is chosen (the one closest to the ridge baseline,
+    ``lambda = 0``), and of its cell modes the lower mean score. With fewer than two conditions
+    this is the lowest mean score.
+    """
+    means = {k: float(np.mean(v)) for k, v in scores.items()}
+    best = min(means, key=means.get)
+    ref = np.asarray(scores[best], dtype=np.float64)
+    ok = []
+    for k, v in scores.items():
+        d = np.asarray(v, dtype=np.float64) - ref
+        se = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else 0.0
+        if float(d.mean()) <= se:
+            ok.append(k)
+    return min(ok, key=lambda k: (k[0], means[k]))
+
+
 def _energy_pcs(train: PerturbationData, seed: int):
     from perturbax.metrics.evaluate import PCAProjector
 
@@ -232,7 +258,7 @@ def fit_with_selection(trainer: Callable[..., Callable[..., Any]], data: Perturb
     held_names = [labels for labels in held_names if labels not in skipped]
     if folds:
         mean_scores = {k: float(np.mean(v)) for k, v in scores.items()}
-        lam, mode = min(mean_scores, key=mean_scores.get)
+        lam, mode = one_standard_error_choice(scores)
         note = (f"in-span CV over the training conditions: {len(folds)} fold(s) holding out "
                 f"{sum(len(h) for h in held_names)} condition(s) inside the span of the rest"
                 + (f"; fold(s) {skipped} skipped (the CV fit diverged)" if skipped else ""))
@@ -254,8 +280,8 @@ def fit_with_selection(trainer: Callable[..., Callable[..., Any]], data: Perturb
         "cells": mode,
         "alpha": facts["alpha"],
         "n_ref": facts["n_ref"],
-        "criterion": "mean energy distance (U-statistic, 50 PCs of the fold's training cells) over held-out "
-                     "training conditions",
+        "criterion": "energy distance (U-statistic, 50 PCs of the fold's training cells) on held-out training "
+                     "conditions; the smallest lambda within one (paired) standard error of the best mean",
         "note": note,
         "held_out": held_names,
         "cv_scores": [{"lambda": k[0], "cells": k[1], "energy": v} for k, v in mean_scores.items()],
