@@ -336,7 +336,7 @@ def fit_file(
                    "added to the energy score (experts; no benchmark supports a value other than 0).")
 @click.option("--no-select", is_flag=True,
               help="Additive model: skip the nested estimator and its selection on training conditions "
-                   "(plain model fit; 3x faster, uncalibrated intervals).")
+                   "(plain model fit: one fit instead of three, uncalibrated intervals).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @where_option()
 def fit(data, perturbation_key, control, out, overwrite, objective, likelihood, steps, seed, batch_size, latent_dim,
