@@ -60,7 +60,8 @@ PROTOCOLS: dict[str, tuple[str, tuple[str, ...]]] = {
 HEADER = (
     "# Benchmarks\n\nThe headline numbers are on [results.md](results.md); the detail pages below hold each "
     "protocol's run logs, per-seed and per-fold tables and tuning history, written by the scripts in "
-    "`benchmarks/` (`make benchmarks` reruns them all). Each section starts with a stamp (an HTML comment, "
+    "`benchmarks/` (`make benchmarks` reruns them; `benchmarks/regenerate.py` lists which command writes which "
+    "section, and which are written by hand). Each section starts with a stamp (an HTML comment, "
     "written by `benchmarks/_docs.py`: the commit it was produced at, the SHA-256 of its scripts and the digest "
     "of the library code it measures); `tests/test_docs.py` fails when either changed after the section's "
     "numbers, unless the section says in a **Stale** line which later change it predates.\n"
