@@ -1,9 +1,12 @@
-# Two entry points (see README): `make demo` and `make test`. Both create .venv with a
-# Python >= 3.12 (scripts/find_python.sh) and install the package from pyproject.toml first.
+# Entry points (see README): `make demo`, `make test` and `make benchmarks`. Each creates .venv with a
+# Python >= 3.12 (scripts/find_python.sh) and installs the package from pyproject.toml first.
+# `make benchmarks` reruns every benchmark with the settings of its section (hours on 2 CPU cores) and
+# rebuilds docs/results.md; `make benchmarks BENCH_ARGS=--dry-run` lists the commands,
+# `BENCH_ARGS="--only pdae-sim"` runs one; `make results` only rebuilds docs/results.md from the pages.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install
+.PHONY: demo test install benchmarks results
 
 install: $(VENV)/.installed
 
@@ -18,3 +21,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
+
+benchmarks: $(VENV)/.installed
+	$(PY) benchmarks/regenerate.py $(BENCH_ARGS)
+
+results: $(VENV)/.installed
+	$(PY) benchmarks/results.py

@@ -2,9 +2,11 @@
 
 Blocks fenced as ```bash, ```text (or anything but ```python) are illustrative and not run. A failing
 block is reported with its file and line. Also checked: docs/api.md is what docs/gen_api.py
-generates from the current docstrings, every image the README links to exists, and every section of
-docs/benchmarks.md is stamped with the commit and script hashes it was produced from, and its
-scripts have not changed since unless the section says it is stale (benchmarks/_docs.py).
+generates from the current docstrings, every image the README links to exists, every section of the
+benchmark pages (docs/benchmarks/*.md) is stamped with the commit, script hashes and library digest it
+was produced from and neither changed since unless the section says it is stale (benchmarks/_docs.py),
+docs/results.md is what benchmarks/results.py builds from those pages, and `make benchmarks`
+(benchmarks/regenerate.py) reruns the script of every section.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "docs" / "benchmarks").glob("*.md"))]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import _docs  # noqa: E402  (benchmarks/_docs.py: the section writer and its checks)
+import regenerate  # noqa: E402  (benchmarks/regenerate.py: what `make benchmarks` runs)
+import results  # noqa: E402  (benchmarks/results.py: docs/results.md from the pages)
 
 _FENCE = re.compile(r"^```(\S*)[^\n]*\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
 
@@ -120,15 +124,16 @@ def test_doc_links_resolve():
 
 
 def test_benchmark_sections_are_stamped_and_current():
-    """Each section of docs/benchmarks.md records the commit and script hashes it was produced from;
-    a script changed since its numbers fails unless the section says it is stale (issue 16 item 17)."""
-    text = _docs.DOC.read_text()
-    found = _docs.sections(text)
+    """Each section of the benchmark pages records the commit, script hashes and library digest it was
+    produced from; a script or library module changed since its numbers fails unless the section says
+    it is stale (issue 16 item 17, issue 20)."""
+    found = _docs.all_sections()
     assert {"baselines", "speed-additive", "theory-coverage", "pdae-sim", "norman-models", "dynamics"} <= set(found)
-    assert _docs.check_sections(text) == []
-    # no section outside the markers: every heading below the title lies in a stamped section
-    outside = _docs._SECTION.sub("", text)
-    assert re.findall(r"^#{2,} .*$", outside, re.MULTILINE) == []
+    assert _docs.check_pages() == []
+    assert not _docs.sections(_docs.DOC.read_text()), "docs/benchmarks.md is the index; sections live on their pages"
+    for page in _docs.benchmark_pages()[1:]:  # no text outside the markers below a page's title and intro
+        outside = _docs._SECTION.sub("", page.read_text())
+        assert re.findall(r"^#{2,} .*$", outside, re.MULTILINE) == [], page.name
     commits = {sec["stamps"][0]["commit"] for sec in found.values()}
     git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--git-dir"], capture_output=True)
     if git.returncode == 0:  # a checkout with history: the stamped commits exist
@@ -159,22 +164,146 @@ def test_section_check_catches_a_changed_script(tmp_path):
     _docs.write_section("demo", "## Demo\n\n| a |\n|---|\n| 2 |", doc, sources=[script], root=tmp_path)
     text = doc.read_text()
     assert _docs.STALE not in text and _docs.check_sections(text, root=tmp_path) == []
-    # a section rebuilt from kept results names the commit of the run that produced them
-    _docs.write_section("demo", "## Demo", doc, sources=[script], root=tmp_path,
-                        produced={"commit": "23799d5", "worktree": "clean"})
+    # a section rebuilt from kept results names the commit and library of the run that produced them
+    run = {"commit": "23799d5", "worktree": "clean", "library": _docs.library_digest(tmp_path)}
+    _docs.write_section("demo", "## Demo", doc, sources=[script], root=tmp_path, produced=run)
     assert _docs.sections(doc.read_text())["demo"]["stamps"][0]["commit"] == "23799d5"
+    assert _docs.check_sections(doc.read_text(), root=tmp_path) == []
     _docs.write_section("demo", "## Demo", doc, sources=[script], root=tmp_path, produced={})  # not recorded
     assert "malformed stamp" in _docs.check_sections(doc.read_text(), root=tmp_path)[0]
-    assert _docs.common_provenance([{"provenance": {"commit": "abc1234", "worktree": "clean"}}, {}])["commit"] == "unknown"
+    _docs.write_section("demo", "## Demo", doc, sources=[script], root=tmp_path, produced={**run, "library": ""})
+    assert "no digest of the library" in _docs.check_sections(doc.read_text(), root=tmp_path)[0]
+    assert _docs.common_provenance([{"provenance": run}, {}])["commit"] == "unknown"
+    assert _docs.common_provenance([{"provenance": run}, {"provenance": run}]) == run
     # a section without a stamp is reported
     bare = text.replace(_docs._STAMP.search(text).group(0) + "\n", "")
     assert "has 0 stamps" in _docs.check_sections(bare, root=tmp_path)[0]
 
 
+def test_section_check_catches_a_changed_library(tmp_path):
+    """A headline's section is older than the code it measures: a change of the code of a library
+    module (not of its docstrings or comments, nor of cli/ or plotting/) after the numbers fails the
+    check until the section is rerun or marked stale."""
+    lib = tmp_path / "src" / "perturbax"
+    (lib / "cli").mkdir(parents=True)
+    (lib / "fit.py").write_text('"""Fit."""\n\n\ndef fit(x):\n    """Docs."""\n    return x + 1  # one\n')
+    (lib / "cli" / "main.py").write_text("print('hi')\n")
+    script = tmp_path / "bench.py"
+    script.write_text("print(1)\n")
+    doc = tmp_path / "benchmarks.md"
+    _docs.write_section("demo", "## Demo", doc, sources=[script], root=tmp_path)
+    assert _docs.library_files(tmp_path) == ["src/perturbax/fit.py"]
+    assert _docs.check_sections(doc.read_text(), root=tmp_path) == []
+    # rewording docstrings and comments, blank lines, or changing the CLI does not change the numbers
+    (lib / "fit.py").write_text('"""Fit, reworded\nover two lines."""\n\ndef fit(x):\n    """Other docs."""\n\n'
+                                '    return x + 1  # one\n')
+    (lib / "cli" / "main.py").write_text("print('hello')\n")
+    assert _docs.check_sections(doc.read_text(), root=tmp_path) == []
+    (lib / "fit.py").write_text('"""Fit."""\n\n\ndef fit(x):\n    """Docs."""\n    return x + 2  # one\n')
+    (problem,) = _docs.check_sections(doc.read_text(), root=tmp_path)
+    assert "library code it measures" in problem and "changed since its numbers" in problem
+    (lib / "new.py").write_text("y = 1\n")  # a new module counts too
+    _docs.mark_stale("demo", "numbers from before fit() added 2 instead of 1.", doc)
+    assert _docs.check_sections(doc.read_text(), root=tmp_path) == []
+
+
+def test_check_finds_library_changes_after_a_real_section():
+    """On the real pages: a section whose stale line is removed is reported when the library changed
+    after its commit (theory-coverage, produced at 13adece, before the nested-estimator default)."""
+    sec = _docs.all_sections()["theory-coverage"]
+    assert sec["stale"] and re.fullmatch(r"[0-9a-f]{64}", sec["stamps"][0]["library"])
+    text = sec["page"].read_text()
+    unmarked = "\n".join(ln for ln in text.split("\n") if not ln.startswith(_docs.STALE))
+    problems = _docs.check_sections(unmarked)
+    assert any("'theory-coverage': the library code it measures" in p for p in problems), problems
+
+
+def test_write_section_routes_sections_to_their_protocol_pages(tmp_path, monkeypatch):
+    """Scripts call write_section(name, text, [docs/benchmarks.md], sources=...) as before; the section
+    lands on its protocol's page, images saved in docs/ stay linked, and a section of a new protocol gets
+    a page of its own."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    monkeypatch.setattr(_docs, "DOC", docs / "benchmarks.md")
+    (docs / "plot.png").write_bytes(b"png")
+    script = tmp_path / "bench.py"
+    script.write_text("print(1)\n")
+    page = _docs.write_section("baselines", "## B\n\n![plot](plot.png)", docs / "benchmarks.md", sources=[script],
+                               root=tmp_path)
+    assert page == docs / "benchmarks" / "norman-doubles.md" and not (docs / "benchmarks.md").exists()
+    assert "![plot](../plot.png)" in page.read_text()
+    new = _docs.write_section("contexts", "## Contexts", sources=[script], root=tmp_path)
+    assert new == docs / "benchmarks" / "contexts.md"
+    _docs.mark_stale("contexts", "numbers from before a change that moved them.")
+    assert _docs.all_sections(docs)["contexts"]["stale"]
+    # a section a script of before the pages appended to the index moves to its page unchanged
+    (docs / "benchmarks.md").write_text(_docs.HEADER + "\n<!-- pdae-sim:start -->\nX ![p](plot.png)\n<!-- pdae-sim:end -->\n")
+    assert any("pdae-sim" in p for p in _docs.check_pages(docs, root=tmp_path))
+    assert _docs.move_sections(docs) == ["pdae-sim: docs/benchmarks.md -> docs/benchmarks/pdae-sim.md"]
+    assert _docs.all_sections(docs)["pdae-sim"]["body"] == "X ![p](../plot.png)\n"
+    assert not _docs.sections((docs / "benchmarks.md").read_text())
+
+
+def test_results_page_is_built_from_the_sections():
+    """docs/results.md and the index docs/benchmarks.md are what benchmarks/results.py builds from the
+    detail pages now (run it after a benchmark), and every plot they show exists."""
+    built, index = results.build(plots=False)
+    assert (ROOT / "docs" / "results.md").read_text() == built, "run python benchmarks/results.py"
+    assert _docs.DOC.read_text() == index, "run python benchmarks/results.py"
+    for key in results.ORDER:
+        assert f'<a id="{key}"></a>' in built
+    for link in re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", built):
+        assert (ROOT / "docs" / link).is_file(), link
+    # a number on the page is read from its section: the pdae-sim double row quotes the model's median
+    rows = {(r["group"], r["method"]): r for r in results.table(_docs.all_sections()["pdae-sim"]["body"], "By group")}
+    assert f"| held-out double | 100 | {results.fmt(float(rows[('double', 'model_energy')]['energy_median']))} |" in built
+
+
+def test_results_page_says_when_a_headline_is_stale(tmp_path):
+    """A protocol whose section is marked stale shows a Stale note next to its table; a current one none."""
+    docs = tmp_path / "docs"
+    (docs / "benchmarks").mkdir(parents=True)
+    for page in (ROOT / "docs" / "benchmarks").glob("*.md"):
+        (docs / "benchmarks" / page.name).write_text(page.read_text())
+    page = docs / "benchmarks" / "pdae-sim.md"
+    page.write_text("\n".join(ln for ln in page.read_text().split("\n") if not ln.startswith(_docs.STALE)))
+    built, _ = results.build(docs, plots=False)
+    block = built.split('<a id="pdae-sim"></a>')[1].split("<a id=")[0]
+    assert _docs.STALE not in block and "| held-out double |" in block
+    _docs.mark_stale("pdae-sim", "numbers from before the nested-estimator default of fit.", page)
+    built, _ = results.build(docs, plots=False)
+    block = built.split('<a id="pdae-sim"></a>')[1].split("<a id=")[0]
+    assert "> **Stale:** the `pdae-sim` numbers predate" in block and "nested-estimator default" in block
+    assert block.index(_docs.STALE) < block.index("| held-out double |")
+
+
+def test_make_benchmarks_regenerates_every_section():
+    """Every section of the benchmark pages is written by a script that `make benchmarks` runs (or is
+    listed as written by hand, with why), and that script is the one its stamp names."""
+    found = _docs.all_sections()
+    assert set(found) == set(regenerate.RUNS) | set(regenerate.HAND_WRITTEN), (
+        "add each new section to benchmarks/regenerate.py RUNS (the commands that write it)")
+    assert not set(regenerate.RUNS) & set(regenerate.HAND_WRITTEN)
+    for name, commands in regenerate.RUNS.items():
+        scripts = {regenerate.script_of(c) for c in commands}
+        assert len(scripts) == 1 and all(c.startswith("python benchmarks/") for c in commands), name
+        (script,) = scripts
+        assert (ROOT / script).is_file(), script
+        assert f'"{name}"' in (ROOT / script).read_text(), f"{script} does not write section {name!r}"
+        assert next(iter(found[name]["stamps"][0]["sources"])) == script, name
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^benchmarks:.*\n\t\$\(PY\) benchmarks/regenerate\.py", makefile, re.MULTILINE)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "regenerate.py"), "--dry-run"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    listed = [ln.split("] ", 1)[1] for ln in proc.stdout.splitlines() if ln.startswith("[") and "not regenerated" not in ln]
+    assert listed == [c for cs in regenerate.RUNS.values() for c in cs] + [regenerate.REBUILD]
+
+
 def test_readme_quotes_the_pdae_sim_errors_inside_and_outside_the_hull():
     """The README's "in the span means identified, not accurate" paragraph quotes the measured errors
-    of docs/benchmarks.md (pdae-sim, by group); a rerun that changes them must update the README."""
-    body = _docs.sections(_docs.DOC.read_text())["pdae-sim"]["body"]
+    of docs/benchmarks/pdae-sim.md (by group); a rerun that changes them must update the README."""
+    body = _docs.all_sections()["pdae-sim"]["body"]
     rows = {}
     for line in body.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
