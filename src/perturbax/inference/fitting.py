@@ -11,7 +11,7 @@ import importlib.util
 import math
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import equinox as eqx
@@ -29,9 +29,11 @@ else:
     from tqdm import tqdm
 
 from perturbax.data.core import PerturbationData, check_counts
+from perturbax.data.stream import on_disk
 from perturbax.inference.energy import EnergyOptions, EnergyScore
 from perturbax.inference.guides import hide_cells, make_guide
 from perturbax.inference.result import FitResult
+from perturbax.inference.sharding import make_mesh, put_cells, replicate, shard_cells
 from perturbax.inference.times import training_times
 from perturbax.models.batch import Batch
 from perturbax.models.registry import BUILTIN_MODELS, uses_time
@@ -138,7 +140,8 @@ def _device_data(data: PerturbationData, cells: np.ndarray, timed: bool = False)
         table[e, : members.size] = members
         is_control[e] = sub.control_index is not None and bool(np.all(sub.env[members] == sub.control_index))
     return DeviceData(
-        x=jnp.asarray(sub.dense()),
+        # (cells on disk: a zero-width placeholder; each step's rows are read from disk, data/stream.py)
+        x=jnp.zeros((sub.n_cells, 0), jnp.float32) if on_disk(sub) else jnp.asarray(sub.dense()),
         l=jnp.asarray(sub.L, dtype=jnp.float32),
         c=jnp.asarray(C) if C.shape[1] else None,
         library=jnp.asarray(sub.library_size),
@@ -309,6 +312,7 @@ def fit(
     init_params: Mapping[str, Any] | FitResult | None = None,
     data_init: bool | None = None,
     select: bool | None = None,
+    devices: int | Sequence[Any] | None = None,
 ) -> FitResult:
     """Fit a model to perturbed cells by stochastic variational inference.
 
@@ -374,6 +378,15 @@ def fit(
         calibrated on the held-out ones; ``info["selection"]`` says what was chosen.
         ``None`` (default): on for ``"additive_shift"`` with a gaussian or implicit likelihood
         (and ``init_params`` not given); ``False``: the plain model fit.
+    devices
+        Devices the cells of each step are split over (:mod:`perturbax.inference.sharding`):
+        ``None`` (default) all devices (of all hosts after ``jax.distributed.initialize()``), a
+        number ``n`` the first ``n``, or a list of jax devices; parameters are replicated. The
+        mesh uses the most of them that divide a step evenly (``info["devices"]``).
+
+    Data whose cells are on disk (``from_anndata(backed, on_disk=True)``, :mod:`perturbax.data.stream`)
+    are streamed: each step's cells are read by a background thread ahead of use, with the same
+    draws as in memory (the same seed gives the same fit).
     """
     builtin = model if isinstance(model, str) else next((k for k, (f, _) in BUILTIN_MODELS.items() if f is model), None)
     if objective is None:
@@ -417,7 +430,7 @@ def fit(
                         learning_rate=learning_rate, seed=seed, guide=guide, global_guide=global_guide,
                         energy=energy, validation_fraction=validation_fraction, eval_every=eval_every,
                         patience=patience, progress=progress, init_params=init_params, data_init=data_init,
-                        select=False)
+                        select=False, devices=devices)
         return fit_with_selection(plain, data, seed=seed)
     time_info: dict[str, Any] = {}
     if timed:
@@ -453,26 +466,48 @@ def fit(
     else:
         opts, m, n_groups, step_size = None, None, None, batch_size
 
-    def cells_of(dev: DeviceData, groups, key) -> tuple[Batch, dict[str, jax.Array]]:
-        """The batch of ``m`` cells of each group, and the loss's keyword arguments: the cells'
-        rows (``cell_ids``: the energy score pairs distinct cells only)."""
-        pos = jax.random.randint(key, (groups.shape[0], m), 0, dev.counts[groups][:, None])
-        idx = dev.table[groups[:, None], pos].reshape(-1)
-        return dev.batch(idx), {"cell_ids": idx}
+    # --- data parallelism (inference/sharding.py): a step's cells split over the mesh
+    mesh = make_mesh(devices, units=n_groups if objective == "energy" else batch_size)
+    train, val = replicate((train, val), mesh)
+    # --- cells on disk (data/stream.py): each step's rows drawn ahead on the host and read from disk
+    disk = on_disk(data)
 
-    def draw_batch(dev: DeviceData, key) -> tuple[Batch, dict[str, jax.Array]]:
+    def group_cells(dev: DeviceData, groups, key) -> jax.Array:
+        """The rows of ``m`` random cells of each group (the energy score pairs distinct rows only)."""
+        pos = jax.random.randint(key, (groups.shape[0], m), 0, dev.counts[groups][:, None])
+        return dev.table[groups[:, None], pos].reshape(-1)
+
+    def draw_rows(dev: DeviceData, key) -> jax.Array:
+        """The rows of one step's cells (also drawn ahead on the host for cells on disk)."""
         if objective == "elbo":
-            idx = jax.random.randint(key, (batch_size,), 0, dev.x.shape[0])
-            return dev.batch(idx), {}
+            return jax.random.randint(key, (batch_size,), 0, dev.x.shape[0])
         k1, k2 = jax.random.split(key)
-        return cells_of(dev, _draw_groups(k1, dev, n_groups, opts.source), k2)
+        return group_cells(dev, _draw_groups(k1, dev, n_groups, opts.source), k2)
+
+    def batch_of(dev: DeviceData, idx, x=None) -> tuple[Batch, dict[str, jax.Array]]:
+        """The batch of rows ``idx`` (expression ``x`` when read from disk) laid out over the mesh,
+        and the loss's keyword arguments (energy: ``cell_ids``, the rows)."""
+        b = dev.batch(idx) if x is None else dev.batch(idx)._replace(x=x)
+        return shard_cells((b, {} if objective == "elbo" else {"cell_ids": idx}), mesh)
+
+    def draw_batch(dev: DeviceData, key, x=None) -> tuple[Batch, dict[str, jax.Array]]:
+        return batch_of(dev, draw_rows(dev, key), x)
 
     # (the plate must hold a step's cells: an energy step can draw more cells than there are, with
     # replacement; the energy score does not use the plate size, the ELBO scales by it)
     model_kwargs = {"config": config, "n_cells": max(n_train, step_size)}
     key = jax.random.PRNGKey(seed)
     k_init, k_data, k_val = jax.random.split(key, 3)
-    init_batch = draw_batch(train, k_data)[0]
+    rows_ahead = jax.jit(jax.vmap(lambda k: draw_rows(train, k)))
+
+    def read_steps(keys) -> jax.Array | None:
+        """Cells on disk: the expression of the steps of ``keys``, ``(n, cells, G)`` over the mesh."""
+        if not disk:
+            return None
+        idx = np.asarray(rows_ahead(keys))
+        return put_cells(data.dense(train_idx[idx.reshape(-1)]).reshape(*idx.shape, -1), mesh, axis=1)
+
+    init_batch = draw_batch(train, k_data, None if not disk else read_steps(k_data[None])[0])[0]
     if guide is None:
         guide, global_names = make_guide(
             model_fn,
@@ -502,7 +537,12 @@ def fit(
     start = svi.get_params(state)
     if data_init is None:
         data_init = objective == "energy"
-    from_data = data_start(start, train, likelihood=likelihood, objective=objective) if data_init else {}
+    if data_init and disk:  # the starting values from (up to) 20000 training cells read from disk
+        some = np.arange(n_train) if n_train <= 20000 else np.sort(np.random.default_rng(seed).choice(n_train, 20000, replace=False))
+        init_dev = train._replace(x=jnp.asarray(data.dense(train_idx[some])), library=train.library[some])
+    else:
+        init_dev = train
+    from_data = data_start(start, init_dev, likelihood=likelihood, objective=objective) if data_init else {}
     warm = _matching_params(init_params, start)
     if from_data or warm:
         transforms = svi.constrain_fn.args[0]  # name -> bijection from unconstrained values
@@ -510,16 +550,17 @@ def fit(
         new = {**from_data, **warm}
         raw.update({k: transforms[k].inv(v) if k in transforms else v for k, v in new.items()})
         state = state._replace(optim_state=svi.optim.init(raw))
+    state = replicate(state, mesh)
     per_cell = 1.0 / n_train if objective == "elbo" else 1.0
 
     @jax.jit
-    def run_chunk(state, keys):
-        def body(st, k):
-            b, loss_kw = draw_batch(train, k)
+    def run_chunk(state, keys, xs=None):
+        def body(st, a):
+            b, loss_kw = draw_batch(train, *a)
             st, value = svi.update(st, b, **loss_kw)
             return st, value * per_cell
 
-        return jax.lax.scan(body, state, keys)
+        return jax.lax.scan(body, state, (keys, xs))
 
     # Held-out loss: the ELBO on 4 random batches of held-out cells; the energy score on every
     # held-out group (condition or context), in blocks of a step's layout, so that evaluations (and
@@ -535,6 +576,17 @@ def fit(
         b, loss_kw = batch_and_kw
         return loss.loss(key, params, svi_model, guide, b, **loss_kw, **model_kwargs)
 
+    val_block_ids = jnp.zeros((val_keys.shape[0],), jnp.int32) if val_blocks is None else val_blocks
+
+    def val_rows(block, key):
+        k_cells = jax.random.split(key)[0]
+        return draw_rows(val, k_cells) if val_blocks is None else group_cells(val, block, k_cells)
+
+    val_xs = None
+    if disk and val is not None:  # the held-out cells are the same at every evaluation: read them once
+        vi = np.asarray(jax.vmap(val_rows)(val_block_ids, val_keys))
+        val_xs = put_cells(data.dense(val_idx[vi.reshape(-1)]).reshape(*vi.shape, -1), mesh, axis=1)
+
     @jax.jit
     def val_loss(state):
         if val is None:
@@ -542,12 +594,10 @@ def fit(
         params = svi.get_params(state)
 
         def one(a):
-            k_cells, k_loss = jax.random.split(a[1])
-            drawn = draw_batch(val, k_cells) if val_blocks is None else cells_of(val, a[0], k_cells)
-            return held_out(params, drawn, k_loss)
+            block, key, x = a
+            return held_out(params, batch_of(val, val_rows(block, key), x), jax.random.split(key)[1])
 
-        blocks = jnp.zeros((val_keys.shape[0],), jnp.int32) if val_blocks is None else val_blocks
-        return jnp.mean(jax.lax.map(one, (blocks, val_keys))) * per_cell
+        return jnp.mean(jax.lax.map(one, (val_block_ids, val_keys, val_xs))) * per_cell
 
     history_loss, val_steps, val_losses = [], [], []
     tracking = val is not None and patience is not None
@@ -561,11 +611,34 @@ def fit(
     step = 0
     t0 = time.perf_counter()
     keys_all = jax.random.split(k_data, steps)
+    feed = None
+    if disk:  # pieces of each evaluation chunk, ~64 MB of cells each, read ahead by a background thread
+        from perturbax.data.stream import Prefetch
+
+        per = int(max(1, min(eval_every, (64 << 20) // (4 * step_size * data.n_genes))))
+        pieces = [(a, min(a + per, s0 + eval_every, steps)) for s0 in range(0, steps, eval_every)
+                  for a in range(s0, min(s0 + eval_every, steps), per)]
+        feed = Prefetch(lambda p: read_steps(keys_all[p[0] : p[1]]), pieces, depth=2)
+
+    def advance(state, step: int, n: int):
+        """``n`` SVI steps from ``step``: one scan in memory; for cells on disk one scan per piece
+        read ahead (stopping after a piece with a non-finite loss)."""
+        if feed is None:
+            return run_chunk(state, keys_all[step : step + n])
+        parts = []
+        while sum(map(len, parts)) < n:
+            (a, b), xs = next(feed)
+            state, part = run_chunk(state, keys_all[a:b], xs)
+            parts.append(np.asarray(part))
+            if not np.all(np.isfinite(parts[-1])):
+                break
+        return state, np.concatenate(parts)
+
     bar = tqdm(total=steps, disable=not progress, desc=f"fit {name} ({objective})", unit="step", leave=False)
     try:
         while step < steps:
             n = min(eval_every, steps - step)
-            new_state, losses = run_chunk(state, keys_all[step : step + n])
+            new_state, losses = advance(state, step, n)
             losses = np.asarray(losses)
             if not np.all(np.isfinite(losses)):
                 first = int(np.flatnonzero(~np.isfinite(losses))[0])
@@ -597,6 +670,8 @@ def fit(
                 bar.set_postfix(loss=f"{np.mean(losses[-max(1, n // 4):]):.4g}")
     finally:
         bar.close()
+        if feed is not None:
+            feed.close()
     fit_seconds = time.perf_counter() - t0
     if record.state is not None and stop_reason != "nan":
         final_state, best_step, best_val = record.state, record.step, record.best
@@ -633,6 +708,8 @@ def fit(
             "energy_options": None if opts is None else opts._asdict(),
             "warm_started": sorted(warm),
             "data_init": sorted(set(from_data) - set(warm)),
+            "devices": int(mesh.size),
+            "streamed": disk,
             **time_info,
         },
     )
