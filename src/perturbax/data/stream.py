@@ -69,8 +69,8 @@ class _Source:
         """Dense float32 rows (any order, repeats allowed)."""
         uniq, inv = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
         block = self.read(uniq) if uniq.size else np.zeros((0, self.shape[1]), np.float32)
-        block = block.toarray() if sp.issparse(block) else np.asarray(block)
-        return block.astype(np.float32, copy=False)[inv.reshape(-1)]
+        block = block[inv.reshape(-1)]  # (reordered while sparse: cheaper than dense rows)
+        return np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float32)
 
     def blocks(self, rows: np.ndarray, size: int = 16384) -> Iterator[tuple[int, Any]]:
         """``(offset, block)`` over ``rows`` in pieces of ``size`` cells, as stored (CSR: sparse)."""

@@ -95,8 +95,8 @@ def shard_cells(tree: Any, mesh: Mesh) -> Any:
 def put_cells(tree: Any, mesh: Mesh, axis: int = 0) -> Any:
     """Host arrays placed with their axis ``axis`` (cells) split over the mesh: each device
     receives only its share (the streamed path's minibatches)."""
-    if mesh.size == 1:
-        return jax.device_put(tree, mesh.devices.reshape(-1)[0])
+    if mesh.size == 1:  # uncommitted, like the in-memory path's arrays (a committed one would recompile the step)
+        return jax.device_put(tree)
 
     def put(a):
         spec = PartitionSpec(*([None] * axis), CELL_AXIS, *([None] * (a.ndim - axis - 1)))
