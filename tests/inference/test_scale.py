@@ -12,7 +12,7 @@ import pytest
 import scipy.sparse as sp
 
 from perturbax.data import from_anndata, simulate_additive_shift
-from perturbax.data.stream import DiskCells, Prefetch, stream_plan
+from perturbax.data.stream import DiskCells, Prefetch, read_obs, stream_plan
 from perturbax.inference import EnergyOptions, fit
 from perturbax.models import AdditiveShiftConfig
 
@@ -105,6 +105,10 @@ def test_disk_cells_read_the_rows_asked_for(tiny, tmp_path):
     np.testing.assert_allclose(cells[rows].sum(axis=1).ravel(), dense[rows].sum(1), rtol=1e-6)
     by_name = DiskCells.open(path, adata.obs_names[[9, 2]])
     np.testing.assert_array_equal(np.asarray(by_name), dense[[9, 2]])
+    adata.write_zarr(tmp_path / "tiny.zarr")  # a zarr store: the same reader
+    z = from_anndata(read_obs(tmp_path / "tiny.zarr"), "perturbation", "control", on_disk=str(tmp_path / "tiny.zarr"))
+    assert isinstance(z.X, DiskCells)
+    np.testing.assert_array_equal(z.dense(rows), dense[rows])
     csc = adata.copy()
     csc.X = sp.csc_matrix(csc.X)
     csc.write_h5ad(tmp_path / "csc.h5ad")
@@ -156,3 +160,30 @@ def test_stream_plan_chooses_from_size_and_free_memory():
     assert not small and "in memory" in line and "--stream" in line
     assert not stream_plan(10**6, 2000, stream=False, available=gb)[0]
     assert stream_plan(10, 2, stream=True)[1].endswith("streamed from disk (as asked).")
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def _cli_fit(path, out, *extra):
+    from click.testing import CliRunner
+
+    from perturbax.cli import main
+
+    args = ["fit", str(path), "-k", "perturbation", "-c", "control", "--no-select", "--no-progress", "--steps", "2",
+            "-d", "2", "-o", str(out), *extra]
+    return CliRunner().invoke(main, args)
+
+
+def test_cli_fit_refuses_more_devices_than_there_are(tiny, tmp_path):
+    import jax
+
+    too_many = jax.device_count() + 1
+    r = _cli_fit(tiny[1], tmp_path / "a", "--devices", str(too_many))
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert f"--devices {too_many} but {jax.device_count()}" in r.output
+
+
+@pytest.mark.slow
+def test_cli_fit_says_it_streamed(tiny, tmp_path):
+    r = _cli_fit(tiny[1], tmp_path / "b", "--stream")
+    assert r.exit_code == 0, r.output
+    assert "streamed from disk (as asked). Devices: 1." in r.output

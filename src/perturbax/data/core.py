@@ -250,14 +250,18 @@ def _missing_key(where: str, key: str, available: Iterable[str], what: str) -> K
     return KeyError(f"{where} has no {what} {key!r}.{more} Available: {_preview(available, 30)}.")
 
 
-def _read_matrix(adata, layer: str | None, on_disk: bool = False):
-    if on_disk:  # the cells stay in the file, read when needed (perturbax.data.stream)
+def _read_matrix(adata, layer: str | None, on_disk=False):
+    if on_disk is not False:  # the cells stay in the file, read when needed (perturbax.data.stream)
         from perturbax.data.stream import DiskCells
 
-        if not adata.isbacked or layer is not None:
+        if layer is not None:
+            raise ValueError(f"on_disk reads X; layer={layer!r} cannot be streamed (write that layer to X of a file).")
+        if on_disk is not True:  # a file named by the caller: its cells matched by name
+            return DiskCells.open(on_disk, adata.obs_names)
+        if not adata.isbacked:
             raise ValueError(
-                "on_disk=True reads X of a backed AnnData: open it with `anndata.read_h5ad(path, backed='r')` "
-                "and write the expression to X (not a layer)."
+                "on_disk=True reads X of a backed AnnData: open it with `anndata.read_h5ad(path, backed='r')`, "
+                "or pass on_disk='path.zarr' with an AnnData of its obs (perturbax.data.stream.read_obs)."
             )
         return DiskCells.open(adata.filename, adata.obs_names if adata.is_view else None)
     if layer is not None:
@@ -345,7 +349,7 @@ def from_anndata(
     counts: bool = False,
     registry: PerturbationRegistry | None = None,
     require_control: bool = True,
-    on_disk: bool = False,
+    on_disk: bool | str = False,
 ) -> PerturbationData:
     """Read perturbed cells from an AnnData (which is never modified).
 
@@ -375,8 +379,10 @@ def from_anndata(
     require_control
         Raise if no cell carries the control label.
     on_disk
-        With a backed AnnData: keep ``X`` in the file and read cells when needed
-        (:class:`perturbax.data.stream.DiskCells`); ``fit`` then streams its minibatches from disk.
+        ``True`` with a backed AnnData (``.h5ad``), or the path of the ``.h5ad``/``.zarr`` file
+        whose obs ``adata`` holds (:func:`perturbax.data.stream.read_obs`): keep ``X`` in the file
+        and read cells when needed (:class:`perturbax.data.stream.DiskCells`); ``fit`` then streams
+        its minibatches from disk.
     """
     import anndata as ad
 

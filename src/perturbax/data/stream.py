@@ -16,6 +16,7 @@ CSC files are refused (a row of CSC touches every column: rewrite the file as CS
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["DiskCells", "Prefetch", "on_disk", "dense_bytes", "available_memory", "stream_plan"]
+__all__ = ["DiskCells", "Prefetch", "on_disk", "read_obs", "dense_bytes", "available_memory", "stream_plan"]
 
 
 class _Source:
@@ -158,6 +159,15 @@ class DiskCells:
         return self._source.blocks(self._rows, size)
 
 
+def read_obs(path: str | Path):
+    """An AnnData with the ``obs`` and ``var`` of an ``.h5ad`` file or ``.zarr`` store and no ``X``
+    (for ``from_anndata(read_obs(path), ..., on_disk=path)``)."""
+    import anndata as ad
+
+    f = _Source(path)._file
+    return ad.AnnData(obs=ad.io.read_elem(f["obs"]), var=ad.io.read_elem(f["var"]))
+
+
 def on_disk(obj) -> bool:
     """Whether ``obj`` (a :class:`~perturbax.data.PerturbationData` or a matrix) holds its cells on disk."""
     return isinstance(getattr(obj, "X", obj), DiskCells)
@@ -168,16 +178,20 @@ def dense_bytes(n_cells: int, n_genes: int) -> int:
     return int(n_cells) * int(n_genes) * 4
 
 
-def available_memory() -> int:
-    """Bytes of memory available to a new allocation (psutil's ``available``; else free pages)."""
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``, else the free
+    physical pages), or ``None`` where neither can be read."""
     try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:  # pragma: no cover - psutil is present wherever jax's test deps are
-        import os
-
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 #: In memory a fit holds the file's matrix, a dense host copy of the training cells and the device
@@ -187,12 +201,14 @@ MEMORY_FACTOR = 2.5
 
 def stream_plan(n_cells: int, n_genes: int, stream: bool | None = None, available: int | None = None) -> tuple[bool, str]:
     """Whether to stream cells from disk (``stream=None``: when ``MEMORY_FACTOR`` x the dense size
-    exceeds half the available memory), and a line that says which and why."""
+    exceeds half the available memory; in memory where that cannot be read), and a line that says
+    which and why."""
     need = MEMORY_FACTOR * dense_bytes(n_cells, n_genes)
     free = available_memory() if available is None else int(available)
-    size = f"{n_cells} cells x {n_genes} genes (~{need / 2**30:.1f} GB in memory; {free / 2**30:.1f} GB available)"
+    have = "available memory unknown" if free is None else f"{free / 2**30:.1f} GB available"
+    size = f"{n_cells} cells x {n_genes} genes (~{need / 2**30:.1f} GB in memory; {have})"
     if stream is None:
-        choice = need > 0.5 * free
+        choice = free is not None and need > 0.5 * free
         why = "chosen from the size; " + ("--no-stream to load it" if choice else "--stream to read from disk")
     else:
         choice, why = bool(stream), "as asked"
