@@ -31,6 +31,7 @@ _FLAG_OF = {
     "perturbation_key": "--perturbation-key",
     "time_key": "--time-key",
     "time_scale": "--time-scale",
+    "devices": "--devices",
 }
 
 # --model choices of this CLI -> built-in model names of perturbax.inference.fit
@@ -91,16 +92,17 @@ def check_sep(ctx, param, value):
     return value
 
 
-def read_h5ad(path, where=None):
+def read_h5ad(path, where=None, backed: bool = False):
     """``anndata.read_h5ad`` with any failure turned into a ``ValueError`` that names the file;
     ``where`` (``--where KEY=VALUE`` items) keeps only the selected cells
-    (:func:`perturbax.data.select_where`; its errors name the file)."""
+    (:func:`perturbax.data.select_where`; its errors name the file). ``backed``: open it read-only
+    with ``X`` left on disk (``where`` then gives a view)."""
     import anndata as ad
 
     from perturbax.data.io import select_where
 
     try:
-        adata = ad.read_h5ad(path)
+        adata = ad.read_h5ad(path, backed="r" if backed else None)
     except Exception as err:  # h5py/anndata raise many types for a file that is not h5ad
         raise ValueError(f"Cannot read {path} as an h5ad file ({type(err).__name__}: {err}).") from None
     try:
@@ -174,6 +176,8 @@ def fit_file(
     overwrite: bool = False,
     where: Sequence[str] = (),
     select: bool | None = None,
+    devices: int | None = None,
+    stream: bool | None = None,
 ):
     """Read ``data_path`` (h5ad), drop the ``holdout`` conditions, fit the additive shift model
     (``model="additive"``) or the latent dynamics model (``model="dynamics"``, which needs the
@@ -184,7 +188,9 @@ def fit_file(
     :func:`perturbax.inference.fit` (the CLI and Python share them). ``where`` (``KEY=VALUE``
     items) keeps only the selected cells of the file. An existing non-empty ``out`` holding a
     saved fit is replaced only with ``overwrite``; nothing is saved if the loss was not finite
-    from the first steps.
+    from the first steps. ``devices``: :func:`~perturbax.inference.fit` ``devices`` (``None``: all).
+    ``stream``: read the cells from disk while fitting (``None``: when they would not fit in memory,
+    :func:`perturbax.data.stream.stream_plan`); the line saying which is ``info["cli"]["data_plan"]``.
 
     Returns ``(fit_result, data_used, held_out_labels)``. Library errors (ValueError/KeyError)
     propagate with their messages.
@@ -209,7 +215,14 @@ def fit_file(
             f"--mean-weight {mean_weight:g} weights a term of the energy objective, but the objective is {objective!r}; "
             f"pass --objective energy or drop --mean-weight."
         )
-    adata = read_h5ad(data_path, where)
+    from perturbax.data.stream import stream_plan
+
+    adata = read_h5ad(data_path, where, backed=True)
+    streamed, plan = stream_plan(adata.n_obs, adata.n_vars, stream)
+    if streamed and layer is not None:
+        raise ValueError(f"--layer {layer} cannot be streamed from disk (only X can); pass --no-stream.")
+    if not streamed:
+        adata = read_h5ad(data_path, where)
     data = from_anndata(
         adata,
         perturbation_key,
@@ -220,6 +233,7 @@ def fit_file(
         layer=layer,
         covariate_keys=tuple(covariate_keys),
         counts=likelihood == "negative_binomial",
+        on_disk=streamed,
     )
     held: list[str] = []
     if holdout:
@@ -265,6 +279,7 @@ def fit_file(
         progress=progress,
         energy=EnergyOptions(mean_weight=mean_weight) if objective == "energy" else None,
         select=select,
+        devices=devices,
     )
     record = {
         "data": str(Path(data_path).resolve()),
@@ -281,6 +296,7 @@ def fit_file(
         "time_scale": time_scale,
         "mean_weight": mean_weight,
         "where": list(where),
+        "data_plan": plan,
     }
     if result.info.get("stop_reason") == "nan" and not result.info.get("steps_run"):
         raise ValueError(
@@ -338,10 +354,15 @@ def fit_file(
               help="Additive model: skip the nested estimator and its selection on training conditions "
                    "(plain model fit: one fit instead of three, uncalibrated intervals).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--devices", default=None, type=click.IntRange(min=1),
+              help="Split each step's cells over the first N devices (default: all local devices).")
+@click.option("--stream/--no-stream", default=None,
+              help="Read the cells from disk while fitting / load them into memory (default: stream when they "
+                   "would not fit in memory; the output says which).")
 @where_option()
 def fit(data, perturbation_key, control, out, overwrite, objective, likelihood, steps, seed, batch_size, latent_dim,
         learning_rate, layer, dose_key, sep, covariate_keys, holdout, model, time_key, time_scale, mean_weight,
-        no_select, no_progress, where):
+        no_select, no_progress, devices, stream, where):
     """Fit the additive latent shift model to DATA (h5ad) and save it to --out.
 
     With --model dynamics (and --time-key) the latent dynamics model is fitted instead: latent
@@ -372,6 +393,7 @@ def fit(data, perturbation_key, control, out, overwrite, objective, likelihood, 
                 learning_rate=learning_rate, layer=layer, dose_key=dose_key, sep=sep, covariate_keys=covs,
                 holdout=held, progress=not no_progress, model=model, time_key=time_key, time_scale=time_scale,
                 mean_weight=mean_weight, overwrite=overwrite, where=where, select=False if no_select else None,
+                devices=devices, stream=stream,
             )
         except (ValueError, KeyError) as err:
             raise click.ClickException(cli_message(err)) from None
@@ -389,6 +411,7 @@ def fit(data, perturbation_key, control, out, overwrite, objective, likelihood, 
         + (f" ({len(result.seen_elementary)} seen in training)" if len(result.seen_elementary) != used.K else "")
         + ".",
     ]
+    lines.append(info["cli"]["data_plan"] + f" Devices: {info.get('devices', 1)}.")
     if held_out:
         lines.append(f"Held out {len(held_out)} condition(s): {', '.join(held_out)}")
     if info.get("times") is not None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ import pandas as pd
 
 from perturbax.cli.fit import FiniteFloat, cli_message, read_h5ad, split_list, where_option
 from perturbax.cli.paths import check_outputs
+from perturbax.data.stream import available_memory
 
 __all__ = ["predict", "predict_dir", "load_fit", "prediction_summary_table", "parse_times", "read_source_cells",
            "prediction_bytes", "available_memory"]
@@ -121,22 +121,6 @@ def read_source_cells(path, fit_result, where=()):
         require_control=False,
         registry=fit_result.registry,
     )
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux ``MemAvailable``, else the free
-    physical pages), or ``None`` where neither can be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 def prediction_bytes(n_genes: int, n_columns: int, n_cells: int, num_samples: int, n_source: int,

@@ -223,7 +223,7 @@ class PerturbationData:
         return ad.AnnData(X=X, obs=obs, var=var)
 
     def __repr__(self) -> str:
-        kind = "sparse" if self.is_sparse else "dense"
+        kind = "on disk" if hasattr(self.X, "blocks") else "sparse" if self.is_sparse else "dense"
         lines = [
             f"PerturbationData: {self.n_cells} cells x {self.n_genes} genes ({kind}), "
             f"K={self.K} elementary perturbations, {self.n_conditions} conditions",
@@ -250,7 +250,20 @@ def _missing_key(where: str, key: str, available: Iterable[str], what: str) -> K
     return KeyError(f"{where} has no {what} {key!r}.{more} Available: {_preview(available, 30)}.")
 
 
-def _read_matrix(adata, layer: str | None):
+def _read_matrix(adata, layer: str | None, on_disk=False):
+    if on_disk is not False:  # the cells stay in the file, read when needed (perturbax.data.stream)
+        from perturbax.data.stream import DiskCells
+
+        if layer is not None:
+            raise ValueError(f"on_disk reads X; layer={layer!r} cannot be streamed (write that layer to X of a file).")
+        if on_disk is not True:  # a file named by the caller: its cells matched by name
+            return DiskCells.open(on_disk, adata.obs_names)
+        if not adata.isbacked:
+            raise ValueError(
+                "on_disk=True reads X of a backed AnnData: open it with `anndata.read_h5ad(path, backed='r')`, "
+                "or pass on_disk='path.zarr' with an AnnData of its obs (perturbax.data.stream.read_obs)."
+            )
+        return DiskCells.open(adata.filename, adata.obs_names if adata.is_view else None)
     if layer is not None:
         if layer not in adata.layers:
             raise _missing_key("adata.layers", layer, adata.layers.keys(), "layer")
@@ -278,7 +291,11 @@ def _read_matrix(adata, layer: str | None):
     return M
 
 
-def _finite_check(M, what: str) -> None:
+def _finite_check(M, what: str, offset: int = 0) -> None:
+    if hasattr(M, "blocks"):  # cells on disk: one pass over the file
+        for start, block in M.blocks():
+            _finite_check(block, what, offset + start)
+        return
     vals = M.data if sp.issparse(M) else M
     bad = ~np.isfinite(vals)
     if bad.any():
@@ -288,13 +305,17 @@ def _finite_check(M, what: str) -> None:
             rows = np.unique(np.nonzero(bad)[0])
         raise ValueError(
             f"{what} contains {int(bad.sum())} NaN/Inf value(s) in {rows.size} cell(s) "
-            f"(first rows: {rows[:5].tolist()}). Remove or impute those cells before fitting, e.g. "
+            f"(first rows: {(rows[:5] + offset).tolist()}). Remove or impute those cells before fitting, e.g. "
             f"`adata = adata[np.isfinite(adata.X.sum(1)).A1]` for sparse X."
         )
 
 
 def check_counts(M, what: str = "X") -> None:
     """Raise if ``M`` holds negative or non-integer values (for count likelihoods)."""
+    if hasattr(M, "blocks"):  # cells on disk: one pass over the file
+        for _, block in M.blocks():
+            check_counts(block, what)
+        return
     vals = M.data if sp.issparse(M) else np.asarray(M)
     if vals.size == 0:
         return
@@ -328,13 +349,14 @@ def from_anndata(
     counts: bool = False,
     registry: PerturbationRegistry | None = None,
     require_control: bool = True,
+    on_disk: bool | str = False,
 ) -> PerturbationData:
     """Read perturbed cells from an AnnData (which is never modified).
 
     Parameters
     ----------
     adata
-        Cells x genes. Backed AnnData (``read_h5ad(..., backed="r")``) is read into memory.
+        Cells x genes. Backed AnnData (``read_h5ad(..., backed="r")``) is read into memory (unless ``on_disk``).
     perturbation_key
         ``obs`` column with labels such as ``"A"``, ``"A+B"``, ``"A:0.5+B:2"`` or the control.
     control
@@ -356,6 +378,11 @@ def from_anndata(
         naming other perturbations are an error.
     require_control
         Raise if no cell carries the control label.
+    on_disk
+        ``True`` with a backed AnnData (``.h5ad``), or the path of the ``.h5ad``/``.zarr`` file
+        whose obs ``adata`` holds (:func:`perturbax.data.stream.read_obs`): keep ``X`` in the file
+        and read cells when needed (:class:`perturbax.data.stream.DiskCells`); ``fit`` then streams
+        its minibatches from disk.
     """
     import anndata as ad
 
@@ -435,7 +462,7 @@ def from_anndata(
     env = np.array([cond_index[canon[j]] for j in range(len(uniq))], dtype=np.int32)[inverse]
     design = registry.encode_many(cond_labels)
 
-    M = _read_matrix(adata, layer)
+    M = _read_matrix(adata, layer, on_disk)
     _finite_check(M, "X" if layer is None else f"layers[{layer!r}]")
     if counts:
         check_counts(M, "X" if layer is None else f"layers[{layer!r}]")

@@ -281,9 +281,11 @@ def where_mask(obs: pd.DataFrame, where: Mapping[str, Sequence[str]] | Sequence[
 def select_where(adata, where: Mapping[str, Sequence[str]] | Sequence[str] | None):
     """The cells of ``adata`` selected by ``where`` (see :func:`where_mask`), as a new AnnData with
     unused categories of categorical ``obs`` columns removed; ``adata`` itself when ``where`` is
-    empty."""
+    empty. A backed AnnData gives a view instead (its ``X`` stays on disk)."""
     if not where:
         return adata
+    if adata.isbacked:
+        return adata[where_mask(adata.obs, where)]
     return subset_copy(adata, where_mask(adata.obs, where))
 
 

@@ -11,7 +11,7 @@ import importlib.util
 import math
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import equinox as eqx
@@ -29,9 +29,11 @@ else:
     from tqdm import tqdm
 
 from perturbax.data.core import PerturbationData, check_counts
+from perturbax.data.stream import on_disk
 from perturbax.inference.energy import EnergyOptions, EnergyScore
 from perturbax.inference.guides import hide_cells, make_guide
 from perturbax.inference.result import FitResult
+from perturbax.inference.sharding import make_mesh, put_cells, replicate, shard_cells
 from perturbax.inference.times import training_times
 from perturbax.models.batch import Batch
 from perturbax.models.registry import BUILTIN_MODELS, uses_time
@@ -138,7 +140,8 @@ def _device_data(data: PerturbationData, cells: np.ndarray, timed: bool = False)
         table[e, : members.size] = members
         is_control[e] = sub.control_index is not None and bool(np.all(sub.env[members] == sub.control_index))
     return DeviceData(
-        x=jnp.asarray(sub.dense()),
+        # (cells on disk: a zero-width placeholder; each step's rows are read from disk, data/stream.py)
+        x=jnp.zeros((sub.n_cells, 0), jnp.float32) if on_disk(sub) else jnp.asarray(sub.dense()),
         l=jnp.asarray(sub.L, dtype=jnp.float32),
         c=jnp.asarray(C) if C.shape[1] else None,
         library=jnp.asarray(sub.library_size),
@@ -353,6 +356,7 @@ def fit(
     init_params: Mapping[str, Any] | FitResult | None = None,
     data_init: bool | None = None,
     select: bool | None = None,
+    devices: int | Sequence[Any] | None = None,
 ) -> FitResult:
     """Fit a model to perturbed cells by stochastic variational inference.
 
@@ -418,6 +422,15 @@ def fit(
         calibrated on the held-out ones; ``info["selection"]`` says what was chosen.
         ``None`` (default): on for ``"additive_shift"`` with a gaussian or implicit likelihood
         (and ``init_params`` not given); ``False``: the plain model fit.
+    devices
+        Devices the cells of each step are split over (:mod:`perturbax.inference.sharding`):
+        ``None`` (default) all devices (of all hosts after ``jax.distributed.initialize()``), a
+        number ``n`` the first ``n``, or a list of jax devices; parameters are replicated. The
+        mesh uses the most of them that divide a step evenly (``info["devices"]``).
+
+    Data whose cells are on disk (``from_anndata(backed, on_disk=True)``, :mod:`perturbax.data.stream`)
+    are streamed: each step's cells are read by a background thread ahead of use, with the same
+    draws as in memory (the same seed gives the same fit).
     """
     builtin = model if isinstance(model, str) else next((k for k, (f, _) in BUILTIN_MODELS.items() if f is model), None)
     if objective is None:
@@ -460,7 +473,7 @@ def fit(
         _trainer, name, model_fn, config, data, objective=objective, steps=steps, batch_size=batch_size,
         learning_rate=learning_rate, seed=seed, guide=guide, global_guide=global_guide, energy=energy,
         validation_fraction=validation_fraction, eval_every=eval_every, patience=patience, progress=progress,
-        init_params=init_params, data_init=data_init,
+        init_params=init_params, data_init=data_init, devices=devices,
     )
     if select:  # the nested estimator: the CV fits and the final fit share one compiled trainer
         from perturbax.inference.selection import fit_with_selection
@@ -473,6 +486,7 @@ def _trainer(
     name: str, model_fn: Callable, config: Any, data: PerturbationData, holdouts=(), *, objective: str, steps: int,
     batch_size: int, learning_rate: float, seed: int, guide, global_guide: str, energy: EnergyOptions | None,
     validation_fraction: float, eval_every: int, patience: int | None, progress: bool, init_params, data_init,
+    devices=None,
 ) -> Callable[..., FitResult]:
     """Compile the fitting loop of ``fit`` once for ``data``; returns ``run(exclude=())``, which fits
     with the cells of the conditions named in ``exclude`` left out (neither drawn nor held out).
@@ -523,19 +537,33 @@ def _trainer(
     else:
         opts, m, n_groups, step_size = None, None, None, batch_size
 
-    def cells_of(dev: DeviceData, groups, key) -> tuple[Batch, dict[str, jax.Array]]:
-        """The batch of ``m`` cells of each group, and the loss's keyword arguments: the cells'
-        rows (``cell_ids``: the energy score pairs distinct cells only)."""
-        pos = jax.random.randint(key, (groups.shape[0], m), 0, dev.counts[groups][:, None])
-        idx = dev.table[groups[:, None], pos].reshape(-1)
-        return dev.batch(idx), {"cell_ids": idx}
+    # --- data parallelism (inference/sharding.py): a step's cells split over the mesh
+    mesh = make_mesh(devices, units=n_groups if objective == "energy" else batch_size)
+    train, val = replicate((train, val), mesh)
+    # --- cells on disk (data/stream.py): each step's rows drawn ahead on the host and read from disk
+    disk = on_disk(data)
 
-    def draw_batch(dev: DeviceData, key, allowed: _Allowed) -> tuple[Batch, dict[str, jax.Array]]:
+    def group_cells(dev: DeviceData, groups, key) -> jax.Array:
+        """The rows of ``m`` random cells of each group (the energy score pairs distinct rows only)."""
+        pos = jax.random.randint(key, (groups.shape[0], m), 0, dev.counts[groups][:, None])
+        return dev.table[groups[:, None], pos].reshape(-1)
+
+    def draw_rows(dev: DeviceData, key, allowed: _Allowed) -> jax.Array:
+        """The rows of one step's cells among the ``allowed`` ones (also drawn ahead on the host for
+        cells on disk)."""
         if objective == "elbo":  # cells at random among the allowed ones (the first n_cells of the pool)
-            idx = allowed.pool[jax.random.randint(key, (batch_size,), 0, allowed.n_cells)]
-            return dev.batch(idx), {}
+            return allowed.pool[jax.random.randint(key, (batch_size,), 0, allowed.n_cells)]
         k1, k2 = jax.random.split(key)
-        return cells_of(dev, _draw_groups(k1, dev, n_groups, opts.source, allowed.groups), k2)
+        return group_cells(dev, _draw_groups(k1, dev, n_groups, opts.source, allowed.groups), k2)
+
+    def batch_of(dev: DeviceData, idx, x=None) -> tuple[Batch, dict[str, jax.Array]]:
+        """The batch of rows ``idx`` (expression ``x`` when read from disk) laid out over the mesh,
+        and the loss's keyword arguments (energy: ``cell_ids``, the rows)."""
+        b = dev.batch(idx) if x is None else dev.batch(idx)._replace(x=x)
+        return shard_cells((b, {} if objective == "elbo" else {"cell_ids": idx}), mesh)
+
+    def draw_batch(dev: DeviceData, key, allowed: _Allowed, x=None) -> tuple[Batch, dict[str, jax.Array]]:
+        return batch_of(dev, draw_rows(dev, key, allowed), x)
 
     # (the plate must hold a step's cells: an energy step can draw more cells than there are, with
     # replacement; the energy score does not use the plate size, the ELBO scales by it)
@@ -543,7 +571,16 @@ def _trainer(
     key = jax.random.PRNGKey(seed)
     k_init, k_data, k_val = jax.random.split(key, 3)
     everything = _allowed(train, train_group_cond, ())
-    init_batch = draw_batch(train, k_data, everything)[0]
+    rows_ahead = jax.jit(jax.vmap(lambda k, a: draw_rows(train, k, a), in_axes=(0, None)))
+
+    def read_steps(keys, allowed: _Allowed) -> jax.Array | None:
+        """Cells on disk: the expression of the steps of ``keys``, ``(n, cells, G)`` over the mesh."""
+        if not disk:
+            return None
+        idx = np.asarray(rows_ahead(keys, allowed))
+        return put_cells(data.dense(train_idx[idx.reshape(-1)]).reshape(*idx.shape, -1), mesh, axis=1)
+
+    init_batch = draw_batch(train, k_data, everything, None if not disk else read_steps(k_data[None], everything)[0])[0]
     if guide is None:
         guide, global_names = make_guide(
             model_fn,
@@ -577,13 +614,13 @@ def _trainer(
     per_cell = 1.0 / n_train if objective == "elbo" else 1.0
 
     @jax.jit
-    def run_chunk(state, keys, dev, allowed):
-        def body(st, k):
-            b, loss_kw = draw_batch(dev, k, allowed)
+    def run_chunk(state, keys, dev, allowed, xs=None):
+        def body(st, a):
+            b, loss_kw = draw_batch(dev, a[0], allowed, a[1])
             st, value = svi.update(st, b, **loss_kw)
             return st, value * per_cell
 
-        return jax.lax.scan(body, state, keys)
+        return jax.lax.scan(body, state, (keys, xs))
 
     # Held-out loss: the ELBO on 4 random batches of held-out cells; the energy score on every
     # held-out group (condition or context), in blocks of a step's layout, so that evaluations (and
@@ -599,16 +636,19 @@ def _trainer(
         b, loss_kw = batch_and_kw
         return loss.loss(key, params, svi_model, guide, b, **loss_kw, **model_kwargs)
 
+    def val_rows(dev, block, key, allowed):
+        k_cells = jax.random.split(key)[0]
+        return draw_rows(dev, k_cells, allowed) if objective == "elbo" else group_cells(dev, block, k_cells)
+
     @jax.jit
-    def val_loss(state, dev, allowed, blocks, weights):
+    def val_loss(state, dev, allowed, blocks, weights, xs=None):
         params = svi.get_params(state)
 
         def one(a):
-            k_cells, k_loss = jax.random.split(a[1])
-            drawn = draw_batch(dev, k_cells, allowed) if objective == "elbo" else cells_of(dev, a[0], k_cells)
-            return held_out(params, drawn, k_loss)
+            block, key, x = a
+            return held_out(params, batch_of(dev, val_rows(dev, block, key, allowed), x), jax.random.split(key)[1])
 
-        return jnp.sum(weights * jax.lax.map(one, (blocks, val_keys))) / jnp.sum(weights) * per_cell
+        return jnp.sum(weights * jax.lax.map(one, (blocks, val_keys, xs))) / jnp.sum(weights) * per_cell
 
     def run(exclude=()) -> FitResult:
         held = _condition_ids(data, exclude)
@@ -621,9 +661,15 @@ def _trainer(
         run_idx = train_idx[~np.isin(np.asarray(data.env)[train_idx], held)]
         state = init_state
         from_data = {}
-        if data_init:
-            rows = jnp.asarray(np.flatnonzero(~np.isin(np.asarray(data.env)[train_idx], held)))
-            from_data = data_start(start, train._replace(x=train.x[rows], library=train.library[rows]),
+        if data_init:  # (cells on disk: from up to 20000 of them, read once)
+            rows = np.flatnonzero(~np.isin(np.asarray(data.env)[train_idx], held))
+            if disk:
+                if rows.size > 20000:
+                    rows = np.sort(np.random.default_rng(seed).choice(rows, 20000, replace=False))
+                x0 = jnp.asarray(data.dense(train_idx[rows]))
+            else:
+                x0 = train.x[jnp.asarray(rows)]
+            from_data = data_start(start, train._replace(x=x0, library=train.library[jnp.asarray(rows)]),
                                    likelihood=likelihood, objective=objective)
         if from_data or warm:
             transforms = svi.constrain_fn.args[0]  # name -> bijection from unconstrained values
@@ -631,6 +677,7 @@ def _trainer(
             new = {**from_data, **warm}
             raw.update({k: transforms[k].inv(v) if k in transforms else v for k, v in new.items()})
             state = state._replace(optim_state=svi.optim.init(raw))
+        state = replicate(state, mesh)
         tracking = val is not None and patience is not None
         if tracking:
             val_allowed = _allowed(val, val_group_cond, held)
@@ -644,9 +691,13 @@ def _trainer(
         if tracking:
             weights = jnp.asarray(np.arange(n_blocks) < len(blocks), jnp.float32)
             blocks = jnp.asarray(np.stack([blocks[i % len(blocks)] for i in range(n_blocks)]), jnp.int32)
+            val_xs = None
+            if disk:  # the held-out cells are the same at every evaluation: read them once
+                vi = np.asarray(jax.vmap(lambda b, k: val_rows(val, b, k, val_allowed))(blocks, val_keys))
+                val_xs = put_cells(data.dense(val_idx[vi.reshape(-1)]).reshape(*vi.shape, -1), mesh, axis=1)
 
         def evaluate(st) -> float:
-            return float(val_loss(st, val, val_allowed, blocks, weights))
+            return float(val_loss(st, val, val_allowed, blocks, weights, val_xs))
 
         history_loss, val_steps, val_losses = [], [], []
         record = EarlyStopping()
@@ -659,11 +710,34 @@ def _trainer(
         step = 0
         t0 = time.perf_counter()
         keys_all = jax.random.split(k_data, steps)
+        feed = None
+        if disk:  # pieces of each evaluation chunk, ~64 MB of cells each, read ahead by a background thread
+            from perturbax.data.stream import Prefetch
+
+            per = int(max(1, min(eval_every, (64 << 20) // (4 * step_size * data.n_genes))))
+            pieces = [(a, min(a + per, s0 + eval_every, steps)) for s0 in range(0, steps, eval_every)
+                      for a in range(s0, min(s0 + eval_every, steps), per)]
+            feed = Prefetch(lambda p: read_steps(keys_all[p[0] : p[1]], allowed), pieces, depth=2)
+
+        def advance(state, step: int, n: int):
+            """``n`` SVI steps from ``step``: one scan in memory; for cells on disk one scan per piece
+            read ahead (stopping after a piece with a non-finite loss)."""
+            if feed is None:
+                return run_chunk(state, keys_all[step : step + n], train, allowed)
+            parts = []
+            while sum(map(len, parts)) < n:
+                (a, b), xs = next(feed)
+                state, part = run_chunk(state, keys_all[a:b], train, allowed, xs)
+                parts.append(np.asarray(part))
+                if not np.all(np.isfinite(parts[-1])):
+                    break
+            return state, np.concatenate(parts)
+
         bar = tqdm(total=steps, disable=not progress, desc=f"fit {name} ({objective})", unit="step", leave=False)
         try:
             while step < steps:
                 n = min(eval_every, steps - step)
-                new_state, losses = run_chunk(state, keys_all[step : step + n], train, allowed)
+                new_state, losses = advance(state, step, n)
                 losses = np.asarray(losses)
                 if not np.all(np.isfinite(losses)):
                     first = int(np.flatnonzero(~np.isfinite(losses))[0])
@@ -695,6 +769,8 @@ def _trainer(
                     bar.set_postfix(loss=f"{np.mean(losses[-max(1, n // 4):]):.4g}")
         finally:
             bar.close()
+            if feed is not None:
+                feed.close()
         fit_seconds = time.perf_counter() - t0
         if record.state is not None and stop_reason != "nan":
             final_state, best_step, best_val = record.state, record.step, record.best
@@ -731,6 +807,8 @@ def _trainer(
                 "energy_options": None if opts is None else opts._asdict(),
                 "warm_started": sorted(warm),
                 "data_init": sorted(set(from_data) - set(warm)),
+                "devices": int(mesh.size),
+                "streamed": disk,
                 **({"left_out": [str(v) for v in exclude]} if len(exclude) else {}),
                 **time_info,
             },
