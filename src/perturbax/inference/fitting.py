@@ -538,7 +538,9 @@ def fit(
     if data_init is None:
         data_init = objective == "energy"
     if data_init and disk:  # the starting values from (up to) 20000 training cells read from disk
-        some = np.arange(n_train) if n_train <= 20000 else np.sort(np.random.default_rng(seed).choice(n_train, 20000, replace=False))
+        some = np.arange(n_train)
+        if n_train > 20000:
+            some = np.sort(np.random.default_rng(seed).choice(n_train, 20000, replace=False))
         init_dev = train._replace(x=jnp.asarray(data.dense(train_idx[some])), library=train.library[some])
     else:
         init_dev = train
