@@ -467,8 +467,9 @@ def fit(
         opts, m, n_groups, step_size = None, None, None, batch_size
 
     # --- data parallelism (inference/sharding.py): a step's cells split over the mesh
+    # (the cell tables stay process-local constants of the jitted steps, replicated by the partitioner:
+    # a jitted function may not close over an array that spans several hosts)
     mesh = make_mesh(devices, units=n_groups if objective == "energy" else batch_size)
-    train, val = replicate((train, val), mesh)
     # --- cells on disk (data/stream.py): each step's rows drawn ahead on the host and read from disk
     disk = on_disk(data)
 
@@ -590,7 +591,7 @@ def fit(
         val_xs = put_cells(data.dense(val_idx[vi.reshape(-1)]).reshape(*vi.shape, -1), mesh, axis=1)
 
     @jax.jit
-    def val_loss(state):
+    def val_loss(state, val_xs):
         if val is None:
             return jnp.nan
         params = svi.get_params(state)
@@ -605,7 +606,7 @@ def fit(
     tracking = val is not None and patience is not None
     record = EarlyStopping()
     if tracking:  # the starting state is the first candidate (a warm start the fit makes worse is kept)
-        v = float(val_loss(state))
+        v = float(val_loss(state, val_xs))
         val_steps.append(0)
         val_losses.append(v)
         record = track_held_out(record, v, 0, state)
@@ -660,7 +661,7 @@ def fit(
             history_loss.extend(losses.tolist())
             bar.update(n)
             if tracking:
-                v = float(val_loss(state))
+                v = float(val_loss(state, val_xs))
                 val_steps.append(step)
                 val_losses.append(v)
                 record = track_held_out(record, v, step, state)
@@ -680,6 +681,8 @@ def fit(
     else:  # no held-out evaluation (patience=None), none finite, or the NaN guard fired
         final_state, best_step, best_val = state, step, None
     params = {k: v for k, v in svi.get_params(final_state).items()}
+    if mesh.size > 1:  # process-local copies of the replicated parameters (what FitResult and predict use)
+        params = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)) if isinstance(a, jax.Array) else a, params)
 
     return FitResult.build(
         model_name=name,
