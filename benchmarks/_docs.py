@@ -56,6 +56,7 @@ PROTOCOLS: dict[str, tuple[str, tuple[str, ...]]] = {
     "design-check": ("Design check: does coverage predict which extrapolations work?", ("theory-coverage",)),
     "dynamics": ("Latent dynamics: simulated and real time courses", ("dynamics", "dynamics-target-mask")),
     "speed": ("Speed of the additive-shift fits", ("speed-additive",)),
+    "scale": ("Scaling: devices and cells streamed from disk", ("scale",)),
 }
 HEADER = (
     "# Benchmarks\n\nThe headline numbers are on [results.md](results.md); the detail pages below hold each "

@@ -39,6 +39,7 @@ RUNS: dict[str, tuple[str, ...]] = {
         "python benchmarks/dynamics.py --parts d",
     ),
     "speed-additive": ("python benchmarks/speed_additive.py",),
+    "scale": ("python benchmarks/scale.py --steps 250 --eval-every 50",),
 }
 #: Sections no script writes (their text was written by hand from a script's output): why.
 HAND_WRITTEN: dict[str, str] = {

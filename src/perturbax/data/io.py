@@ -285,8 +285,19 @@ def select_where(adata, where: Mapping[str, Sequence[str]] | Sequence[str] | Non
     if not where:
         return adata
     if adata.isbacked:
-        return adata[where_mask(adata.obs, where)]
+        return _subset_view(adata, where_mask(adata.obs, where), slice(None))
     return subset_copy(adata, where_mask(adata.obs, where))
+
+
+def _subset_view(adata, obs, var):
+    """``adata[obs, var]`` with anndata's category pruning switched off (see :func:`subset_copy`)."""
+    import anndata as ad
+
+    settings = ad.settings
+    if hasattr(settings, "override") and hasattr(settings, "remove_unused_categories"):
+        with settings.override(remove_unused_categories=False):
+            return adata[obs, var]
+    return adata[obs, var]  # pragma: no cover - older anndata
 
 
 def subset_copy(adata, obs=slice(None), var=slice(None)):
@@ -297,14 +308,7 @@ def subset_copy(adata, obs=slice(None), var=slice(None)):
     ``remove_unused_categories`` setting is switched off for the subset): anndata 0.12-0.13 does that
     under a pandas option that pandas 3 deprecates, which warns on every subset.
     """
-    import anndata as ad
-
-    settings = ad.settings
-    if hasattr(settings, "override") and hasattr(settings, "remove_unused_categories"):
-        with settings.override(remove_unused_categories=False):
-            out = adata[obs, var].copy()
-    else:  # pragma: no cover - older anndata
-        out = adata[obs, var].copy()
+    out = _subset_view(adata, obs, var).copy()
     for df in (out.obs, out.var):
         for col in df.columns:
             if isinstance(df[col].dtype, pd.CategoricalDtype):

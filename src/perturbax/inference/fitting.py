@@ -538,8 +538,9 @@ def _trainer(
         opts, m, n_groups, step_size = None, None, None, batch_size
 
     # --- data parallelism (inference/sharding.py): a step's cells split over the mesh
+    # (the cell tables stay process-local: the steps take them as arguments, replicated by the partitioner;
+    # an array spanning several hosts would not be readable on the host, where runs choose their cells)
     mesh = make_mesh(devices, units=n_groups if objective == "energy" else batch_size)
-    train, val = replicate((train, val), mesh)
     # --- cells on disk (data/stream.py): each step's rows drawn ahead on the host and read from disk
     disk = on_disk(data)
 
@@ -777,6 +778,8 @@ def _trainer(
         else:  # no held-out evaluation (patience=None), none finite, or the NaN guard fired
             final_state, best_step, best_val = state, step, None
         params = {k: v for k, v in svi.get_params(final_state).items()}
+        if mesh.size > 1:  # process-local copies of the replicated parameters (what FitResult and predict use)
+            params = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)) if isinstance(a, jax.Array) else a, params)
 
         return FitResult.build(
             model_name=name,
