@@ -309,6 +309,8 @@ def fit(
     init_params: Mapping[str, Any] | FitResult | None = None,
     data_init: bool | None = None,
     select: bool | None = None,
+    recipe: bool | None = None,
+    validation: Any = None,
 ) -> FitResult:
     """Fit a model to perturbed cells by stochastic variational inference.
 
@@ -374,7 +376,19 @@ def fit(
         calibrated on the held-out ones; ``info["selection"]`` says what was chosen.
         ``None`` (default): on for ``"additive_shift"`` with a gaussian or implicit likelihood
         (and ``init_params`` not given); ``False``: the plain model fit.
+    recipe
+        The staged fitting of the latent dynamics model (:mod:`perturbax.inference.dynamics_recipe`):
+        ELBO, program order read from ``W`` and refitted, an energy stage whose length (possibly 0)
+        is chosen on held-out *training* contexts, then the final stages on all cells; interval
+        calibration on the held-out contexts. ``steps`` is the length of the first stage.
+        ``info["recipe"]`` says what was chosen and why. ``None`` (default): on for
+        ``"latent_dynamics"`` when ``objective``, ``init_params`` and ``validation`` are not given
+        (giving an objective fits that one stage by hand); ``False``: one plain stage.
+    validation
+        Cell indices of ``data`` to hold out for the held-out loss instead of the random split by
+        ``validation_fraction`` (e.g. every cell of some (condition, time) contexts).
     """
+    objective_given = objective is not None
     builtin = model if isinstance(model, str) else next((k for k, (f, _) in BUILTIN_MODELS.items() if f is model), None)
     if objective is None:
         objective = default_objective(builtin, getattr(config, "likelihood", "gaussian"))
@@ -428,7 +442,29 @@ def fit(
             "contexts": _context_check(data, config),
         }
 
-    train_idx, val_idx = _validation_split(data, validation_fraction if patience is not None else 0.0, seed, timed)
+    if recipe is None:
+        recipe = name == "latent_dynamics" and not objective_given and init_params is None and validation is None
+    if recipe:  # the staged recipe: its stages are this function with recipe=False
+        if objective_given or init_params is not None or validation is not None:
+            raise ValueError("recipe=True chooses each stage's objective, start and held-out cells itself; drop "
+                             "objective=, init_params= and validation=, or pass recipe=False to fit one stage.")
+        from functools import partial
+
+        from perturbax.inference.dynamics_recipe import fit_dynamics_recipe
+
+        plain = partial(fit, model, batch_size=batch_size, learning_rate=learning_rate, guide=guide,
+                        global_guide=global_guide, eval_every=eval_every, progress=progress, data_init=data_init,
+                        validation_fraction=validation_fraction, recipe=False)
+        return fit_dynamics_recipe(plain, data, config=config, steps=steps, seed=seed, energy=energy,
+                                   patience=patience)
+    if validation is not None:
+        val_idx = np.unique(np.asarray(validation, dtype=np.int64).reshape(-1))
+        if val_idx.size and (val_idx[0] < 0 or val_idx[-1] >= data.n_cells):
+            raise ValueError(f"validation holds cell indices outside 0..{data.n_cells - 1}; give rows of data.")
+        train_idx = np.setdiff1d(np.arange(data.n_cells), val_idx)
+    else:
+        train_idx, val_idx = _validation_split(data, validation_fraction if patience is not None else 0.0, seed,
+                                               timed)
     n_train = train_idx.size
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
