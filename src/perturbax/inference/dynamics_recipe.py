@@ -151,9 +151,8 @@ def _stage(name: str, res, seconds: float, data_note: str) -> dict[str, Any]:
 
 def _cell_variance(data: PerturbationData) -> tuple[np.ndarray, float]:
     """Pooled within-context variance of each gene, and the median cells of a perturbed context."""
-    from perturbax.inference.fitting import _groups
-
-    groups = _groups(data, True)
+    pairs = np.stack([np.asarray(data.env, dtype=np.float64), np.asarray(data.times, dtype=np.float64)], axis=1)
+    groups = np.unique(pairs, axis=0, return_inverse=True)[1].reshape(-1)
     X = data.dense().astype(np.float64)
     ss, dof, sizes = np.zeros(data.n_genes), 0, []
     env = np.asarray(data.env)
@@ -216,7 +215,7 @@ def fit_dynamics_recipe(
     (module constants). ``energy``: options of the energy stage (default: 64 cells per context).
     Returns the final fit with ``info["recipe"]``.
     """
-    from perturbax.inference.causal_order import refit_in_causal_order
+    from perturbax.inference.order_refit import refit_orders
     from perturbax.models.dynamics import LatentDynamicsConfig, causal_order, order_mask
     from perturbax.theory.dynamics import check_order_design
 
@@ -263,11 +262,10 @@ def fit_dynamics_recipe(
         s1.info.get("stop_reason") != "nan"
     if can_order:
         t0 = time.perf_counter()
-        extra = {k: v for k, v in getattr(fit_fn, "keywords", {}).items() if k not in sel_kw and k != "recipe"}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # (the design check above said it once)
-            s2 = refit_in_causal_order(s1, data, steps=max(1, int(ORDER_FRACTION * steps)), max_rounds=MAX_ORDER_ROUNDS,
-                                       recipe=False, **extra, **sel_kw)
+            s2 = refit_orders(fit_fn, s1, data, steps=max(1, int(ORDER_FRACTION * steps)), max_rounds=MAX_ORDER_ROUNDS,
+                              **sel_kw)
         stages.append(_stage("2 elbo, order read from W", s2, time.perf_counter() - t0, sel_note))
         tried = {tuple(s2.info["causal_order"]): (_held_loss(s2), _loss_noise(s2))}
         tried.setdefault(tuple(causal_order(s1.config.mask)), (_held_loss(s1), _loss_noise(s1)))
