@@ -976,6 +976,14 @@ def section(results: dict, cmd: str) -> str:
          "during the runs, so wall times are inflated and noisy.", ""]
     if results.get("defaults"):
         L += section_defaults(results["defaults"])
+        missing = [name for key, name in (("sim", "a, b (expert hand-staged simulation)"), ("real", "c (real time courses)"),
+                                          ("speed", "d (speed)")) if key not in results]
+        if missing:
+            L += [f"Not rerun with this headline: part(s) {'; '.join(missing)}. Their last numbers (stale: from "
+                  "8a2f596, before the stationary default and before the recipe) are in the history of this file "
+                  "(docs/benchmarks.md at 54d747d); rerun with `--parts " + ",".join(
+                      {"sim": "a,b", "real": "c", "speed": "d"}[k] for k in ("sim", "real", "speed") if k not in results)
+                  + "`.", ""]
     sim = results.get("sim")
     if sim:
         th = sim["theory"]
