@@ -319,7 +319,8 @@ def fit_file(
               default="gaussian", show_default=True,
               help="gaussian: log-normalised data; negative_binomial: raw counts (use --layer); "
                    "implicit: noise fed to the decoder (energy only).")
-@click.option("--steps", default=2000, show_default=True, type=click.IntRange(min=1), help="Optimiser steps.")
+@click.option("--steps", default=2000, show_default=True, type=click.IntRange(min=1),
+              help="Optimiser steps (--model dynamics recipe: of its first stage; the others are fractions of it).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the fit.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Cells per step.")
 @click.option("--latent-dim", "-d", default=None, type=click.IntRange(min=1),
