@@ -33,11 +33,7 @@ RUNS: dict[str, tuple[str, ...]] = {
     "pdae-sim": ("python benchmarks/pdae_sim.py --steps 10000 --seeds 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19 "
                  "--implicit",),
     "theory-coverage": ("python benchmarks/theory_coverage.py --steps 4000 --seed 0",),
-    "dynamics": (
-        "python benchmarks/dynamics.py --parts a,b --seeds 0,1,2,3,4",
-        "python benchmarks/dynamics.py --parts c",
-        "python benchmarks/dynamics.py --parts d",
-    ),
+    "dynamics": ("python benchmarks/dynamics.py --parts h --seeds 0,1,2,3,4",),
     "speed-additive": ("python benchmarks/speed_additive.py",),
     "scale": ("python benchmarks/scale.py --steps 250 --eval-every 50",),
 }

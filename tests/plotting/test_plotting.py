@@ -41,3 +41,22 @@ def test_gene_intervals_latent_loss_and_design():
     ax = plotting.plot_design_spectrum(report)
     assert len(ax.patches) == report.singular_values.size
     plt.close("all")
+
+
+def test_plot_trajectory_band_observed_baseline_and_labels():
+    t = np.array([0.0, 1.0, 2.0, 4.0, 8.0])
+    mean = 1 - np.exp(-t)
+    ax = plotting.plot_trajectory(t, mean, mean - 0.1, mean + 0.1, observed_times=[1.0, 2.0], observed=[0.6, 0.9],
+                                  baseline=np.zeros(5), baseline_label="control", train_times=[0.5, 1, 2])
+    assert ax.get_xlabel() == "time since perturbation" and ax.get_ylabel() == "mean expression"
+    legend = [x.get_text() for x in ax.get_legend().get_texts()]
+    assert {"predicted mean", "control", "observed mean", "90% interval of the mean",
+            "beyond the training times"} <= set(legend)
+    band = ax.collections[0].get_paths()[0].vertices  # the fill_between polygon spans [lower, upper]
+    assert np.isclose(band[:, 1].max(), mean.max() + 0.1) and np.isclose(band[:, 1].min(), -0.1)
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), mean)
+    with pytest.raises(ValueError, match="one value per time"):
+        plotting.plot_trajectory(t[:3], mean, mean, mean)
+    with pytest.raises(ValueError, match="observed_times"):
+        plotting.plot_trajectory(t, mean, mean, mean, observed=[1.0])
+    plt.close("all")

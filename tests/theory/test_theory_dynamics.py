@@ -238,3 +238,25 @@ def test_variability_verdict_claims_permutation_and_scaling_when_the_premises_ho
     assert "programs independent given the context: NO" in bad.render()
     with pytest.raises(ValueError, match="covariances"):
         check_variability(means=MEANS, variances=VARS, covariances=covs)
+
+
+def test_check_order_design_before_a_fit():
+    from perturbax.theory import check_order_design
+
+    names = ["A", "B", "C"]
+    # two perturbations measured (alone or together) for three programs: the order cannot be identified
+    rep = check_order_design(["control", "A", "B", "A+B"], 3, names=names)
+    assert rep.status == "fail" and not rep.identified and "NOT identified by the design" in rep.message
+    # B and C only ever together: only A's own effect is identified
+    rep = check_order_design(["control", "A", "B+C"], 3, names=names)
+    assert rep.status == "fail" and "effects of 1 elementary perturbation(s) (A)" in rep.message
+    # three singles: identified only under the sole-target assumption, which the design cannot show
+    rep = check_order_design(["control", "A", "B", "C"], 3, names=names)
+    assert rep.status == "warning" and not rep.identified and "sole direct target" in rep.message
+    # with the targets' support: sole targets -> ok; C hits programs 1 and 3 and nothing hits 3 alone -> fail
+    sole = np.eye(3, dtype=bool)
+    assert check_order_design(["control", "A", "B", "C"], 3, names=names, targets=sole).status == "ok"
+    multi = sole.copy()
+    multi[0, 2] = True
+    rep = check_order_design(["control", "A", "B", "C"], 3, names=names, targets=multi)
+    assert rep.status == "fail" and rep.missing == ("z3",)

@@ -161,7 +161,7 @@ def fit_file(
     steps: int = 2000,
     seed: int = 0,
     batch_size: int = 256,
-    latent_dim: int = 10,
+    latent_dim: int | None = None,
     learning_rate: float | None = None,
     layer: str | None = None,
     dose_key: str | None = None,
@@ -178,6 +178,7 @@ def fit_file(
     select: bool | None = None,
     devices: int | None = None,
     stream: bool | None = None,
+    recipe: bool | None = None,
 ):
     """Read ``data_path`` (h5ad), drop the ``holdout`` conditions, fit the additive shift model
     (``model="additive"``) or the latent dynamics model (``model="dynamics"``, which needs the
@@ -185,7 +186,9 @@ def fit_file(
     programs relax, in the units of that column) and save it to the folder ``out``.
     ``mean_weight`` is :class:`~perturbax.inference.EnergyOptions` ``mean_weight`` (energy
     objective only). ``objective``, ``learning_rate`` and ``select`` ``None``: the defaults of
-    :func:`perturbax.inference.fit` (the CLI and Python share them). ``where`` (``KEY=VALUE``
+    :func:`perturbax.inference.fit` (the CLI and Python share them; for the dynamics model
+    ``objective=None`` runs the staged recipe of :mod:`perturbax.inference.dynamics_recipe` unless
+    ``recipe=False``). ``latent_dim`` ``None``: the model config's default. ``where`` (``KEY=VALUE``
     items) keeps only the selected cells of the file. An existing non-empty ``out`` holding a
     saved fit is replaced only with ``overwrite``; nothing is saved if the loss was not finite
     from the first steps. ``devices``: :func:`~perturbax.inference.fit` ``devices`` (``None``: all).
@@ -209,7 +212,9 @@ def fit_file(
             "--model dynamics needs the time of every cell: pass --time-key with the numeric obs column of "
             "time since the perturbation was switched on (e.g. --time-key time_h)."
         )
-    objective = objective or default_objective(MODELS[model], likelihood)
+    staged = model == "dynamics" and objective is None and recipe is not False
+    if objective is None and not staged:
+        objective = default_objective(MODELS[model], likelihood)
     if mean_weight and objective != "energy":
         raise ValueError(
             f"--mean-weight {mean_weight:g} weights a term of the energy objective, but the objective is {objective!r}; "
@@ -259,10 +264,11 @@ def fit_file(
     sizes = dict(
         n_genes=data.n_genes,
         n_perturbations=data.K,
-        latent_dim=latent_dim,
         n_covariates=data.covariate_design()[0].shape[1],
         likelihood=likelihood,
     )
+    if latent_dim is not None:
+        sizes["latent_dim"] = latent_dim
     if model == "dynamics":
         config = LatentDynamicsConfig(**sizes, time_scale=time_scale)
     else:
@@ -280,6 +286,7 @@ def fit_file(
         energy=EnergyOptions(mean_weight=mean_weight) if objective == "energy" else None,
         select=select,
         devices=devices,
+        recipe=staged if model == "dynamics" else None,
     )
     record = {
         "data": str(Path(data_path).resolve()),
@@ -290,7 +297,7 @@ def fit_file(
         "covariate_keys": list(covariate_keys),
         "holdout": held,
         "likelihood": likelihood,
-        "latent_dim": latent_dim,
+        "latent_dim": result.config.latent_dim,
         "model": model,
         "time_key": time_key,
         "time_scale": time_scale,
@@ -322,15 +329,18 @@ def fit_file(
 @click.option("--overwrite", is_flag=True, help="Replace the fit saved in a non-empty --out folder.")
 @click.option("--objective", type=click.Choice(["energy", "elbo"]), default=None,
               help="Training objective [default: energy for gaussian/implicit, elbo for negative_binomial; "
-                   "elbo for --model dynamics].")
+                   "for --model dynamics the staged recipe (ELBO, order, energy stage of a length chosen on "
+                   "held-out training contexts); giving --objective fits that one stage].")
 @click.option("--likelihood", type=click.Choice(["gaussian", "negative_binomial", "implicit"]),
               default="gaussian", show_default=True,
               help="gaussian: log-normalised data; negative_binomial: raw counts (use --layer); "
                    "implicit: noise fed to the decoder (energy only).")
-@click.option("--steps", default=2000, show_default=True, type=click.IntRange(min=1), help="Optimiser steps.")
+@click.option("--steps", default=2000, show_default=True, type=click.IntRange(min=1),
+              help="Optimiser steps (--model dynamics recipe: of its first stage; the others are fractions of it).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the fit.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Cells per step.")
-@click.option("--latent-dim", "-d", default=10, show_default=True, type=click.IntRange(min=1), help="Latent dimension d.")
+@click.option("--latent-dim", "-d", default=None, type=click.IntRange(min=1),
+              help="Latent dimension d [default: as perturbax.inference.fit: 10 additive, 5 dynamics].")
 @click.option("--learning-rate", default=None, type=FiniteFloat(min=0, min_open=True),
               help="Initial Adam step size (cosine-decayed) [default: as perturbax.inference.fit: 0.002 additive, "
                    "0.005 dynamics].")
@@ -353,6 +363,9 @@ def fit_file(
 @click.option("--no-select", is_flag=True,
               help="Additive model: skip the nested estimator and its selection on training conditions "
                    "(plain model fit: one fit instead of three, uncalibrated intervals).")
+@click.option("--no-recipe", is_flag=True,
+              help="--model dynamics: one plain ELBO fit instead of the staged recipe (experts; stage by hand "
+                   "with --objective).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--devices", default=None, type=click.IntRange(min=1),
               help="Split each step's cells over the first N devices (default: all local devices).")
@@ -362,7 +375,7 @@ def fit_file(
 @where_option()
 def fit(data, perturbation_key, control, out, overwrite, objective, likelihood, steps, seed, batch_size, latent_dim,
         learning_rate, layer, dose_key, sep, covariate_keys, holdout, model, time_key, time_scale, mean_weight,
-        no_select, no_progress, devices, stream, where):
+        no_select, no_recipe, no_progress, devices, stream, where):
     """Fit the additive latent shift model to DATA (h5ad) and save it to --out.
 
     With --model dynamics (and --time-key) the latent dynamics model is fitted instead: latent
@@ -394,6 +407,7 @@ def fit(data, perturbation_key, control, out, overwrite, objective, likelihood, 
                 holdout=held, progress=not no_progress, model=model, time_key=time_key, time_scale=time_scale,
                 mean_weight=mean_weight, overwrite=overwrite, where=where, select=False if no_select else None,
                 devices=devices, stream=stream,
+                recipe=False if no_recipe else None,
             )
         except (ValueError, KeyError) as err:
             raise click.ClickException(cli_message(err)) from None
@@ -405,8 +419,9 @@ def fit(data, perturbation_key, control, out, overwrite, objective, likelihood, 
     loss = np.asarray(result.history["loss"])
     final = f"{loss[-1]:.6g}" if loss.size else "n/a"
     lines = [
-        f"Fitted {result.model_name} (objective {result.objective}, likelihood {likelihood}, latent_dim "
-        f"{latent_dim}) on {used.n_cells} cells x {used.n_genes} genes, {used.n_conditions} conditions, "
+        f"Fitted {result.model_name} (objective {result.objective}"
+        + (", staged recipe" if info.get("recipe") else "")
+        + f", likelihood {likelihood}, latent_dim {result.config.latent_dim}) on {used.n_cells} cells x {used.n_genes} genes, {used.n_conditions} conditions, "
         f"K={used.K} elementary perturbations"
         + (f" ({len(result.seen_elementary)} seen in training)" if len(result.seen_elementary) != used.K else "")
         + ".",
@@ -428,5 +443,9 @@ def fit(data, perturbation_key, control, out, overwrite, objective, likelihood, 
         lines.append(f"Held-out loss: best {info['best_val_loss']:.6g} at step {info['best_step']} (the parameters "
                      f"saved), last {val[-1]:.6g} at step {last_step}")
     lines.extend(selection_lines(info.get("selection")))
+    if info.get("recipe"):
+        from perturbax.inference.dynamics_recipe import recipe_lines
+
+        lines.extend(recipe_lines(info["recipe"]))
     lines.append(f"Saved to {out}")
     click.echo("\n".join(lines))

@@ -7,6 +7,7 @@ from perturbax.data.io import (
     parse_where,
     prediction_intervals,
     prediction_summary,
+    prediction_trajectory,
     predictions_to_anndata,
     select_where,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "parse_where",
     "prediction_intervals",
     "prediction_summary",
+    "prediction_trajectory",
     "predictions_to_anndata",
     "select_where",
     "split_from_column",

@@ -16,6 +16,7 @@ __all__ = [
     "predictions_to_anndata",
     "cells_by_condition",
     "prediction_intervals",
+    "prediction_trajectory",
     "prediction_summary",
     "parse_where",
     "select_where",
@@ -180,7 +181,8 @@ def prediction_intervals(adata, label, *, level: float | None = None) -> tuple[n
     ``level``: the interval at another level than the prediction's (``None``: its own). For the
     nested estimator's calibrated intervals (``uns["perturbax"]["nested"]``) the half-width is
     rescaled by the ratio of the conformal factors (levels 0.5, 0.8, 0.9, 0.95 and the
-    prediction's); otherwise the equal-tailed quantiles of ``uns["mean_draws"]``."""
+    prediction's; likewise the dynamics recipe's calibrated intervals, ``uns["perturbax"]["calibration"]``);
+    otherwise the equal-tailed quantiles of ``uns["mean_draws"]``."""
     meta = adata.uns.get("perturbax", {})
     labels = list(meta.get("labels", []))
     if not labels or "pred_mean" not in adata.varm:
@@ -197,7 +199,7 @@ def prediction_intervals(adata, label, *, level: float | None = None) -> tuple[n
         return mean, lower, upper
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}.")
-    nested = meta.get("nested")
+    nested = meta.get("nested") or meta.get("calibration")  # (calibrated intervals: nested or dynamics recipe)
     if nested is not None:
         factors = {float(a): float(q) for a, q in dict(nested["factors"]).items()}
         if float(level) not in factors:
@@ -206,6 +208,26 @@ def prediction_intervals(adata, label, *, level: float | None = None) -> tuple[n
         return mean, mean - (mean - lower) * scale, mean + (upper - mean) * scale
     draws = np.asarray(adata.uns["mean_draws"])[j]
     return mean, np.quantile(draws, (1 - level) / 2, axis=0), np.quantile(draws, (1 + level) / 2, axis=0)
+
+
+def prediction_trajectory(adata, perturbation, *, level: float | None = None):
+    """``(times (T,), mean (T, G), lower (T, G), upper (T, G))`` of one perturbation in a prediction
+    of a model of time (``predict(fit, ..., times=[...])``), times ascending: the per-gene interval of
+    the mean at each predicted time (:func:`prediction_intervals` of each (perturbation, time)
+    column). ``perturbation`` is spelled as the prediction's plain labels
+    (``uns["perturbax"]["perturbations"]``)."""
+    meta = adata.uns.get("perturbax", {})
+    perts = [str(p) for p in meta.get("perturbations", [])]
+    if not perts:
+        raise ValueError("This prediction has no times; trajectories come from predict(fit, ..., times=[...]) of a model "
+                         "of time.")
+    if str(perturbation) not in perts:
+        raise KeyError(f"{perturbation!r} was not predicted here; predicted: {list(dict.fromkeys(perts))}.")
+    labels = list(meta["labels"])
+    cols = [(float(t), labels[j]) for j, (p, t) in enumerate(zip(perts, meta["times"])) if p == str(perturbation)]
+    cols.sort()
+    parts = [prediction_intervals(adata, key, level=level) for _, key in cols]
+    return (np.array([t for t, _ in cols]), *(np.stack([p[k] for p in parts]) for k in range(3)))
 
 
 def prediction_summary(adata) -> pd.DataFrame:

@@ -1,6 +1,7 @@
 """Fitting (SVI with the ELBO or the energy score), prediction, save/load and ArviZ export."""
 
 from perturbax.inference.causal_order import fitted_causal_order, refit_in_causal_order
+from perturbax.inference.dynamics_recipe import held_out_contexts, order_candidates
 from perturbax.inference.energy import (
     EnergyOptions,
     EnergyScore,
@@ -36,10 +37,12 @@ __all__ = [
     "fit_identifiability",
     "fitted_causal_order",
     "global_sites",
+    "held_out_contexts",
     "hide_cells",
     "local_sites",
     "make_guide",
     "mean_distance_groups",
+    "order_candidates",
     "pair_key",
     "pairwise_distance",
     "posterior_draws",

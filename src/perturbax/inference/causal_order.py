@@ -18,35 +18,15 @@ fails, see :func:`~perturbax.models.order_from_effects`).
 
 from __future__ import annotations
 
-import dataclasses
+from functools import partial
 from typing import Any
-
-import numpy as np
 
 from perturbax.data.core import PerturbationData
 from perturbax.inference.fitting import fit
-from perturbax.inference.prediction import posterior_draws
+from perturbax.inference.order_refit import fitted_causal_order, refit_orders
 from perturbax.inference.result import FitResult
-from perturbax.models.dynamics import LatentDynamicsConfig, causal_order, order_from_effects, order_mask
 
 __all__ = ["fitted_causal_order", "refit_in_causal_order"]
-
-
-def fitted_causal_order(result: FitResult, *, num_samples: int = 200, seed: int = 0) -> tuple[list[int], np.ndarray]:
-    """``(order, B_hat)`` from the posterior-mean total effects ``W`` of a linear or mechanism
-    latent dynamics fit (:func:`~perturbax.models.order_from_effects`, with the config's
-    ``target_mask`` as the targets' support when it has one; needs at least as many elementary
-    perturbations as programs). Warns when the order is not identified (module docstring)."""
-    cfg = result.config
-    if not isinstance(cfg, LatentDynamicsConfig) or cfg.drift == "neural":
-        raise ValueError(
-            "fitted_causal_order needs a latent dynamics fit with causal weights B (drift='linear' or "
-            f"'mechanism'); got {type(cfg).__name__}"
-            + (f" with drift={cfg.drift!r}." if isinstance(cfg, LatentDynamicsConfig) else ".")
-        )
-    draws = posterior_draws(result, num_samples, seed=seed)
-    W = np.asarray(draws["W"], dtype=np.float64).mean(0)
-    return order_from_effects(W, targets=cfg.target_mask)
 
 
 def refit_in_causal_order(
@@ -79,46 +59,6 @@ def refit_in_causal_order(
     order read matches the input fit's mask, the input fit is returned unchanged (apart from those
     ``info`` entries).
     """
-    if max_rounds < 1:
-        raise ValueError(f"max_rounds must be >= 1, got {max_rounds}.")
-    objective = fit_kwargs.pop("objective", result.objective)
-    seed = result.info.get("seed", 0) if seed is None else seed
-    current, rounds, refits = result, [], []
-    for _ in range(max_rounds + 1):
-        order, b_hat = fitted_causal_order(current, num_samples=num_samples)
-        rounds.append(list(order))
-        if np.array_equal(current.config.mask, order_mask(order)) or len(rounds) > max_rounds:
-            break
-        cfg = dataclasses.replace(current.config, causal_mask=order_mask(order), allow_cycles=False, acyclicity=0.0)
-        warm = {k: v for k, v in current.params.items() if not k.startswith("q_")}
-        current = fit(
-            current.model_name if current.model_name == "latent_dynamics" else current.model,
-            data,
-            config=cfg,
-            objective=objective,
-            steps=steps,
-            seed=seed,
-            init_params=warm,
-            **fit_kwargs,
-        )
-        refits.append(current)
-    # the refit with the lowest held-out loss (the last one when there is no held-out split)
-    best = min(reversed(refits), key=_held_out_loss) if refits else result
-    info = {**best.info, "causal_order": causal_order(best.config.mask), "order_rounds": rounds,
-            "order_round_losses": [_held_out_loss(r) for r in refits], "order_from": b_hat.tolist(),
-            "order_identified": _order_identified(result.config)}
-    return dataclasses.replace(best, info=info)  # (the input fit is never modified)
-
-
-def _order_identified(cfg: LatentDynamicsConfig) -> bool | None:
-    if cfg.target_mask is None:
-        return None
-    from perturbax.theory.dynamics import check_order_from_effects
-
-    return check_order_from_effects(np.asarray(cfg.target_mask)).identified
-
-
-def _held_out_loss(res: FitResult) -> float:
-    v = np.asarray(res.history.get("val_loss", ()), dtype=np.float64)
-    v = v[np.isfinite(v)]
-    return float(v.min()) if v.size else float("inf")
+    model = result.model_name if result.model_name == "latent_dynamics" else result.model
+    return refit_orders(partial(fit, model), result, data, steps=steps, max_rounds=max_rounds, seed=seed,
+                        num_samples=num_samples, **fit_kwargs)

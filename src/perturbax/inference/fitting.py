@@ -357,6 +357,8 @@ def fit(
     data_init: bool | None = None,
     select: bool | None = None,
     devices: int | Sequence[Any] | None = None,
+    recipe: bool | None = None,
+    validation: Any = None,
 ) -> FitResult:
     """Fit a model to perturbed cells by stochastic variational inference.
 
@@ -431,7 +433,19 @@ def fit(
     Data whose cells are on disk (``from_anndata(backed, on_disk=True)``, :mod:`perturbax.data.stream`)
     are streamed: each step's cells are read by a background thread ahead of use, with the same
     draws as in memory (the same seed gives the same fit).
+    recipe
+        The staged fitting of the latent dynamics model (:mod:`perturbax.inference.dynamics_recipe`):
+        ELBO, program order read from ``W`` and refitted, an energy stage whose length (possibly 0)
+        is chosen on held-out *training* contexts, then the final stages on all cells; interval
+        calibration on the held-out contexts. ``steps`` is the length of the first stage.
+        ``info["recipe"]`` says what was chosen and why. ``None`` (default): on for
+        ``"latent_dynamics"`` when ``objective``, ``init_params`` and ``validation`` are not given
+        (giving an objective fits that one stage by hand); ``False``: one plain stage.
+    validation
+        Cell indices of ``data`` to hold out for the held-out loss instead of the random split by
+        ``validation_fraction`` (e.g. every cell of some (condition, time) contexts).
     """
+    objective_given = objective is not None
     builtin = model if isinstance(model, str) else next((k for k, (f, _) in BUILTIN_MODELS.items() if f is model), None)
     if objective is None:
         objective = default_objective(builtin, getattr(config, "likelihood", "gaussian"))
@@ -469,11 +483,24 @@ def fit(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     from functools import partial
 
+    if recipe is None:
+        recipe = name == "latent_dynamics" and not objective_given and init_params is None and validation is None
+    if recipe:  # the staged recipe: its stages are this function with recipe=False
+        if objective_given or init_params is not None or validation is not None:
+            raise ValueError("recipe=True chooses each stage's objective, start and held-out cells itself; drop "
+                             "objective=, init_params= and validation=, or pass recipe=False to fit one stage.")
+        from perturbax.inference.dynamics_recipe import fit_dynamics_recipe
+
+        plain = partial(fit, model, batch_size=batch_size, learning_rate=learning_rate, guide=guide,
+                        global_guide=global_guide, eval_every=eval_every, progress=progress, data_init=data_init,
+                        validation_fraction=validation_fraction, recipe=False, devices=devices)
+        return fit_dynamics_recipe(plain, data, config=config, steps=steps, seed=seed, energy=energy,
+                                   patience=patience)
     trainer = partial(
         _trainer, name, model_fn, config, data, objective=objective, steps=steps, batch_size=batch_size,
         learning_rate=learning_rate, seed=seed, guide=guide, global_guide=global_guide, energy=energy,
         validation_fraction=validation_fraction, eval_every=eval_every, patience=patience, progress=progress,
-        init_params=init_params, data_init=data_init, devices=devices,
+        init_params=init_params, data_init=data_init, devices=devices, validation=validation,
     )
     if select:  # the nested estimator: the CV fits and the final fit share one compiled trainer
         from perturbax.inference.selection import fit_with_selection
@@ -486,7 +513,7 @@ def _trainer(
     name: str, model_fn: Callable, config: Any, data: PerturbationData, holdouts=(), *, objective: str, steps: int,
     batch_size: int, learning_rate: float, seed: int, guide, global_guide: str, energy: EnergyOptions | None,
     validation_fraction: float, eval_every: int, patience: int | None, progress: bool, init_params, data_init,
-    devices=None,
+    devices=None, validation=None,
 ) -> Callable[..., FitResult]:
     """Compile the fitting loop of ``fit`` once for ``data``; returns ``run(exclude=())``, which fits
     with the cells of the conditions named in ``exclude`` left out (neither drawn nor held out).
@@ -508,7 +535,14 @@ def _trainer(
             "contexts": _context_check(data, config),
         }
 
-    train_idx, val_idx = _validation_split(data, validation_fraction if patience is not None else 0.0, seed, timed)
+    if validation is not None:
+        val_idx = np.unique(np.asarray(validation, dtype=np.int64).reshape(-1))
+        if val_idx.size and (val_idx[0] < 0 or val_idx[-1] >= data.n_cells):
+            raise ValueError(f"validation holds cell indices outside 0..{data.n_cells - 1}; give rows of data.")
+        train_idx = np.setdiff1d(np.arange(data.n_cells), val_idx)
+    else:
+        train_idx, val_idx = _validation_split(data, validation_fraction if patience is not None else 0.0, seed,
+                                               timed)
     n_train = train_idx.size
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")

@@ -57,6 +57,12 @@ perturbation-major (all times of the first perturbation first). Then
 - ``uns["perturbax"]["coverage"]`` is aligned with the columns and adds ``time_in_range`` and
   ``time_message`` (measured time, interpolation, or extrapolation beyond the measured times).
 
+Latent dynamics fits made by the default recipe (:mod:`perturbax.inference.dynamics_recipe`)
+carry a calibration from held-out training contexts: their intervals are ``mean +- q sigma``
+(``sigma^2`` = posterior variance of the mean + pooled cell variance / ``n_ref``, ``q`` the
+conformal factor at ``interval``), aimed at the observed mean of ``n_ref`` cells of a context;
+``uns["perturbax"]["calibration"]`` says so. Not applied to ``source=<observed cells>``.
+
 Use :func:`perturbax.data.prediction_summary` for a tidy table and :func:`to_arviz` for ArviZ.
 """
 
@@ -279,6 +285,27 @@ def _time_notes(fit: FitResult, times: list[float]) -> tuple[list[bool], list[st
     return in_range, messages
 
 
+def _calibrated_bounds(calibration: dict, mean_draws: np.ndarray, interval: float):
+    """Intervals ``mean +- q sigma`` of a dynamics fit calibrated by its recipe: ``sigma^2`` = the
+    posterior variance of each column's mean + the pooled cell variance / ``n_ref``, ``q`` the
+    conformal quantile of the held-out training contexts' scores at ``interval``. Returns
+    ``(lower (C, G), upper (C, G), notes)``."""
+    from perturbax.inference.nested import REPORTED_LEVELS, conformal_quantile
+
+    scores = np.asarray(calibration["scores"], dtype=np.float64)
+    sigma = np.sqrt(mean_draws.var(1) + np.asarray(calibration["cell_var"], dtype=np.float64) / float(calibration["n_ref"]))
+    q = conformal_quantile(scores, interval)
+    mean = mean_draws.mean(1)
+    notes = {
+        "interval_factor": q,
+        "calibrated": True,
+        "factors": {str(a): conformal_quantile(scores, a) for a in REPORTED_LEVELS} | {str(interval): q},
+        "covers": calibration["covers"],
+        "how": calibration["how"],
+    }
+    return mean - q * sigma, mean + q * sigma, notes
+
+
 def predict(
     fit: FitResult,
     perturbations: Sequence[LabelLike] | LabelLike,
@@ -458,6 +485,10 @@ def predict(
         mean_draws, all_cells, lower, upper, nested_notes = nested_prediction(
             fit, vecs, mean_draws, all_cells, interval, seed)
         bounds = (lower.T, upper.T)
+    calibration = (fit.info.get("recipe") or {}).get("calibration") if timed and not moved else None
+    if calibration:  # intervals calibrated on held-out training contexts (perturbax.inference.dynamics_recipe)
+        lower, upper, calibration_notes = _calibrated_bounds(calibration, mean_draws, interval)
+        bounds = (lower.T, upper.T)
     draw_idx = np.repeat(np.arange(num_samples), per_draw)[:n_cells]
     meta = {
         "labels": list(labels),
@@ -472,6 +503,8 @@ def predict(
         meta["source_cells"] = n_src
     if nested_notes is not None:
         meta["nested"] = nested_notes
+    if calibration:
+        meta["calibration"] = calibration_notes
     uns = {"perturbax": meta, "mean_draws": mean_draws.astype(np.float32)}
     if all_latent:
         uns["latent_mean_draws"] = np.stack(all_latent).astype(np.float32)  # (columns, S, d)

@@ -6,7 +6,12 @@ All functions take arrays (the prediction AnnData is unpacked with
 
 from perturbax.plotting.design import plot_design_coverage, plot_design_spectrum
 from perturbax.plotting.latent import plot_latent
-from perturbax.plotting.predictions import plot_gene_intervals, plot_predicted_vs_observed, plot_reliability
+from perturbax.plotting.predictions import (
+    plot_gene_intervals,
+    plot_predicted_vs_observed,
+    plot_reliability,
+    plot_trajectory,
+)
 from perturbax.plotting.training import plot_loss
 
 __all__ = [
@@ -17,4 +22,5 @@ __all__ = [
     "plot_loss",
     "plot_predicted_vs_observed",
     "plot_reliability",
+    "plot_trajectory",
 ]

@@ -1,4 +1,4 @@
-"""Predicted vs observed mean expression, with credible intervals."""
+"""Predicted vs observed mean expression, with credible intervals (per gene, and over time)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-__all__ = ["plot_predicted_vs_observed", "plot_gene_intervals", "plot_reliability"]
+__all__ = ["plot_predicted_vs_observed", "plot_gene_intervals", "plot_reliability", "plot_trajectory"]
 
 
 def _check(mean, lower, upper, observed=None):
@@ -113,4 +113,55 @@ def plot_reliability(intervals, truth, *, ax=None, label: str | None = None, tit
         ax.set_title(title, fontsize=10)
     if label:
         ax.legend(fontsize=7, loc="upper left")
+    return ax
+
+
+def plot_trajectory(
+    times, mean, lower, upper, *, observed_times=None, observed=None, observed_sd=None, baseline_times=None,
+    baseline=None, baseline_label: str = "baseline", train_times=None, ax=None, title: str | None = None,
+    time_label: str = "time since perturbation", value_label: str = "mean expression", level: float = 0.9,
+):
+    """A predicted trajectory of one gene (or any scalar) over time with its credible band, against
+    observed time points.
+
+    ``times``, ``mean``, ``lower``, ``upper``: ``(T,)`` (e.g. one gene's column of
+    :func:`perturbax.data.prediction_trajectory`). ``observed_times``/``observed``: measured means
+    (crosses; ``observed_sd``: error bars, e.g. standard errors). ``baseline_times``/``baseline``: a
+    reference curve (dashed; e.g. the control, interpolation of measured means, or a static
+    additive shift) labelled ``baseline_label``. ``train_times``: times beyond the last of them are
+    shaded (extrapolation). ``level`` only labels the band.
+    """
+    times = np.asarray(times, dtype=float).ravel()
+    mean, lower, upper, _ = _check(mean, lower, upper)
+    if times.shape != mean.shape:
+        raise ValueError(f"times has {times.size} entries but mean has {mean.size}; give one value per time.")
+    order = np.argsort(times)
+    ax = ax or plt.subplots(figsize=(4.2, 3.0))[1]
+    if train_times is not None and len(np.atleast_1d(train_times)) and times.max() > np.max(train_times):
+        ax.axvspan(float(np.max(train_times)), float(times.max()), color="0.92", zorder=0,
+                   label="beyond the training times")
+    ax.fill_between(times[order], lower[order], upper[order], color="tab:blue", alpha=0.25,
+                    label=f"{level:.0%} interval of the mean")
+    ax.plot(times[order], mean[order], color="tab:blue", lw=1.5, label="predicted mean")
+    if baseline is not None:
+        bt = times if baseline_times is None else np.asarray(baseline_times, dtype=float).ravel()
+        b = np.asarray(baseline, dtype=float).ravel()
+        if b.shape != bt.shape:
+            raise ValueError(f"baseline has {b.size} values for {bt.size} times.")
+        bo = np.argsort(bt)
+        ax.plot(bt[bo], b[bo], color="0.4", ls="--", lw=1.0, label=baseline_label)
+    if observed is not None:
+        if observed_times is None:
+            raise ValueError("observed needs observed_times (one time per observed value).")
+        ot = np.asarray(observed_times, dtype=float).ravel()
+        ov = np.asarray(observed, dtype=float).ravel()
+        if ot.shape != ov.shape:
+            raise ValueError(f"observed has {ov.size} values for {ot.size} observed_times.")
+        err = None if observed_sd is None else np.asarray(observed_sd, dtype=float).ravel()
+        ax.errorbar(ot, ov, yerr=err, fmt="x", color="k", ms=6, lw=0.8, label="observed mean")
+    ax.set_xlabel(time_label)
+    ax.set_ylabel(value_label)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="best")
     return ax

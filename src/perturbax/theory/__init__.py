@@ -14,7 +14,7 @@ Design level (no data needed):
 Dynamics level (latent dynamical causal programs):
 
 - :func:`count_contexts`, :func:`check_variability`, :func:`check_targets`,
-  :func:`check_dynamics`, :func:`check_order_from_effects`, :func:`dynamics_context_moments`;
+  :func:`check_dynamics`, :func:`check_order_from_effects`, :func:`check_order_design`, :func:`dynamics_context_moments`;
   conversions :func:`bs_to_w`, :func:`w_to_bs`, :func:`equivalent_bs`.
 
 Model level:
@@ -44,6 +44,7 @@ from perturbax.theory.dynamics import (
     bs_to_w,
     check_dynamics,
     check_order_from_effects,
+    check_order_design,
     check_targets,
     check_variability,
     count_contexts,
@@ -101,6 +102,7 @@ __all__ = [
     "check_targets",
     "check_dynamics",
     "check_order_from_effects",
+    "check_order_design",
     "natural_parameters",
     "dynamics_context_moments",
     "bs_to_w",

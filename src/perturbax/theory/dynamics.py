@@ -26,6 +26,8 @@ enough (iVAE / latent-causal-model style results, see ``notes/identifiability.md
 - :func:`check_order_from_effects`: whether the causal order of the programs (and ``B``) can be
   read from the total effects ``W = (I - B)^{-1} S`` given the targets' support: only when every
   program is the SOLE target of some perturbation.
+- :func:`check_order_design`: the same question asked of a training design before any fit (what
+  ``fit``'s default recipe for the dynamics model checks first).
 
 The linear model links to the additive-shift model through ``W = (I - B)^{-1} S``
 (:func:`bs_to_w`); ``W`` alone does not determine ``B`` and ``S`` (:func:`w_to_bs`,
@@ -58,6 +60,7 @@ __all__ = [
     "check_targets",
     "check_dynamics",
     "check_order_from_effects",
+    "check_order_design",
     "natural_parameters",
     "dynamics_context_moments",
     "bs_to_w",
@@ -806,6 +809,74 @@ def check_order_from_effects(targets, *, atol: float = 0.0, program_names: Seque
         identified=not missing,
         sole_target=tuple(sole),
         missing=missing,
+    )
+
+
+def check_order_design(
+    design,
+    latent_dim: int,
+    *,
+    targets=None,
+    names: Sequence[str] | None = None,
+    registry: PerturbationRegistry | None = None,
+    tol: float = 1e-6,
+) -> OrderReport:
+    """Whether a training design can identify the causal order of ``latent_dim`` programs from the
+    total effects ``W`` -- asked before any fit.
+
+    The order is read from ``l`` columns of ``W`` (:func:`check_order_from_effects`), so it needs
+    (i) at least ``l`` elementary perturbations whose own effect is identified by the design
+    (``e_k`` in the row space of the measured labels, control excluded; residual of its projection
+    ``<= tol``): otherwise ``fail``, every
+    order fits the design equally; and (ii) each program the sole direct target of one of them.
+    (ii) is checked when ``targets`` (``l x K`` support of ``S``, e.g. a fit's ``target_mask``) is
+    given; without it the design cannot tell, the status is ``warning`` and a fit reads the order
+    under that assumption (and should report which orders fit equally well).
+    """
+    reg = resolve_registry(names, registry, design)
+    M, _ = as_label_rows(design, reg, "design")
+    D = np.asarray(M.toarray(), dtype=np.float64)
+    D = D[np.any(D != 0, axis=1)]
+    K = D.shape[1]
+    ell = int(latent_dim)
+    pnames = tuple(f"z{i + 1}" for i in range(ell))
+    if D.shape[0]:
+        P = np.linalg.pinv(D) @ D  # projection on the row space
+        resid = np.linalg.norm(np.eye(K) - P, axis=0)
+        ident = np.flatnonzero(resid <= tol)
+    else:
+        ident = np.zeros(0, dtype=np.int64)
+    ident_names = [reg.names[k] for k in ident]
+    if ident.size < ell:
+        return OrderReport(
+            status=FAIL,
+            message=(f"the design identifies the effects of {ident.size} elementary perturbation(s) "
+                     f"({join_names(ident_names) if ident_names else 'none'}) for {ell} programs, so the causal order "
+                     f"is NOT identified by the design: W has fewer identified columns than programs and every order "
+                     f"of the programs fits equally (a fit can only report the orders it tried). Measure at least "
+                     f"{ell} perturbations alone, each targeting one program, or use fewer programs."),
+            program_names=pnames, identified=False, sole_target=tuple([-1] * ell), missing=pnames,
+        )
+    if targets is not None:
+        rep = check_order_from_effects(targets, program_names=pnames)
+        if rep.identified:
+            unmeasured = [k for k in rep.sole_target if k not in set(ident.tolist())]
+            if unmeasured:
+                return OrderReport(
+                    status=FAIL, message=(f"the sole-target perturbations {join_names([reg.names[k] for k in unmeasured])} "
+                                          f"are not identified by the design, so the order is not identified."),
+                    program_names=pnames, identified=False, sole_target=rep.sole_target,
+                    missing=tuple(p for p, k in zip(pnames, rep.sole_target) if k in unmeasured),
+                )
+        return rep
+    return OrderReport(
+        status=WARNING,
+        message=(f"the design identifies {ident.size} elementary perturbation effect(s) for {ell} programs; the causal "
+                 f"order is identified only if each program is the sole direct target of one of them, which the "
+                 f"design cannot show (perturbations that hit several programs break it). The fit reads the order "
+                 f"under that assumption and reports the orders that fit equally well; pass a target_mask if the "
+                 f"targets are known."),
+        program_names=pnames, identified=False, sole_target=tuple([-1] * ell), missing=(),
     )
 
 

@@ -1,0 +1,390 @@
+"""The default fitting recipe of the latent dynamics model, with its settings chosen on training data.
+
+``fit(..., "latent_dynamics")`` and ``perturbax fit --model dynamics`` run these stages
+(:func:`fit_dynamics_recipe`; ``fit(..., recipe=False)`` or an explicit ``objective=`` fits one
+stage by hand):
+
+0. **Design check before the fit** (:func:`perturbax.theory.check_order_design`): whether the
+   training design can identify the causal order of the programs from the total effects ``W``
+   (a UserWarning when it cannot).
+1. **Held-out training contexts** (:func:`held_out_contexts`): a few (perturbation, time) pairs
+   of the training data, each a perturbation measured at two or more other times, held out as a
+   whole -- the use case (a perturbation at an unmeasured time) inside the training data. No test
+   pair and no ground truth is looked at.
+2. **Selection run** on the other contexts, every stage early-stopped on the held-out contexts:
+   (a) ELBO on the default causal mask; (b) the program order read from ``W`` and refitted on its
+   mask (:func:`~perturbax.inference.refit_in_causal_order`), the orders the posterior of ``W``
+   supports refitted too, and the orders whose held-out loss is within noise of the best reported
+   as fitting equally well; (c) the energy objective warm-started from (b): its best step on the
+   held-out contexts is the **length of the energy stage** (0 when it does not improve on (b)).
+   The generated predictions of the held-out contexts then **calibrate the intervals**
+   (conformal factor of ``|observed mean - predicted mean| / sigma`` over their genes).
+3. **Final fit on all training cells**: ELBO on the chosen order's mask, warm-started from (b)
+   (``FINAL_ELBO_FRACTION`` of ``steps``, early stopping on held-out cells), then the energy
+   stage for the chosen length.
+
+What was chosen and why is in ``FitResult.info["recipe"]`` (printed by ``perturbax fit``);
+:func:`recipe_lines` renders it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from perturbax.data.core import PerturbationData
+from perturbax.inference.energy import EnergyOptions
+from perturbax.inference.nested import REPORTED_LEVELS, conformal_quantile
+
+__all__ = [
+    "MAX_HELD_CONTEXTS",
+    "ENERGY_FRACTION",
+    "FINAL_ELBO_FRACTION",
+    "held_out_contexts",
+    "order_candidates",
+    "fit_dynamics_recipe",
+    "recipe_lines",
+]
+
+#: Most (perturbation, time) contexts held out for the selection run (at most 1 in 8 contexts).
+MAX_HELD_CONTEXTS = 4
+#: Steps of each order refit, as a fraction of ``steps``; most refits of the order read.
+ORDER_FRACTION, MAX_ORDER_ROUNDS = 0.5, 2
+#: Longest energy stage of the selection run, as a fraction of ``steps``.
+ENERGY_FRACTION = 4 / 3
+#: ELBO steps of the final fit (warm-started), as a fraction of ``steps``.
+FINAL_ELBO_FRACTION = 0.5
+#: Evaluations of the held-out loss per stage, and how many in a row without improvement stop it.
+EVALS_PER_STAGE, RECIPE_PATIENCE = 20, 8
+#: Cells per context per step of the energy stage.
+CELLS_PER_CONTEXT = 64
+#: Posterior share an order read from draws of ``W`` needs to be refitted as an alternative.
+ALTERNATIVE_SHARE = 0.1
+#: Posterior draws used to read orders and to calibrate the intervals.
+ORDER_DRAWS, CALIBRATION_DRAWS = 200, 50
+
+
+def held_out_contexts(data: PerturbationData, max_contexts: int = MAX_HELD_CONTEXTS) -> list[tuple[str, float]]:
+    """(perturbation, time) contexts of ``data`` to hold out for the selection run.
+
+    Candidates are the *interior* times of each perturbed condition measured at three or more
+    times (the perturbation stays measured before and after the held-out time: interpolation by
+    the dynamics, as for an unmeasured time point). One context per condition, conditions in
+    label order, the held-out time rotating over each condition's interior times; at most
+    ``min(max_contexts, n_contexts // 8)`` (at least 1 when there is a candidate). Empty when no
+    condition has three times.
+    """
+    if data.times is None or data.control_index is None:
+        return []
+    env, t = np.asarray(data.env), np.asarray(data.times, dtype=np.float64)
+    per_cond = {}
+    for e in np.unique(env):
+        if e == data.control_index:
+            continue
+        ts = np.unique(t[env == e])
+        if ts.size >= 3:
+            per_cond[data.conditions[e]] = ts[1:-1]
+    n_contexts = np.unique(np.stack([env.astype(np.float64), t], 1), axis=0).shape[0]
+    cap = max(1, min(max_contexts, n_contexts // 8))
+    out = []
+    for i, lab in enumerate(sorted(per_cond)):
+        if len(out) >= cap:
+            break
+        interior = per_cond[lab]
+        out.append((lab, float(interior[i % interior.size])))
+    return out
+
+
+def _context_cells(data: PerturbationData, contexts: list[tuple[str, float]]) -> np.ndarray:
+    env, t = np.asarray(data.env), np.asarray(data.times, dtype=np.float64)
+    mask = np.zeros(data.n_cells, dtype=bool)
+    for lab, tt in contexts:
+        mask |= (env == data.condition_index(lab)) & np.isclose(t, tt)
+    return np.flatnonzero(mask)
+
+
+def order_candidates(result, *, num_samples: int = ORDER_DRAWS, seed: int = 0) -> list[tuple[list[int], float]]:
+    """The program orders read from posterior draws of ``W`` (:func:`~perturbax.models.order_from_effects`
+    on each draw, with the fit's ``target_mask``), most frequent first, with their posterior share."""
+    from perturbax.inference.prediction import posterior_draws
+    from perturbax.models.dynamics import order_from_effects
+
+    W = np.asarray(posterior_draws(result, num_samples, seed=seed)["W"], dtype=np.float64)
+    counts: Counter = Counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for w in W:
+            try:
+                counts[tuple(order_from_effects(w, targets=result.config.target_mask)[0])] += 1
+            except (ValueError, np.linalg.LinAlgError):
+                continue
+    total = max(sum(counts.values()), 1)
+    return [(list(o), c / total) for o, c in counts.most_common()]
+
+
+def _held_loss(res) -> float:
+    v = np.asarray(res.history.get("val_loss", ()), dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.min()) if v.size else math.inf
+
+
+def _loss_noise(res, last: int = 6) -> float:
+    """How much a stage's held-out loss moves from one evaluation to the next at the end of the fit:
+    the SD of the differences of its last evaluations over sqrt(2) (differences remove a trend)."""
+    v = np.asarray(res.history.get("val_loss", ()), dtype=np.float64)
+    d = np.diff(v[np.isfinite(v)][-last:])
+    return float(d.std(ddof=1) / math.sqrt(2)) if d.size > 1 else 0.0
+
+
+def _stage(name: str, res, seconds: float, data_note: str) -> dict[str, Any]:
+    return {"stage": name, "objective": res.objective, "steps_run": int(res.info["steps_run"]),
+            "best_step": int(res.info["best_step"]), "best_val_loss": res.info.get("best_val_loss"),
+            "stop_reason": res.info["stop_reason"], "seconds": round(seconds, 2), "cells": data_note}
+
+
+def _cell_variance(data: PerturbationData) -> tuple[np.ndarray, float]:
+    """Pooled within-context variance of each gene, and the median cells of a perturbed context."""
+    pairs = np.stack([np.asarray(data.env, dtype=np.float64), np.asarray(data.times, dtype=np.float64)], axis=1)
+    groups = np.unique(pairs, axis=0, return_inverse=True)[1].reshape(-1)
+    X = data.dense().astype(np.float64)
+    ss, dof, sizes = np.zeros(data.n_genes), 0, []
+    env = np.asarray(data.env)
+    for g in np.unique(groups):
+        idx = np.flatnonzero(groups == g)
+        if idx.size > 1:
+            ss += X[idx].var(0, ddof=1) * (idx.size - 1)
+            dof += idx.size - 1
+        if env[idx[0]] != data.control_index:
+            sizes.append(idx.size)
+    return ss / max(dof, 1), float(np.median(sizes)) if sizes else 1.0
+
+
+def _calibration(res, data: PerturbationData, contexts, held: np.ndarray, seed: int) -> dict[str, Any]:
+    """Conformal scores ``|observed - predicted mean| / sigma`` of every gene of the held-out
+    contexts, ``sigma^2`` = posterior variance of the mean + pooled cell variance / ``n_ref``."""
+    from perturbax.inference.prediction import pair_key, predict
+
+    cell_var, n_ref = _cell_variance(data.subset(np.setdiff1d(np.arange(data.n_cells), held)))
+    labels = list(dict.fromkeys(lab for lab, _ in contexts))
+    times = sorted({t for _, t in contexts})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        pr = predict(res, labels, times=times, n_cells=1, num_samples=CALIBRATION_DRAWS, seed=seed + 7)
+    keys = list(pr.uns["perturbax"]["labels"])
+    draws = np.asarray(pr.uns["mean_draws"], dtype=np.float64)
+    scores = []
+    for lab, t in contexts:
+        j = keys.index(pair_key(lab, t))
+        obs = data.dense(_context_cells(data, [(lab, t)])).astype(np.float64).mean(0)
+        sigma = np.sqrt(draws[j].var(0) + cell_var / n_ref)
+        scores.extend((np.abs(obs - draws[j].mean(0)) / np.maximum(sigma, 1e-12)).tolist())
+    scores = np.sort(np.asarray(scores))
+    return {
+        "scores": scores.round(5).tolist(),
+        "cell_var": cell_var.astype(np.float32).tolist(),
+        "n_ref": n_ref,
+        "factor": {str(a): conformal_quantile(scores, a) for a in REPORTED_LEVELS},
+        "covers": f"the observed mean of {n_ref:g} cells (median cells per perturbed training context)",
+        "how": f"conformal quantile of |observed - predicted mean| / sigma over the {scores.size} gene means of "
+               f"the {len(contexts)} held-out training contexts",
+    }
+
+
+def fit_dynamics_recipe(
+    fit_fn: Callable[..., Any],
+    data: PerturbationData,
+    *,
+    config,
+    steps: int,
+    seed: int = 0,
+    energy: EnergyOptions | None = None,
+    patience: int | None = RECIPE_PATIENCE,
+):
+    """Fit the latent dynamics model by the staged recipe of the module docstring.
+
+    ``fit_fn(data, config=, objective=, steps=, seed=, init_params=, energy=, validation=,
+    patience=, eval_every=)`` fits one stage (``fit`` with ``recipe=False`` and the caller's other
+    settings). ``steps`` is the length of the first ELBO stage; the others are fractions of it
+    (module constants). ``energy``: options of the energy stage (default: 64 cells per context).
+    Returns the final fit with ``info["recipe"]``.
+    """
+    from perturbax.inference.order_refit import refit_orders
+    from perturbax.models.dynamics import LatentDynamicsConfig, causal_order, order_mask
+    from perturbax.theory.dynamics import check_order_design
+
+    if not isinstance(config, LatentDynamicsConfig):
+        raise ValueError(f"recipe=True fits the latent dynamics model; got a {type(config).__name__}. Pass "
+                         f"recipe=False.")
+    if config.likelihood == "implicit":
+        raise ValueError("The recipe's first stages use the ELBO, which the implicit likelihood cannot (no density); "
+                         "pass recipe=False with objective='energy'.")
+    t_start = time.perf_counter()
+    eval_every = max(10, steps // EVALS_PER_STAGE)
+    pat = RECIPE_PATIENCE if patience is None else patience
+    opts = energy or EnergyOptions(cells_per_condition=CELLS_PER_CONTEXT)
+    has_b = config.drift != "neural"
+
+    # 0. what the design identifies about the order, before any fit
+    first = np.unique(np.asarray(data.env), return_index=True)[1]
+    design = np.asarray(data.L)[first]
+    order_check = check_order_design(design, config.latent_dim, targets=config.target_mask,
+                                     registry=data.registry) if has_b else None
+    if order_check is not None and order_check.status != "ok":
+        warnings.warn(f"Before the fit: {order_check.message}", UserWarning, stacklevel=3)
+
+    # 1. held-out training contexts
+    contexts = held_out_contexts(data)
+    held = _context_cells(data, contexts) if contexts else np.zeros(0, dtype=np.int64)
+    if contexts and len(np.unique(np.asarray(data.times)[np.setdiff1d(np.arange(data.n_cells), held)])) < 2:
+        contexts, held = [], np.zeros(0, dtype=np.int64)
+    stages: list[dict[str, Any]] = []
+    sel_note = "training minus the held-out contexts"
+    common = dict(seed=seed, eval_every=eval_every)
+    sel_kw = dict(validation=held, patience=pat, **common) if contexts else dict(patience=pat, **common)
+
+    # 2a. ELBO on the default mask
+    t0 = time.perf_counter()
+    s1 = fit_fn(data, config=config, objective="elbo", steps=steps, **sel_kw)
+    stages.append(_stage("1 elbo, default mask", s1, time.perf_counter() - t0,
+                         sel_note if contexts else "all training cells (no held-out contexts)"))
+    current = s1
+    order_info: dict[str, Any] = {"identified_by_design": None if order_check is None else order_check.identified,
+                                  "design_check": None if order_check is None else order_check.message}
+    # 2b. order from W, refits
+    can_order = has_b and len(list(getattr(s1, "seen_elementary", []))) >= config.latent_dim and \
+        s1.info.get("stop_reason") != "nan"
+    if can_order:
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # (the design check above said it once)
+            s2 = refit_orders(fit_fn, s1, data, steps=max(1, int(ORDER_FRACTION * steps)), max_rounds=MAX_ORDER_ROUNDS,
+                              **sel_kw)
+        stages.append(_stage("2 elbo, order read from W", s2, time.perf_counter() - t0, sel_note))
+        tried = {tuple(s2.info["causal_order"]): (_held_loss(s2), _loss_noise(s2))}
+        tried.setdefault(tuple(causal_order(s1.config.mask)), (_held_loss(s1), _loss_noise(s1)))
+        cands = order_candidates(s2, seed=seed)
+        best_fit = s2
+        alt = next((o for o, share in cands if share >= ALTERNATIVE_SHARE and tuple(order_mask(o).ravel())
+                    not in {tuple(order_mask(list(k)).ravel()) for k in tried}), None)
+        if alt is not None:  # the posterior of W supports another order: fit it too, keep the better one
+            t0 = time.perf_counter()
+            cfg_alt = dataclasses.replace(s2.config, causal_mask=order_mask(alt), allow_cycles=False, acyclicity=0.0)
+            warm = {k: v for k, v in s1.params.items() if not k.startswith("q_")}
+            s_alt = fit_fn(data, config=cfg_alt, objective="elbo", steps=max(1, int(ORDER_FRACTION * steps)),
+                           init_params=warm, **sel_kw)
+            stages.append(_stage(f"2 elbo, alternative order {alt}", s_alt, time.perf_counter() - t0, sel_note))
+            tried[tuple(alt)] = (_held_loss(s_alt), _loss_noise(s_alt))
+            if _held_loss(s_alt) < _held_loss(s2):
+                best_fit = dataclasses.replace(s_alt, info={**s_alt.info, "causal_order": list(alt)})
+        best_loss = min(v[0] for v in tried.values())
+        tol = max(max(v[1] for v in tried.values()), 1e-3 * abs(best_loss))
+        equal = [list(o) for o, v in sorted(tried.items(), key=lambda kv: kv[1][0]) if v[0] - best_loss <= tol]
+        current = best_fit
+        chosen = list(current.info.get("causal_order", s2.info["causal_order"]))
+        order_info.update(
+            chosen=chosen, rounds=s2.info["order_rounds"],
+            posterior_orders=[{"order": o, "share": round(s, 3)} for o, s in cands[:5]],
+            held_out_loss={str(list(o)): v[0] for o, v in tried.items()}, tolerance=tol, equally_well=equal,
+            reason=(f"order read from the posterior-mean W and refitted; {len(tried)} order(s) fitted, chosen by the "
+                    f"held-out loss on {'held-out contexts' if contexts else 'held-out cells'}"
+                    + (f"; {len(equal)} fit equally well (within {tol:.3g}): {equal}" if len(equal) > 1 else "")),
+        )
+    else:
+        order_info.update(chosen=None, equally_well=None, reason=(
+            "no causal weights (neural drift)" if not has_b else
+            f"not read: {len(list(s1.seen_elementary))} elementary perturbation(s) seen for {config.latent_dim} "
+            f"programs (reading the order from W needs at least one per program); the default mask is kept and "
+            f"every order fits W equally" if s1.info.get("stop_reason") != "nan" else
+            "not read: the first stage diverged"))
+
+    # 2c. energy stage: its length chosen on the held-out contexts
+    energy_steps, energy_reason = 0, ""
+    if config.likelihood == "negative_binomial":
+        energy_reason = "none: the negative binomial cannot be sampled differentiably, so the energy objective is off"
+        s3 = None
+    elif not contexts:
+        energy_steps = max(1, int(ENERGY_FRACTION * steps))
+        energy_reason = (f"{energy_steps} steps (ENERGY_FRACTION x steps), early-stopped on held-out cells: no "
+                         f"perturbation is measured at three or more times, so no context could be held out")
+        s3 = None
+    else:
+        t0 = time.perf_counter()
+        s3 = fit_fn(data, config=current.config, objective="energy", steps=max(1, int(ENERGY_FRACTION * steps)),
+                    init_params=current, energy=opts, **sel_kw)
+        stages.append(_stage("3 energy", s3, time.perf_counter() - t0, sel_note))
+        energy_steps = int(s3.info["best_step"]) if s3.info.get("stop_reason") != "nan" else 0
+        energy_reason = (f"{energy_steps} steps: the best held-out energy score on the held-out contexts of the "
+                         f"selection run (step 0 is the ELBO state; {s3.info['steps_run']} steps tried)")
+        if energy_steps == 0:
+            energy_reason = "none: the energy objective did not improve the held-out contexts over the ELBO stages"
+    sel_fit = s3 if (s3 is not None and energy_steps > 0) else current
+    calibration = None
+    if contexts and sel_fit.info.get("stop_reason") != "nan":
+        calibration = _calibration(sel_fit, data, contexts, held, seed)
+    chosen_config = current.config
+
+    # 3. final fit on every training cell
+    t0 = time.perf_counter()
+    warm = current.params
+    final = fit_fn(data, config=chosen_config, objective="elbo", steps=max(1, int(FINAL_ELBO_FRACTION * steps)),
+                   init_params=warm, patience=pat, **common)
+    stages.append(_stage("4 elbo, all cells, chosen order", final, time.perf_counter() - t0, "all training cells"))
+    if energy_steps > 0 and final.info.get("stop_reason") != "nan":
+        t0 = time.perf_counter()
+        last = fit_fn(data, config=chosen_config, objective="energy", steps=energy_steps, init_params=final,
+                      energy=opts, patience=None, **common)
+        stages.append(_stage("5 energy, all cells", last, time.perf_counter() - t0, "all training cells"))
+        if last.info.get("stop_reason") != "nan":
+            final = last
+    recipe = {
+        "held_out_contexts": [[lab, t] for lab, t in contexts],
+        "held_out_cells": int(held.size),
+        "contexts_note": ("interior times of perturbations measured at >= 3 times, one per perturbation, held out as "
+                          "whole contexts; no test pair or ground truth used") if contexts else
+                         "none: no perturbation measured at three or more times; stages early-stopped on held-out cells",
+        "order": order_info,
+        "energy_steps": energy_steps,
+        "energy_reason": energy_reason,
+        "calibration": calibration,
+        "stages": stages,
+        "steps": steps,
+        "seconds": round(time.perf_counter() - t_start, 2),
+    }
+    info = {**final.info, "recipe": recipe}
+    return dataclasses.replace(final, info=info)
+
+
+def recipe_lines(recipe: dict | None) -> list[str]:
+    """What the recipe chose and why, as lines for ``perturbax fit``."""
+    if not recipe:
+        return []
+    ctx = recipe.get("held_out_contexts") or []
+    out = ["Recipe (staged fit; choices made on held-out training contexts): held out "
+           + (", ".join(f"{lab} @ t={t:g}" for lab, t in ctx) + f" ({recipe['held_out_cells']} cells)" if ctx
+              else recipe.get("contexts_note", "nothing"))]
+    order = recipe.get("order") or {}
+    if order.get("design_check"):
+        out.append(f"Order, design check: {order['design_check']}")
+    if order.get("chosen") is not None:
+        out.append(f"Order: {order['chosen']} (causes first; {order.get('reason')})")
+        if order.get("equally_well") and len(order["equally_well"]) > 1:
+            out.append(f"Orders that fit equally well: {order['equally_well']}")
+    else:
+        out.append(f"Order: {order.get('reason')}")
+    out.append(f"Energy stage: {recipe.get('energy_reason')}")
+    cal = recipe.get("calibration")
+    if cal:
+        out.append(f"Intervals calibrated ({cal['how']}); 90% factor {cal['factor']['0.9']:.3g}; they cover "
+                   f"{cal['covers']}")
+    else:
+        out.append("Intervals not calibrated (no held-out training contexts)")
+    out.append("Stages: " + "; ".join(f"{s['stage']}: {s['steps_run']} steps (best {s['best_step']}), "
+                                      f"{s['seconds']:.0f} s" for s in recipe.get("stages", [])))
+    return out

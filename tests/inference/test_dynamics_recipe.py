@@ -1,0 +1,175 @@
+"""The default fitting recipe of the latent dynamics model (perturbax.inference.dynamics_recipe),
+on tiny simulated time courses."""
+
+import dataclasses
+import warnings
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from perturbax.cli import main
+from perturbax.data import from_anndata, prediction_intervals, prediction_trajectory, simulate_latent_dynamics
+from perturbax.inference import FitResult, fit, held_out_contexts, pair_key, predict
+from perturbax.inference.dynamics_recipe import recipe_lines
+from perturbax.models import LatentDynamicsConfig
+
+TIMES = (0.5, 1.0, 2.0, 4.0)
+TINY = dict(latent_dim=2, decoder_hidden=(8,), encoder_hidden=(8,))
+
+
+@pytest.fixture(scope="module")
+def sim():
+    adata, truth = simulate_latent_dynamics(n_programs=2, n_perturbations=2, times=TIMES, n_cells=20, n_genes=6,
+                                            seed=0)
+    return adata, truth, from_anndata(adata, "perturbation", "control", time_key="time")
+
+
+def _config(data, **kw):
+    return LatentDynamicsConfig(n_genes=data.n_genes, n_perturbations=data.K, **TINY, **kw)
+
+
+# (the recipe compiles each of its ~6 stages: a few minutes of CPU on the 2-core machine, so slow)
+@pytest.fixture(scope="module")
+def recipe_fit(sim):
+    _, _, data = sim
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return fit("latent_dynamics", data, config=_config(data), steps=20, batch_size=64, progress=False, seed=0)
+
+
+def test_held_out_contexts_are_interior_times_of_training_perturbations(sim):
+    _, _, data = sim
+    ctx = held_out_contexts(data)
+    # 4 conditions x 4 times = 16 contexts -> at most 16 // 8 = 2, one per perturbed condition
+    assert len(ctx) == 2
+    assert len({lab for lab, _ in ctx}) == 2 and all(lab != "control" for lab, _ in ctx)
+    assert all(t in (1.0, 2.0) for _, t in ctx)  # never the first or last time of the perturbation
+    # a perturbation measured at two times only cannot be held out at one of them
+    two = data.subset(np.flatnonzero(np.isin(np.asarray(data.times), (0.5, 4.0))))
+    assert held_out_contexts(two) == []
+
+
+@pytest.mark.slow
+def test_default_fit_runs_the_recipe_and_records_its_choices(sim, recipe_fit):
+    _, _, data = sim
+    r = recipe_fit.info["recipe"]
+    held = {(lab, t) for lab, t in r["held_out_contexts"]}
+    assert held == set(held_out_contexts(data)) and r["held_out_cells"] == 20 * len(held)
+    names = [s["stage"] for s in r["stages"]]
+    assert names[0].startswith("1 elbo") and any(n.startswith("3 energy") for n in names)
+    assert names[-1].startswith("5 energy" if r["energy_steps"] > 0 else "4 elbo")
+    # the selection stages never saw the held-out contexts; the final stages saw every cell
+    assert [s["cells"] for s in r["stages"]][0] == "training minus the held-out contexts"
+    assert r["stages"][-1]["cells"] == "all training cells"
+    assert recipe_fit.n_train > data.n_cells - r["held_out_cells"]
+    order = r["order"]
+    assert sorted(order["chosen"]) == [0, 1] and order["identified_by_design"] is False
+    assert order["chosen"] in order["equally_well"]
+    assert np.array_equal(recipe_fit.config.mask[order["chosen"][1], order["chosen"][0]], 1)
+    cal = r["calibration"]
+    assert len(cal["scores"]) == len(held) * data.n_genes and cal["factor"]["0.9"] > 0
+    text = "\n".join(recipe_lines(r))
+    assert "held out" in text and "Energy stage:" in text and "Intervals calibrated" in text
+
+
+@pytest.mark.slow
+def test_recipe_intervals_are_calibrated_and_trajectories_unpack(recipe_fit, tmp_path):
+    pred = predict(recipe_fit, ["P0"], times=[0.5, 2.0, 8.0], n_cells=4, num_samples=10, seed=0)
+    meta = pred.uns["perturbax"]
+    cal = recipe_fit.info["recipe"]["calibration"]
+    q = meta["calibration"]["interval_factor"]
+    draws = np.asarray(pred.uns["mean_draws"], dtype=np.float64)
+    sigma = np.sqrt(draws.var(1) + np.asarray(cal["cell_var"]) / cal["n_ref"])
+    np.testing.assert_allclose(np.asarray(pred.varm["pred_upper"]).T, draws.mean(1) + q * sigma, rtol=1e-5, atol=1e-5)
+    # another level rescales by the ratio of the conformal factors
+    mean, lo, hi = prediction_intervals(pred, pair_key("P0", 2.0), level=0.5)
+    q50 = meta["calibration"]["factors"]["0.5"]
+    np.testing.assert_allclose(hi - mean, (np.asarray(pred.varm["pred_upper"])[:, 1] - mean) * q50 / q, rtol=1e-5)
+    times, m, lower, upper = prediction_trajectory(pred, "P0")
+    np.testing.assert_array_equal(times, [0.5, 2.0, 8.0])
+    assert m.shape == lower.shape == (3, pred.n_vars) and np.all(lower <= m) and np.all(m <= upper)
+    with pytest.raises(KeyError, match="P1"):
+        prediction_trajectory(pred, "P1")
+    # the calibration travels with a saved fit
+    recipe_fit.save(tmp_path / "fit")
+    again = predict(FitResult.load(tmp_path / "fit"), ["P0"], times=[0.5, 2.0, 8.0], n_cells=4, num_samples=10, seed=0)
+    np.testing.assert_allclose(again.varm["pred_upper"], pred.varm["pred_upper"], rtol=1e-5, atol=1e-5)
+
+
+def test_recipe_off_by_hand_and_refused_with_a_stage_setting(sim):
+    _, _, data = sim
+    with pytest.raises(ValueError, match="recipe=True chooses"):
+        fit("latent_dynamics", data, config=_config(data), steps=2, recipe=True, objective="elbo", progress=False)
+    with pytest.raises(ValueError, match="outside 0"):
+        fit("latent_dynamics", data, config=_config(data), steps=2, objective="elbo", progress=False,
+            validation=[data.n_cells + 3])
+
+
+@pytest.mark.slow
+def test_recipe_on_counts_with_the_negative_binomial(sim):
+    adata, _ = simulate_latent_dynamics(n_programs=2, n_perturbations=2, times=TIMES, n_cells=20, n_genes=6, seed=1,
+                                        counts=True)
+    data = from_anndata(adata, "perturbation", "control", time_key="time", layer="counts", counts=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        res = fit("latent_dynamics", data, config=_config(data, likelihood="negative_binomial"), steps=20,
+                  batch_size=64, progress=False)
+    r = res.info["recipe"]
+    assert r["energy_steps"] == 0 and "negative binomial" in r["energy_reason"]
+    assert res.objective == "elbo" and r["calibration"] is not None
+    pred = predict(res, ["P0+P1"], times=[1.0, 8.0], n_cells=5, num_samples=5)
+    assert np.all(np.isfinite(pred.X)) and np.all(np.asarray(pred.X) >= 0)
+    assert np.all(np.isfinite(pred.varm["pred_mean"]))
+
+
+def _fake_recipe(calls):
+    """A stand-in for fit_dynamics_recipe that records how it was called and fits one tiny stage."""
+
+    def fake(fit_fn, data, **kw):
+        calls.append(kw)
+        res = fit_fn(data, config=kw["config"], objective="elbo", steps=2, patience=None)
+        recipe = {"held_out_contexts": [["P0", 1.0]], "held_out_cells": 20, "order": {"chosen": None, "reason": "r"},
+                  "energy_steps": 0, "energy_reason": "none: test", "calibration": None,
+                  "stages": [{"stage": "1 elbo, default mask", "steps_run": 2, "best_step": 2, "seconds": 0.0}]}
+        return dataclasses.replace(res, info={**res.info, "recipe": recipe})
+
+    return fake
+
+
+def test_default_path_of_fit_and_cli_is_the_recipe(sim, monkeypatch, tmp_path):
+    from perturbax.inference import dynamics_recipe
+
+    adata, _, data = sim
+    calls = []
+    monkeypatch.setattr(dynamics_recipe, "fit_dynamics_recipe", _fake_recipe(calls))
+    res = fit("latent_dynamics", data, config=_config(data), steps=7, batch_size=64, progress=False)
+    assert len(calls) == 1 and calls[0]["steps"] == 7 and "recipe" in res.info
+    # an explicit objective (or recipe=False) fits one stage by hand
+    fit("latent_dynamics", data, config=_config(data), objective="elbo", steps=1, batch_size=64, progress=False)
+    assert len(calls) == 1
+    # the CLI: same default, the model's default latent_dim (as fit()), and what the recipe chose is printed
+    path = tmp_path / "tc.h5ad"
+    adata.write_h5ad(path)
+    base = ["fit", str(path), "-k", "perturbation", "--control", "control", "--model", "dynamics", "--time-key",
+            "time", "--steps", "3", "--batch-size", "64", "--no-progress"]
+    out = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "m")], catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    assert len(calls) == 2 and calls[1]["config"].latent_dim == LatentDynamicsConfig(n_genes=6, n_perturbations=2).latent_dim
+    assert "staged recipe" in out.output and "held out P0 @ t=1 (20 cells)" in out.output
+    assert "Energy stage: none: test" in out.output
+
+
+def test_cli_dynamics_latent_dim_default_is_the_model_default(sim, tmp_path):
+    """``perturbax fit --model dynamics`` without --latent-dim used 10 programs where fit() uses the
+    config's default (5): CLI and Python must share defaults."""
+    adata, _, _ = sim
+    path = tmp_path / "tc.h5ad"
+    adata.write_h5ad(path)
+    out = CliRunner().invoke(main, ["fit", str(path), "-k", "perturbation", "--control", "control", "--model",
+                                    "dynamics", "--time-key", "time", "--steps", "2", "--batch-size", "64",
+                                    "--no-progress", "--objective", "elbo", "--out", str(tmp_path / "m")],
+                             catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    saved = FitResult.load(tmp_path / "m")
+    assert saved.config.latent_dim == LatentDynamicsConfig(n_genes=6, n_perturbations=2).latent_dim
