@@ -284,7 +284,8 @@ def fit_with_selection(trainer: Callable[..., Callable[..., Any]], data: Perturb
                      "conditions; the smallest lambda within one (paired) standard error of the best mean",
         "note": note,
         "held_out": held_names,
-        "cv_scores": [{"lambda": k[0], "cells": k[1], "energy": v} for k, v in mean_scores.items()],
+        "cv_scores": [{"lambda": k[0], "cells": k[1], "energy": v, "per_condition": [float(x) for x in scores[k]]}
+                      for k, v in mean_scores.items()],
         "calibration": {
             "n_scores": int(arrays["scores"].size),
             "genes_per_condition": CALIBRATION_GENES,
