@@ -52,6 +52,7 @@ import numpy as np
 from perturbax.baselines.base import summarize_training
 from perturbax.baselines.linear import LinearBaseline, ridge_solve
 from perturbax.data.core import PerturbationData
+from perturbax.data.io import prediction_cells
 from perturbax.inference.nested import CELL_MODES, REPORTED_LEVELS, interval_factor, nested_columns
 from perturbax.theory.holdouts import in_span_holdouts, label_leverage
 
@@ -142,9 +143,11 @@ def nested_path(fit_result, data: PerturbationData, *, seed: int = 0) -> tuple[d
         if cells.shape[0] > 1:
             ss += cells.astype(np.float64).var(0, ddof=1) * (cells.shape[0] - 1)
             dof += cells.shape[0] - 1
-    ctrl = summary.control_cells
-    if ctrl.shape[0] > MAX_CONTROL_CELLS:
-        ctrl = ctrl[np.sort(np.random.default_rng(seed).choice(ctrl.shape[0], MAX_CONTROL_CELLS, replace=False))]
+    P = data.registry.n_perturbations
+    rows_c = np.flatnonzero(~np.any(np.asarray(data.L)[:, :P] != 0, axis=1))  # control cells of every context
+    if rows_c.size > MAX_CONTROL_CELLS:
+        rows_c = np.sort(np.random.default_rng(seed).choice(rows_c, MAX_CONTROL_CELLS, replace=False))
+    ctrl = data.dense(rows_c)
     arrays = {
         "control_mean": summary.control_mean,
         "ridge_effects": np.asarray(lin.fitted.effects, dtype=np.float64),
@@ -154,6 +157,8 @@ def nested_path(fit_result, data: PerturbationData, *, seed: int = 0) -> tuple[d
         "cell_var": ss / max(dof, 1),
         "scores": np.zeros(0),
     }
+    if data.context_keys:
+        arrays["control_labels"] = np.asarray(data.L, dtype=np.float32)[rows_c]
     n_ref = float(np.median(summary.n_cells[rows])) if rows.size else float(summary.n_cells[ci])
     return arrays, {"alpha": alpha, "n_ref": n_ref}
 
@@ -203,9 +208,8 @@ def fit_with_selection(fit_fn: Callable[[PerturbationData], Any], data: Perturba
         n_cells = min(CV_CELLS, arrays["control_cells"].shape[0])
         pr = predict(res, labels, n_cells=n_cells, num_samples=CV_DRAWS, seed=seed + 1)
         meta_labels = list(pr.uns["perturbax"]["labels"])
-        obs_lab = pr.obs[res.perturbation_key].astype(str).to_numpy()
-        X = np.asarray(pr.X)
-        cells = [X[obs_lab == lab] for lab in meta_labels]
+        by_label = prediction_cells(pr)  # (with contexts: per (perturbation, context) pair)
+        cells = [by_label[lab] for lab in meta_labels]
         vecs = np.stack([data.registry.encode(lab) for lab in meta_labels])
         mean_draws = np.asarray(pr.uns["mean_draws"], dtype=np.float64)
         pcs = _energy_pcs(train, seed)
@@ -214,7 +218,7 @@ def fit_with_selection(fit_fn: Callable[[PerturbationData], Any], data: Perturba
         for lam in LAMBDA_GRID:
             for mode in CELL_MODES:
                 draws, new, sigma = nested_columns(arrays, lam, mode, vecs, mean_draws, cells, facts["n_ref"],
-                                                   np.random.default_rng(seed + f))
+                                                   np.random.default_rng(seed + f), data.registry.n_perturbations)
                 for i, lab in enumerate(meta_labels):
                     scores[(lam, mode)].append(energy_distance(pcs.transform(new[i]), truth_pc[lab]))
                 if mode == CELL_MODES[0]:

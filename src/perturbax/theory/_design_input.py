@@ -130,6 +130,11 @@ def row_labels(M: sp.csr_matrix, registry: PerturbationRegistry, rows: Sequence[
     out = []
     for i in idx:
         s, e = ip[i], ip[i + 1]
+        if registry.contexts:  # "A @ cell_type=CD4T"
+            vec = np.zeros(registry.K)
+            vec[ind[s:e]] = dat[s:e]
+            out.append(registry.decode(vec))
+            continue
         comps = {names[k]: float(v) for k, v in zip(ind[s:e], dat[s:e])}
         out.append(format_label(comps, sep=registry.sep, control=registry.control))
     return out
