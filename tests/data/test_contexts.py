@@ -91,3 +91,10 @@ def test_check_design_reports_context_transfer(contexts_adata):
     # without the control of z nothing moves A into z: not identified
     no_ctrl = d.select(["A @ line=z", "B @ line=z", "control @ line=z"], exclude=True)
     assert not check_design(no_ctrl.design, ["A @ line=z"], registry=d.registry).tests[0].covered
+
+
+def test_check_design_never_measured_perturbation_in_a_context(contexts_adata):
+    d = from_anndata(contexts_adata, "perturbation", "control", context_keys=["line"])
+    rep = check_design(d.design, ["C @ line=z", "A+C @ line=y"], registry=d.registry)
+    assert [t.covered for t in rep.tests] == [False, False] and rep.unmeasured == ("C",)
+    assert all("never measured" in t.message for t in rep.tests)

@@ -87,10 +87,12 @@ def add_unmeasured(registry: PerturbationRegistry, train, tests):
                 new.append(name)
     if not new:
         return registry, train, ()
-    ext = PerturbationRegistry(registry.names + tuple(new), control=registry.control, sep=registry.sep)
+    P = registry.n_perturbations  # (new names go after the perturbations, before any context columns)
+    ext = PerturbationRegistry(registry.names[:P] + tuple(new), control=registry.control, sep=registry.sep,
+                               contexts=registry.contexts)
     if not _looks_like_labels(train):
         M = _csr(train, registry.K, "train")
-        train = sp.hstack([M, sp.csr_matrix((M.shape[0], len(new)))], format="csr")
+        train = sp.hstack([M[:, :P], sp.csr_matrix((M.shape[0], len(new))), M[:, P:]], format="csr")
     return ext, train, tuple(new)
 
 
