@@ -77,7 +77,6 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pandas as pd
 from numpyro import handlers
 
 from perturbax.data.core import PerturbationData
@@ -263,9 +262,9 @@ def _context_obs(fit: FitResult, vecs: np.ndarray, sizes: list[int], col_label: 
     if not reg.contexts:
         return {}
     out = {}
-    for key, cats in reg.contexts:
+    for key, _ in reg.contexts:
         values = [reg.context_of(vecs[i])[key] for i in col_label]
-        out[key] = pd.Categorical(np.repeat(np.asarray(values, dtype=object), sizes), categories=list(cats))
+        out[key] = np.repeat(np.asarray(values, dtype=object), sizes)
     return out
 
 
