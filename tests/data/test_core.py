@@ -27,15 +27,13 @@ def _adata(sparse=False, counts=True):
 def test_arrays_and_registry(sparse):
     a = _adata(sparse)
     before = a.copy()
-    d = from_anndata(a, "perturbation", "control", time_key="time", covariate_keys=("batch",), counts=True)
+    d = from_anndata(a, "perturbation", "control", time_key="time", counts=True)
     assert d.registry.names == ("A", "B") and d.K == 2
     assert d.conditions == ("control", "A", "B", "A+B", "A:0.5+B:2")
     np.testing.assert_array_equal(d.design, [[0, 0], [1, 0], [0, 1], [1, 1], [0.5, 2]])
     assert d.is_sparse == sparse and d.dense().shape == (14, 5)
     np.testing.assert_array_equal(d.L[4], [1, 0])
     assert d.times.tolist()[:4] == [0, 1, 2, 0]
-    C, names = d.covariate_design()
-    assert names == ("batch=b2",) and C.sum() == 7
     assert d.cells_of("B+A").tolist() == [10, 11]
     sub = d.select(["A", "control"])
     assert sub.conditions == ("control", "A") and sub.registry == d.registry
@@ -69,7 +67,7 @@ def test_dose_column_and_backed_mode(tmp_path):
         (lambda a: a.obs.__setitem__("perturbation", ["control"] * 13 + ["A++B"]), {}, "empty component"),
         (lambda a: a.obs.__setitem__("perturbation", ["control"] * 13 + ["A|B"]), {}, r"Pass sep='\|'"),
         (None, {"dose_key": "dosage"}, r"no column \(dose_key\)"),
-        (None, {"covariate_keys": ("bach",)}, "Did you mean 'batch'"),
+        (None, {"context_keys": ("bach",)}, "Did you mean 'batch'"),
         (lambda a: a.X.__setitem__((3, 1), np.nan), {}, "NaN/Inf"),
         (lambda a: a.X.__setitem__((3, 1), np.inf), {}, "NaN/Inf"),
         (lambda a: a.X.__setitem__((3, 1), -1.0), {"counts": True}, "negative"),

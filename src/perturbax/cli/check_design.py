@@ -26,6 +26,12 @@ Give the design either as
   --design DESIGN.csv   one row per measured perturbation, one column per elementary
                         perturbation (header = names), doses as values; control = all zeros.
 
+With DATA, --context-keys cell_type makes each (perturbation, context) pair a condition, written
+"stimulated @ cell_type=CD4T" (several keys joined by &), and --holdout drops conditions (pairs)
+from the design as `perturbax fit --holdout` does, so a held-out pair can be checked: a pair never
+measured but identified through other contexts is a context transfer (identified only under the
+additive model), never "interpolation".
+
 \b
 Tests are label strings, comma-separated and/or repeated:
   --perturbations "A+B,A:0.5+C:2"   (A:0.5 = A at dose 0.5; plain A = dose 1)
@@ -110,10 +116,13 @@ def design_from_csv(path: str | Path, *, control: str = "control", sep: str = "+
 
 def design_from_h5ad(
     path: str | Path, *, perturbation_key: str, control: str, sep: str = "+", dose_key: str | None = None,
-    where=(),
+    where=(), context_keys=(), holdout=(),
 ):
     """``(L, registry)`` of the measured conditions of an h5ad (``obs`` only is read), of the cells
-    selected by ``where`` (``KEY=VALUE`` items)."""
+    selected by ``where`` (``KEY=VALUE`` items), with ``context_keys`` (pairs as conditions) and
+    without the ``holdout`` conditions."""
+    from perturbax.cli.fit import held_out_conditions
+
     import anndata as ad
     import scipy.sparse as sp
 
@@ -131,7 +140,11 @@ def design_from_h5ad(
     light = ad.AnnData(X=sp.csr_matrix((obs.shape[0], 1), dtype=np.float32), obs=obs)
     try:
         light = select_where(light, where)
-        data = from_anndata(light, perturbation_key, control, sep=sep, dose_key=dose_key)
+        data = from_anndata(light, perturbation_key, control, sep=sep, dose_key=dose_key,
+                            context_keys=tuple(context_keys))
+        held = held_out_conditions(data, holdout, "--holdout")
+        if held:
+            data = data.select(held, exclude=True)
     except (KeyError, ValueError, TypeError) as err:
         msg = err.args[0] if err.args else str(err)
         raise click.ClickException(f"{path}: {msg}") from None
@@ -170,6 +183,12 @@ def parse_tests(values: tuple[str, ...], registry, sep: str) -> list[str]:
 @click.option("--sep", default="+", show_default=True, callback=check_sep,
               help="Separator of combined perturbations (not ',' or ':').")
 @click.option("--dose-key", default=None, help="obs column of doses aligned with the components (with DATA).")
+@click.option("--context-keys", default=None,
+              help="Comma-separated obs columns of the contexts (with DATA), e.g. cell_type: conditions are "
+                   "(perturbation, context) pairs such as 'stimulated @ cell_type=CD4T'.")
+@click.option("--holdout", default=None,
+              help="Comma-separated conditions (with --context-keys: pairs) to drop from the design of DATA, as "
+                   "`perturbax fit --holdout` does.")
 @click.option("--rtol", type=FiniteFloat(min=0, min_open=True, max=1, max_open=True), default=1e-8,
               show_default=True, help="Rank tolerance relative to the largest singular value.")
 @click.option("--residual-rtol", type=FiniteFloat(min=0, max=1, max_open=True), default=1e-6,
@@ -178,7 +197,9 @@ def parse_tests(values: tuple[str, ...], registry, sep: str) -> list[str]:
               help="Tests (from the first) that get coefficients, hull checks and suggestions.")
 @where_option()
 def check_design(data, perturbation_key, control, design_csv, tests, json_out, latent_dim, sep, dose_key,
-                 rtol, residual_rtol, max_details, where):
+                 context_keys, holdout, rtol, residual_rtol, max_details, where):
+    from perturbax.cli.fit import split_list
+
     from perturbax.theory.design import check_design as run_check
 
     check_outputs({"--json": None if json_out == "-" else json_out}, inputs={"DATA": data, "--design": design_csv})
@@ -192,11 +213,15 @@ def check_design(data, perturbation_key, control, design_csv, tests, json_out, l
         if missing:
             raise click.UsageError(f"DATA.h5ad needs {' and '.join(missing)}.")
         L, registry = design_from_h5ad(
-            data, perturbation_key=perturbation_key, control=control, sep=sep, dose_key=dose_key, where=where
+            data, perturbation_key=perturbation_key, control=control, sep=sep, dose_key=dose_key, where=where,
+            context_keys=split_list(context_keys, "context keys", "--context-keys"),
+            holdout=split_list(holdout, "held-out conditions", "--holdout"),
         )
     else:
-        if perturbation_key is not None or dose_key is not None or where:
-            raise click.UsageError("--perturbation-key/--dose-key/--where apply to DATA.h5ad, not to --design.")
+        if perturbation_key is not None or dose_key is not None or where or context_keys or holdout:
+            raise click.UsageError(
+                "--perturbation-key/--dose-key/--where/--context-keys/--holdout apply to DATA.h5ad, not to --design."
+            )
         L, registry = design_from_csv(design_csv, control=control or "control", sep=sep)
     test_labels = parse_tests(tests, registry, sep)
     try:

@@ -117,6 +117,7 @@ def evaluate_files(
     method: str | None = None,
     where: Sequence[str] = (),
     baselines: Sequence[str] = (),
+    context_keys: Sequence[str] = (),
 ) -> tuple[pd.DataFrame, list[str]]:
     """Score the conditions of a predictions file against a truth file.
 
@@ -134,6 +135,10 @@ def evaluate_files(
     scored on the same conditions, one block of rows per method (``method`` column): the model's
     rows first.
 
+    ``context_keys`` (``obs`` columns of the contexts in both files, as ``perturbax predict`` writes
+    them): conditions are (perturbation, context) pairs, ``"stimulated @ cell_type=CD4T"``, and each
+    is scored against the control cells of its own context (deltas, DE genes).
+
     Returns the per-condition table and a list of notes (e.g. truth conditions not predicted).
     """
     from perturbax.data.io import cells_by_condition
@@ -144,10 +149,12 @@ def evaluate_files(
     truth_ad = read_h5ad(truth_path, where)
     pred_ad = read_h5ad(pred_path)
     genes = [str(g) for g in truth_ad.var_names]
-    truth = cells_by_condition(truth_ad, perturbation_key, control, layer, sep=sep)
+    ctx = tuple(context_keys)
+    truth = cells_by_condition(truth_ad, perturbation_key, control, layer, sep=sep, context_keys=ctx)
     try:
         pred = cells_by_condition(
-            pred_ad, pred_perturbation_key or perturbation_key, control, pred_layer, sep=sep, genes=genes
+            pred_ad, pred_perturbation_key or perturbation_key, control, pred_layer, sep=sep, genes=genes,
+            context_keys=ctx,
         )
     except KeyError as err:
         raise ValueError(f"Predictions {pred_path}: {err.args[0] if err.args else err}") from None
@@ -157,25 +164,35 @@ def evaluate_files(
     if reference_path is not None:
         ref_ad = read_h5ad(reference_path, where)
         try:
-            ref_cells = cells_by_condition(ref_ad, perturbation_key, control, layer, sep=sep, genes=genes)
+            ref_cells = cells_by_condition(ref_ad, perturbation_key, control, layer, sep=sep, genes=genes,
+                                           context_keys=ctx)
         except KeyError as err:
             raise ValueError(f"Reference {reference_path}: {err.args[0] if err.args else err}") from None
         reference = np.concatenate(list(ref_cells.values()), axis=0)
 
-    if control in truth:
-        control_cells = truth[control]
-    elif control in ref_cells:
-        control_cells = ref_cells[control]
-        notes.append(f"TRUTH has no {control!r} cells; using the {control!r} cells of the reference.")
-    else:
+    def control_of(label: str) -> str:
+        """The control condition of a condition's context (``control`` without contexts)."""
+        return f"{control} @ {label.partition(' @ ')[2]}" if ctx else control
+
+    def control_cells_of(label: str) -> np.ndarray:
+        name = control_of(label)
+        if name in truth:
+            return truth[name]
+        if name in ref_cells:
+            note = f"TRUTH has no {name!r} cells; using the {name!r} cells of the reference."
+            if note not in notes:
+                notes.append(note)
+            return ref_cells[name]
         raise ValueError(
-            f"No control cells ({control!r} in obs[{perturbation_key!r}]) in TRUTH"
+            f"No control cells ({name!r} in obs[{perturbation_key!r}]"
+            + (f" and {', '.join(ctx)}" if ctx else "") + ") in TRUTH"
             + (" or the reference" if reference_path is not None else "")
             + ". Metrics are deltas from control: add control cells to TRUTH or pass --reference "
-            "TRAIN.h5ad with control cells (or fix --control)."
+            "TRAIN.h5ad with control cells (or fix --control" + (" / --context-keys" if ctx else "") + ")."
         )
 
-    pred_conditions = [c for c in pred if c != control]
+    is_control = (lambda c: c.partition(" @ ")[0] == control) if ctx else (lambda c: c == control)
+    pred_conditions = [c for c in pred if not is_control(c)]
     if not pred_conditions:
         raise ValueError(
             f"The predictions contain no perturbed condition (only {list(pred)}); check "
@@ -185,13 +202,29 @@ def evaluate_files(
     if unknown:
         raise ValueError(
             f"{len(unknown)} predicted condition(s) are not measured in TRUTH: {unknown[:10]}. "
-            f"Measured: {[c for c in truth if c != control][:10]}. Remove them from the predictions, "
-            f"or check --sep / the label spelling."
+            f"Measured: {[c for c in truth if not is_control(c)][:10]}. Remove them from the predictions, "
+            f"or check --sep / the label spelling" + (" / --context-keys" if ctx else "") + "."
         )
-    not_predicted = [c for c in truth if c != control and c not in pred]
+    not_predicted = [c for c in truth if not is_control(c) and c not in pred]
     if not_predicted:
         notes.append(f"{len(not_predicted)} TRUTH condition(s) not predicted, skipped: {not_predicted[:10]}")
-    truth_eval = {c: truth[c] for c in truth if c in pred and c != control}
+    truth_eval = {c: truth[c] for c in truth if c in pred and not is_control(c)}
+    groups: dict[str, list[str]] = {}  # conditions by the control of their context
+    for c in truth_eval:
+        groups.setdefault(control_of(c), []).append(c)
+    controls = {name: control_cells_of(cs[0]) for name, cs in groups.items()}
+
+    def scored(pred_cells, truth_cells, method_name):
+        """``evaluate_conditions`` per context (each against its own control cells), rows in order."""
+        parts = []
+        for name, cs in groups.items():
+            keep = [c for c in cs if c in truth_cells]
+            if keep:
+                parts.append(evaluate_conditions(
+                    {c: pred_cells[c] for c in keep}, {c: truth_cells[c] for c in keep}, controls[name],
+                    reference=reference, n_pcs=n_pcs, top_k=top_k, energy_form=energy_form, method=method_name,
+                ))
+        return pd.concat(parts, ignore_index=True)
     pred_eval = {c: pred[c] for c in truth_eval}
 
     G = len(genes)
@@ -201,20 +234,11 @@ def evaluate_files(
     if top_k > G:
         notes.append(f"--top-k {top_k} is more than the {G} genes; using all {G}.")
         top_k = G
-    table = evaluate_conditions(
-        pred_eval,
-        truth_eval,
-        control_cells,
-        reference=reference,
-        n_pcs=n_pcs,
-        top_k=top_k,
-        energy_form=energy_form,
-        method=method or Path(pred_path).stem,
-    )
+    table = scored(pred_eval, truth_eval, method or Path(pred_path).stem)
     if chosen:
         tables = [table]
         baselines_fitted = _fit_baselines(chosen, ref_ad, genes, perturbation_key, control, layer, sep, reference_path,
-                                          list(truth_eval), notes)
+                                          list(truth_eval), notes, ctx)
         for base in baselines_fitted:
             ok = {c: base.why_not(c) for c in truth_eval}
             skipped = [c for c, why in ok.items() if why is not None]
@@ -228,10 +252,7 @@ def evaluate_files(
                 if base.name == "control":  # it predicts no change: the Pearson delta is undefined (NaN)
                     warnings.filterwarnings("ignore", message="Pearson correlation", category=RuntimeWarning)
                     notes.append("pearson_delta is undefined (nan) for the control baseline: it predicts no change.")
-                tables.append(evaluate_conditions(
-                    base.predict(list(keep)), keep, control_cells, reference=reference, n_pcs=n_pcs, top_k=top_k,
-                    energy_form=energy_form, method=base.name,
-                ))
+                tables.append(scored(base.predict(list(keep)), keep, base.name))
         table = pd.concat(tables, ignore_index=True)
     return table, notes
 
@@ -254,7 +275,8 @@ def _baselines(names: Sequence[str], reference_path) -> list:
     return [known[n] for n in dict.fromkeys(names)]
 
 
-def _fit_baselines(chosen, ref_ad, genes, perturbation_key, control, layer, sep, reference_path, evaluated, notes):
+def _fit_baselines(chosen, ref_ad, genes, perturbation_key, control, layer, sep, reference_path, evaluated, notes,
+                   context_keys=()):
     """The ``chosen`` baselines fitted on the reference cells, without the evaluated conditions (a
     baseline that saw the cells it is scored on would be scored on its training data)."""
     from perturbax.data.core import from_anndata
@@ -267,7 +289,8 @@ def _fit_baselines(chosen, ref_ad, genes, perturbation_key, control, layer, sep,
             f"Reference {reference_path}: {len(missing)} gene(s) of TRUTH are missing (e.g. {missing[:5]})."
         )
     train = from_anndata(
-        subset_copy(ref_ad, var=genes), perturbation_key, control, sep=sep, layer=layer, require_control=True
+        subset_copy(ref_ad, var=genes), perturbation_key, control, sep=sep, layer=layer, require_control=True,
+        context_keys=tuple(context_keys),
     )
     leaked = [c for c in evaluated if c in train.conditions]
     if leaked:
@@ -311,10 +334,14 @@ def _fit_baselines(chosen, ref_ad, genes, perturbation_key, control, layer, sep,
 @click.option("--baselines", default=None,
               help="Comma-separated baselines scored next to PRED on the same conditions: control, pooled_mean, "
                    "additive, linear (fitted on --reference, the training cells, which is then required).")
+@click.option("--context-keys", default=None,
+              help="Comma-separated obs columns of the contexts in PRED, TRUTH and --reference (as `perturbax "
+                   "predict` writes them), e.g. cell_type: conditions are (perturbation, context) pairs such as "
+                   "'stimulated @ cell_type=CD4T', each scored against the control cells of its context.")
 @where_option("Use only the cells of TRUTH and --reference with obs[KEY] == VALUE (e.g. dataset=norman19); "
               "repeat for more: one key given twice keeps either value, different keys must all match.")
 def evaluate(pred, truth, perturbation_key, control, reference, n_pcs, top_k, energy_form, out, layer,
-             pred_layer, pred_perturbation_key, sep, method, baselines, where):
+             pred_layer, pred_perturbation_key, sep, method, baselines, context_keys, where):
     """Score predicted cells PRED.h5ad against measured cells TRUTH.h5ad, per condition.
 
     Metrics: energy distance and RBF MMD in a PCA space, mean L2, Pearson delta (all genes and
@@ -332,7 +359,7 @@ def evaluate(pred, truth, perturbation_key, control, reference, n_pcs, top_k, en
             pred, truth, perturbation_key=perturbation_key, control=control, reference_path=reference,
             n_pcs=n_pcs, top_k=top_k, energy_form=energy_form, layer=layer, pred_layer=pred_layer,
             pred_perturbation_key=pred_perturbation_key, sep=sep, method=method, where=where,
-            baselines=base_names,
+            baselines=base_names, context_keys=split_list(context_keys, "context keys", "--context-keys"),
         )
     except (ValueError, KeyError) as err:
         raise click.ClickException(str(err.args[0]) if err.args else str(err)) from None

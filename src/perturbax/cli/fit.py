@@ -150,6 +150,32 @@ def selection_lines(sel: dict | None) -> list[str]:
     return out
 
 
+def held_out_conditions(data, labels: Sequence[str], option: str) -> list[str]:
+    """Canonical conditions of ``data`` named by ``labels`` (errors name the label and the fix). With
+    contexts, a label without ``@`` names that perturbation in every context where it was measured."""
+    from perturbax.data.labels import CONTEXT_SEP
+
+    held: list[str] = []
+    for lab in labels:
+        if data.context_keys and CONTEXT_SEP not in lab:
+            plain = data.registry.perturbation_label(lab)
+            names = [c for c in data.conditions if data.registry.perturbation_label(c) == plain]
+            if not names:
+                data.condition_index(lab)  # the error with close matches
+        else:
+            names = [data.registry.canonical(lab)]
+        for canon in names:
+            if canon == data.control:
+                raise ValueError(
+                    f"{option} names the control {canon!r}; predictions start from control cells, so they cannot be "
+                    f"held out."
+                )
+            data.condition_index(canon)  # error with close matches if it has no cells
+            if canon not in held:
+                held.append(canon)
+    return held
+
+
 def fit_file(
     data_path,
     *,
@@ -166,7 +192,7 @@ def fit_file(
     layer: str | None = None,
     dose_key: str | None = None,
     sep: str = "+",
-    covariate_keys: Sequence[str] = (),
+    context_keys: Sequence[str] = (),
     holdout: Sequence[str] = (),
     progress: bool = True,
     model: str = "additive",
@@ -189,7 +215,9 @@ def fit_file(
     :func:`perturbax.inference.fit` (the CLI and Python share them; for the dynamics model
     ``objective=None`` runs the staged recipe of :mod:`perturbax.inference.dynamics_recipe` unless
     ``recipe=False``). ``latent_dim`` ``None``: the model config's default. ``where`` (``KEY=VALUE``
-    items) keeps only the selected cells of the file. An existing non-empty ``out`` holding a
+    items) keeps only the selected cells of the file. ``context_keys``: the ``obs`` columns of the
+    contexts (cell type, cell line, ...; ``holdout`` may then name (perturbation, context) pairs,
+    ``"stimulated @ cell_type=CD4T"``). An existing non-empty ``out`` holding a
     saved fit is replaced only with ``overwrite``; nothing is saved if the loss was not finite
     from the first steps. ``devices``: :func:`~perturbax.inference.fit` ``devices`` (``None``: all).
     ``stream``: read the cells from disk while fitting (``None``: when they would not fit in memory,
@@ -236,22 +264,12 @@ def fit_file(
         dose_key=dose_key,
         time_key=time_key,
         layer=layer,
-        covariate_keys=tuple(covariate_keys),
+        context_keys=tuple(context_keys),
         counts=likelihood == "negative_binomial",
         on_disk=streamed,
     )
-    held: list[str] = []
-    if holdout:
-        for lab in holdout:
-            canon = data.registry.canonical(lab)
-            if canon == data.control:
-                raise ValueError(
-                    f"--holdout names the control {control!r}; predictions start from control cells, "
-                    f"so they cannot be held out."
-                )
-            data.condition_index(canon)  # error with close matches if it has no cells
-            if canon not in held:
-                held.append(canon)
+    held = held_out_conditions(data, holdout, "--holdout")
+    if held:
         data = data.select(held, exclude=True)
     perturbed = [c for c in data.conditions if c != data.control]
     if not perturbed:
@@ -264,7 +282,6 @@ def fit_file(
     sizes = dict(
         n_genes=data.n_genes,
         n_perturbations=data.K,
-        n_covariates=data.covariate_design()[0].shape[1],
         likelihood=likelihood,
     )
     if latent_dim is not None:
@@ -294,7 +311,7 @@ def fit_file(
         "layer": layer,
         "dose_key": dose_key,
         "sep": sep,
-        "covariate_keys": list(covariate_keys),
+        "context_keys": list(context_keys),
         "holdout": held,
         "likelihood": likelihood,
         "latent_dim": result.config.latent_dim,
@@ -348,9 +365,13 @@ def fit_file(
 @click.option("--dose-key", default=None, help="obs column of doses aligned with the components ('0.5+2').")
 @click.option("--sep", default="+", show_default=True, callback=check_sep,
               help="Separator of combined perturbations (not ',' or ':').")
-@click.option("--covariate-keys", default=None, help="Comma-separated categorical obs columns (e.g. batch,line).")
+@click.option("--context-keys", "--covariate-keys", "context_keys", default=None,
+              help="Comma-separated categorical obs columns of the contexts (cell type, cell line, donor, batch), e.g. "
+                   "cell_type; conditions are then (perturbation, context) pairs written 'A @ cell_type=CD4T' "
+                   "(--covariate-keys: the former name, same option).")
 @click.option("--holdout", default=None,
-              help='Comma-separated conditions to leave out of training, e.g. "A+B,C".')
+              help='Comma-separated conditions to leave out of training, e.g. "A+B,C"; with --context-keys also '
+                   '(perturbation, context) pairs, e.g. "stimulated @ cell_type=CD4T" (a plain label: every context).')
 @click.option("--model", "model", type=click.Choice(sorted(MODELS)), default="additive", show_default=True,
               help="additive: additive latent shift model; dynamics: latent dynamical causal programs over "
                    "time (needs --time-key).")
@@ -374,7 +395,7 @@ def fit_file(
                    "would not fit in memory; the output says which).")
 @where_option()
 def fit(data, perturbation_key, control, out, overwrite, objective, likelihood, steps, seed, batch_size, latent_dim,
-        learning_rate, layer, dose_key, sep, covariate_keys, holdout, model, time_key, time_scale, mean_weight,
+        learning_rate, layer, dose_key, sep, context_keys, holdout, model, time_key, time_scale, mean_weight,
         no_select, no_recipe, no_progress, devices, stream, where):
     """Fit the additive latent shift model to DATA (h5ad) and save it to --out.
 
@@ -394,7 +415,7 @@ def fit(data, perturbation_key, control, out, overwrite, objective, likelihood, 
 
     check_outputs(folders={"--out": out}, inputs={"DATA": data}, overwrite=overwrite,
                   replaceable=frozenset(FIT_FILES))
-    covs = split_list(covariate_keys, "covariate keys", "--covariate-keys")
+    covs = split_list(context_keys, "context keys", "--context-keys")
     held = split_list(holdout, "held-out conditions", "--holdout")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
@@ -403,7 +424,7 @@ def fit(data, perturbation_key, control, out, overwrite, objective, likelihood, 
             result, used, held_out = fit_file(
                 data, perturbation_key=perturbation_key, control=control, out=out, objective=objective,
                 likelihood=likelihood, steps=steps, seed=seed, batch_size=batch_size, latent_dim=latent_dim,
-                learning_rate=learning_rate, layer=layer, dose_key=dose_key, sep=sep, covariate_keys=covs,
+                learning_rate=learning_rate, layer=layer, dose_key=dose_key, sep=sep, context_keys=covs,
                 holdout=held, progress=not no_progress, model=model, time_key=time_key, time_scale=time_scale,
                 mean_weight=mean_weight, overwrite=overwrite, where=where, select=False if no_select else None,
                 devices=devices, stream=stream,
@@ -427,6 +448,11 @@ def fit(data, perturbation_key, control, out, overwrite, objective, likelihood, 
         + ".",
     ]
     lines.append(info["cli"]["data_plan"] + f" Devices: {info.get('devices', 1)}.")
+    if used.context_keys:
+        lines.append("Contexts: " + "; ".join(f"{k} ({len(c)}: {', '.join(c)}; reference {c[0]})"
+                                              for k, c in used.registry.contexts)
+                     + f" -- {used.registry.n_perturbations} perturbation(s) + {used.K - used.registry.n_perturbations} "
+                       f"context columns in the label vector.")
     if held_out:
         lines.append(f"Held out {len(held_out)} condition(s): {', '.join(held_out)}")
     if info.get("times") is not None:

@@ -103,7 +103,7 @@ def parse_times(text: str | None) -> list[float] | None:
 def read_source_cells(path, fit_result, where=()):
     """Observed cells to move (``predict(..., source=cells)``) from an h5ad, read as the training
     data were: the fit's perturbation key, control label, separator, dose and time keys, layer and
-    covariate keys (from ``perturbax fit``; a fit saved from Python uses its perturbation key, its
+    contexts (their keys and categories from the fit's registry; from ``perturbax fit``; a fit saved from Python uses its perturbation key, its
     control label, ``X`` and its time key). The file need not contain control cells; ``where``
     (``KEY=VALUE`` items) keeps only the selected cells."""
     from perturbax.data.core import from_anndata
@@ -117,7 +117,6 @@ def read_source_cells(path, fit_result, where=()):
         dose_key=rec.get("dose_key"),
         time_key=rec.get("time_key", fit_result.info.get("time_key")),
         layer=rec.get("layer"),
-        covariate_keys=tuple(rec.get("covariate_keys", ())),
         require_control=False,
         registry=fit_result.registry,
     )
@@ -213,7 +212,9 @@ def predict_dir(
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--perturbations", "-p", required=True,
               help='Comma-separated labels, e.g. "A+B,A:0.5+C:2" (A:0.5 = A at dose 0.5; combinations '
-                   "joined with the --sep used at fit time).")
+                   "joined with the --sep used at fit time). A fit with --context-keys takes (perturbation, context) "
+                   'pairs, e.g. "stimulated @ cell_type=CD4T" (several keys joined by &), each predicted from the '
+                   "control cells of its context; a plain label is predicted in every context.")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
               help="h5ad file of predicted cells (its folder must exist).")
 @click.option("--summary", default=None, type=click.Path(dir_okay=False),
@@ -300,6 +301,10 @@ def predict(model_dir, perturbations, out, summary, n_cells, num_samples, seed, 
         f"({num_samples} posterior draws, source {meta['source']}, {interval:g} intervals)."
     )
     click.echo("Labels (obs[" + json.dumps(key) + "]): " + ", ".join(f"{lab} ({n})" for lab, n in counts.items()))
+    if meta.get("contexts"):
+        click.echo("Contexts (obs columns " + ", ".join(json.dumps(k) for k in meta["contexts"]) + "): "
+                   + ", ".join(f"{lab}" for lab in np.asarray(meta["labels"]).reshape(-1))
+                   + "; each from the control cells of its context.")
     if meta.get("times") is not None:
         ts = list(dict.fromkeys(float(t) for t in np.asarray(meta["times"]).reshape(-1)))
         click.echo('Times (obs["time"]): ' + ", ".join(f"{t:g}" for t in ts))

@@ -5,6 +5,7 @@ from perturbax.data.datasets import find_data_file, load_norman19
 from perturbax.data.io import (
     cells_by_condition,
     parse_where,
+    prediction_cells,
     prediction_intervals,
     prediction_summary,
     prediction_trajectory,
@@ -39,6 +40,7 @@ __all__ = [
     "load_norman19",
     "norman_doubles_folds",
     "parse_where",
+    "prediction_cells",
     "prediction_intervals",
     "prediction_summary",
     "prediction_trajectory",

@@ -39,9 +39,12 @@ class PerturbationData:
         Expression, shape ``(n_cells, n_genes)``, float32; a SciPy CSR matrix if the source was
         sparse (densified only per batch, see :meth:`dense`).
     registry
-        Elementary perturbation names (columns of the design) and the control label.
+        Elementary perturbation names (columns of the design), the control label and the contexts
+        (``registry.contexts``: keys and categories; their indicator columns follow the perturbations).
     conditions
-        Canonical label of each distinct condition; ``conditions[control_index]`` is the control.
+        Canonical label of each distinct condition -- with contexts, each (perturbation, context)
+        pair, e.g. ``"stimulated @ cell_type=CD4T"``; ``conditions[control_index]`` is the control
+        (in the reference context).
     design
         Label vector of each condition, shape ``(n_conditions, K)`` (doses as values).
     env
@@ -50,8 +53,6 @@ class PerturbationData:
         Var and obs names of the source.
     times
         Time of each cell (``time_key``), or ``None``.
-    covariates
-        ``{key: codes}`` with integer codes per cell into ``covariate_categories[key]``.
     """
 
     X: Any
@@ -62,8 +63,6 @@ class PerturbationData:
     gene_names: tuple[str, ...]
     cell_names: tuple[str, ...]
     times: np.ndarray | None = None
-    covariates: Mapping[str, np.ndarray] = field(default_factory=dict)
-    covariate_categories: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     perturbation_key: str = "perturbation"
     time_key: str | None = None
     source_layer: str | None = None
@@ -88,13 +87,19 @@ class PerturbationData:
 
     @property
     def control(self) -> str:
-        return self.registry.control
+        """Canonical label of the control condition (with contexts: in the reference context)."""
+        return self.registry.control_label
+
+    @property
+    def context_keys(self) -> tuple[str, ...]:
+        """The context keys (``from_anndata(..., context_keys=...)``), empty without contexts."""
+        return self.registry.context_keys
 
     @property
     def control_index(self) -> int | None:
         """Index of the control condition in :attr:`conditions` (``None`` if absent)."""
         try:
-            return self.conditions.index(self.registry.control)
+            return self.conditions.index(self.control)
         except ValueError:
             return None
 
@@ -116,20 +121,14 @@ class PerturbationData:
         """Total of each cell's row of ``X`` (meaningful for counts), shape ``(n_cells,)``."""
         return np.asarray(self.X.sum(axis=1), dtype=np.float32).reshape(-1)
 
-    def covariate_design(self) -> tuple[np.ndarray, tuple[str, ...]]:
-        """One-hot covariates with the first category of each key as reference.
+    def condition_contexts(self) -> list[dict[str, str]]:
+        """``{key: category}`` of each condition (empty dicts without contexts)."""
+        return [self.registry.context_of(row) or {} for row in self.design]
 
-        Returns the matrix ``(n_cells, C)`` and the column names ``"key=value"``.
-        """
-        cols, names = [], []
-        for key, codes in self.covariates.items():
-            cats = self.covariate_categories[key]
-            for j, cat in enumerate(cats[1:], start=1):
-                cols.append((codes == j).astype(np.float32))
-                names.append(f"{key}={cat}")
-        if not cols:
-            return np.zeros((self.n_cells, 0), np.float32), ()
-        return np.stack(cols, axis=1), tuple(names)
+    def cell_contexts(self) -> dict[str, np.ndarray]:
+        """``{key: category of each cell}`` (object arrays; empty without contexts)."""
+        per = self.condition_contexts()
+        return {k: np.asarray([c[k] for c in per], dtype=object)[self.env] for k in self.context_keys}
 
     # ------------------------------------------------------------- accessors
     def dense(self, idx: np.ndarray | slice | None = None) -> np.ndarray:
@@ -181,7 +180,6 @@ class PerturbationData:
             env=_readonly(remap[env].astype(np.int32)),
             cell_names=tuple(self.cell_names[i] for i in cells),
             times=None if self.times is None else _readonly(self.times[cells]),
-            covariates={k: _readonly(v[cells]) for k, v in self.covariates.items()},
         )
 
     def select(self, labels: Iterable[LabelLike], *, exclude: bool = False) -> PerturbationData:
@@ -192,9 +190,15 @@ class PerturbationData:
 
     def with_registry(self, registry: PerturbationRegistry) -> PerturbationData:
         """Re-express the design in another registry (e.g. the training data's), which must contain
-        every elementary perturbation present here."""
+        every elementary perturbation present here and the same contexts."""
         if registry.names == self.registry.names and registry.control == self.registry.control:
             return self
+        if registry.contexts != self.registry.contexts:
+            raise ValueError(
+                f"These cells have contexts {dict(self.registry.contexts)} but the target registry has "
+                f"{dict(registry.contexts)}; read them with from_anndata(..., registry=<the fit's registry>) so "
+                f"that the categories match."
+            )
         missing = [n for n in self.registry.names if n not in registry.names]
         if missing:
             raise ValueError(
@@ -209,15 +213,17 @@ class PerturbationData:
 
     def to_anndata(self):
         """An AnnData with ``X``, the perturbation labels in ``obs[perturbation_key]``, times and
-        covariates."""
+        contexts (one ``obs`` column per context key)."""
         import anndata as ad
 
         obs = pd.DataFrame(index=pd.Index(self.cell_names, name=None))
-        obs[self.perturbation_key] = pd.Categorical([self.conditions[e] for e in self.env])
+        plain = [self.registry.perturbation_label(c) for c in self.conditions] if self.context_keys else self.conditions
+        obs[self.perturbation_key] = pd.Categorical([plain[e] for e in self.env])
         if self.times is not None:
             obs[self.time_key or "time"] = self.times
-        for key, codes in self.covariates.items():
-            obs[key] = pd.Categorical.from_codes(codes, categories=list(self.covariate_categories[key]))
+        cats = dict(self.registry.contexts)
+        for key, values in self.cell_contexts().items():
+            obs[key] = pd.Categorical(values.astype(str), categories=list(cats[key]))
         var = pd.DataFrame(index=pd.Index(self.gene_names))
         X = self.X.copy()
         return ad.AnnData(X=X, obs=obs, var=var)
@@ -232,8 +238,8 @@ class PerturbationData:
         ]
         if self.times is not None:
             lines.append(f"    times: {np.unique(self.times).tolist()[:10]}")
-        if self.covariates:
-            lines.append(f"    covariates: {list(self.covariates)}")
+        if self.context_keys:
+            lines.append(f"    contexts: {', '.join(f'{k} ({len(c)})' for k, c in self.registry.contexts)}")
         return "\n".join(lines)
 
 
@@ -345,7 +351,7 @@ def from_anndata(
     dose_key: str | None = None,
     time_key: str | None = None,
     layer: str | None = None,
-    covariate_keys: Sequence[str] = (),
+    context_keys: Sequence[str] = (),
     counts: bool = False,
     registry: PerturbationRegistry | None = None,
     require_control: bool = True,
@@ -369,8 +375,13 @@ def from_anndata(
         Optional numeric ``obs`` column of times since the perturbation was switched on.
     layer
         Layer holding the expression (default ``X``).
-    covariate_keys
-        Categorical ``obs`` columns (batch, cell line) kept as integer codes.
+    context_keys
+        Categorical ``obs`` columns (cell type, cell line, donor, batch): the contexts. Each
+        condition is then a (perturbation, context) pair (``"stimulated @ cell_type=CD4T"``, see
+        :mod:`perturbax.data.labels`), and the label vector gets one indicator column per category
+        but the first (the reference). Categories are the sorted values; with ``registry``, that
+        registry's contexts (default: all of them) and categories are used, so cells of a single
+        context are encoded as the fitted model's.
     counts
         Require raw counts (non-negative integers), as count likelihoods do.
     registry
@@ -386,15 +397,33 @@ def from_anndata(
     """
     import anndata as ad
 
+    if registry is not None and registry.contexts:
+        if not context_keys:
+            context_keys = registry.context_keys
+        elif tuple(context_keys) != registry.context_keys:
+            raise ValueError(
+                f"context_keys={list(context_keys)} but the registry's contexts are {list(registry.context_keys)}; "
+                f"pass context_keys={list(registry.context_keys)} (or leave it out)."
+            )
+    elif registry is not None and context_keys:
+        raise ValueError(
+            f"context_keys={list(context_keys)} but the given registry has no contexts (the model was fitted "
+            f"without them); leave context_keys out or refit with them."
+        )
+    context_keys = tuple(context_keys)
+    if len(set(context_keys)) != len(context_keys):
+        raise ValueError(f"context_keys {list(context_keys)} name a column twice; give each once.")
     if not isinstance(adata, ad.AnnData):
         raise TypeError(f"from_anndata expects an AnnData, got {type(adata).__name__}.")
     obs = adata.obs
     for key, what in [(perturbation_key, "perturbation_key"), (dose_key, "dose_key"), (time_key, "time_key")]:
         if key is not None and key not in obs.columns:
             raise _missing_key("adata.obs", key, obs.columns, f"column ({what})")
-    for key in covariate_keys:
+    for key in context_keys:
         if key not in obs.columns:
-            raise _missing_key("adata.obs", key, obs.columns, "column (covariate_keys)")
+            raise _missing_key("adata.obs", key, obs.columns, "column (context_keys)")
+        if key in (perturbation_key, dose_key, time_key):
+            raise ValueError(f"obs[{key!r}] is both a context key and the perturbation/dose/time key; pick another.")
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(f"AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
     if not adata.var_names.is_unique:
@@ -445,21 +474,35 @@ def from_anndata(
         )
 
     names_seen = sorted({n for p in parsed for n in p})
+    ctx_codes, ctx_cats = _context_codes(obs, context_keys, registry)
     if registry is None:
-        registry = PerturbationRegistry(tuple(names_seen), control=control, sep=sep)
+        registry = PerturbationRegistry(tuple(names_seen), control=control, sep=sep, contexts=ctx_cats)
     else:
-        unknown = [n for n in names_seen if n not in registry.names]
+        unknown = [n for n in names_seen if n not in registry.perturbation_names]
         if unknown:
             raise ValueError(
                 f"obs[{perturbation_key!r}] names perturbations unknown to the given registry: "
-                f"{unknown[:10]}. Known: {_preview(registry.names, 20)}."
+                f"{unknown[:10]}. Known: {_preview(registry.perturbation_names, 20)}."
             )
-        registry = PerturbationRegistry(registry.names, control=control, sep=sep)
+        registry = PerturbationRegistry(registry.names, control=control, sep=sep, contexts=registry.contexts)
 
-    canon = [registry.decode(registry.encode(p)) for p in parsed]
-    cond_labels = sorted(set(canon), key=lambda c: _condition_sort_key(c, registry.components(c), control))
+    # conditions: distinct (perturbation, context) pairs; label vectors [l, context indicators]
+    P = registry.n_perturbations
+    pert_vecs = np.stack([registry.encode(p)[:P] for p in parsed]) if parsed else np.zeros((0, P))
+    pair_keys = np.stack([inverse.astype(np.int64), *ctx_codes], axis=1) if ctx_codes else inverse[:, None]
+    pairs, pair_inverse = np.unique(pair_keys, axis=0, return_inverse=True)
+    pair_inverse = pair_inverse.reshape(-1)
+    offsets = np.cumsum([0] + [len(c) - 1 for _, c in ctx_cats])
+    vecs = np.zeros((pairs.shape[0], registry.K))
+    vecs[:, :P] = pert_vecs[pairs[:, 0]]
+    for j in range(len(ctx_cats)):
+        code = pairs[:, 1 + j]
+        on = code > 0
+        vecs[np.flatnonzero(on), P + offsets[j] + code[on] - 1] = 1.0
+    canon = [registry.decode(v) for v in vecs]
+    cond_labels = sorted(set(canon), key=lambda c: _condition_sort_key(c, registry.components(c), registry.control_label))
     cond_index = {c: i for i, c in enumerate(cond_labels)}
-    env = np.array([cond_index[canon[j]] for j in range(len(uniq))], dtype=np.int32)[inverse]
+    env = np.array([cond_index[c] for c in canon], dtype=np.int32)[pair_inverse]
     design = registry.encode_many(cond_labels)
 
     M = _read_matrix(adata, layer, on_disk)
@@ -482,15 +525,6 @@ def from_anndata(
             raise ValueError(f"obs[{time_key!r}] has {int((~np.isfinite(times)).sum())} missing/infinite time(s).")
         times = _readonly(times.astype(np.float32))
 
-    covs, cats = {}, {}
-    for key in covariate_keys:
-        col = obs[key]
-        if col.isna().any():
-            raise ValueError(f"obs[{key!r}] (covariate) is missing for {int(col.isna().sum())} cell(s).")
-        cat = pd.Categorical(col.astype(str))
-        covs[key] = _readonly(cat.codes.astype(np.int32))
-        cats[key] = tuple(str(c) for c in cat.categories)
-
     return PerturbationData(
         X=M,
         registry=registry,
@@ -500,9 +534,32 @@ def from_anndata(
         gene_names=tuple(map(str, adata.var_names)),
         cell_names=tuple(map(str, adata.obs_names)),
         times=times,
-        covariates=covs,
-        covariate_categories=cats,
         perturbation_key=perturbation_key,
         time_key=time_key,
         source_layer=layer,
     )
+
+
+def _context_codes(obs, keys: Sequence[str], registry: PerturbationRegistry | None):
+    """Integer codes per cell of each context key (0 = the reference category) and the contexts
+    ``((key, categories), ...)``: the sorted values, or the given registry's categories."""
+    codes, cats = [], []
+    known = dict(registry.contexts) if registry is not None else {}
+    for key in keys:
+        col = obs[key]
+        if col.isna().any():
+            raise ValueError(f"obs[{key!r}] (context) is missing for {int(col.isna().sum())} cell(s); label every cell or drop them.")
+        values = col.astype(str).to_numpy()
+        if key in known:
+            categories = known[key]
+            unknown = sorted(set(values) - set(categories))
+            if unknown:
+                raise ValueError(
+                    f"obs[{key!r}] has values {unknown[:5]} that the fitted model never saw as a context; its "
+                    f"categories are {_preview(categories, 20)}. Keep only cells of those contexts."
+                )
+        else:
+            categories = tuple(sorted(set(values)))
+        codes.append(pd.Categorical(values, categories=list(categories)).codes.astype(np.int64))
+        cats.append((key, tuple(categories)))
+    return codes, tuple(cats)

@@ -15,6 +15,7 @@ import pandas as pd
 __all__ = [
     "predictions_to_anndata",
     "cells_by_condition",
+    "prediction_cells",
     "prediction_intervals",
     "prediction_trajectory",
     "prediction_summary",
@@ -150,13 +151,16 @@ def cells_by_condition(
     sep: str = "+",
     genes: Sequence[str] | None = None,
     require_control: bool = False,
+    context_keys: Sequence[str] = (),
 ) -> dict[str, np.ndarray]:
     """``{canonical label: dense float32 cells}`` of every condition in ``adata``.
 
     Labels are canonical (``"B+A"`` and ``"A+B"`` both become ``"A+B"``; components in sorted
     name order), so the keys of two files can be matched directly. ``genes`` selects and orders
     the columns by name (an error names genes that are missing). Control cells appear under
-    ``control`` if present; pass ``require_control=True`` to insist on them.
+    ``control`` if present; pass ``require_control=True`` to insist on them. With
+    ``context_keys`` the keys are (perturbation, context) pairs, ``"A @ cell_type=CD4T"``, and the
+    control cells of each context appear under ``"control @ cell_type=CD4T"``.
     """
     from perturbax.data.core import from_anndata
 
@@ -170,8 +174,28 @@ def cells_by_condition(
                 f"Subset the other file to the shared genes, e.g. `truth[:, pred.var_names]`."
             )
         adata = subset_copy(adata, var=have.get_indexer(genes))
-    data = from_anndata(adata, perturbation_key, control, sep=sep, layer=layer, require_control=require_control)
+    data = from_anndata(adata, perturbation_key, control, sep=sep, layer=layer, require_control=require_control,
+                        context_keys=tuple(context_keys))
     return data.cells_by_condition()
+
+
+def prediction_cells(adata) -> dict[str, np.ndarray]:
+    """``{column label: predicted cells}`` of an AnnData written by :func:`perturbax.inference.predict`,
+    in the order of ``uns["perturbax"]["labels"]`` (with contexts, the cells of each
+    (perturbation, context) pair, from ``obs[perturbation_key]`` and the context columns)."""
+    meta = adata.uns.get("perturbax", {})
+    labels = [str(x) for x in np.asarray(meta.get("labels", [])).reshape(-1)]
+    if not labels or meta.get("times") is not None:
+        raise ValueError("prediction_cells needs a prediction of perturbax.inference.predict without times.")
+    key = str(adata.obs.columns[0])
+    per_cell = adata.obs[key].astype(str).to_numpy().astype(object)
+    contexts = meta.get("contexts") or {}
+    if contexts:
+        ctx = [" & ".join(f"{k}={v}" for k, v in zip(contexts, row))
+               for row in zip(*(adata.obs[k].astype(str).to_numpy() for k in contexts))]
+        per_cell = np.asarray([f"{p} @ {c}" for p, c in zip(per_cell, ctx)], dtype=object)
+    X = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
+    return {lab: np.asarray(X[per_cell == lab], dtype=np.float32) for lab in labels}
 
 
 def prediction_intervals(adata, label, *, level: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

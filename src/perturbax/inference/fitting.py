@@ -129,7 +129,6 @@ def _context_check(data: PerturbationData, config) -> dict[str, Any]:
 
 def _device_data(data: PerturbationData, cells: np.ndarray, timed: bool = False) -> DeviceData:
     sub = data.subset(cells)
-    C, _ = sub.covariate_design()
     env = _groups(sub, timed)
     E = int(env.max()) + 1 if env.size else 0
     counts = np.bincount(env, minlength=E)
@@ -143,7 +142,7 @@ def _device_data(data: PerturbationData, cells: np.ndarray, timed: bool = False)
         # (cells on disk: a zero-width placeholder; each step's rows are read from disk, data/stream.py)
         x=jnp.zeros((sub.n_cells, 0), jnp.float32) if on_disk(sub) else jnp.asarray(sub.dense()),
         l=jnp.asarray(sub.L, dtype=jnp.float32),
-        c=jnp.asarray(C) if C.shape[1] else None,
+        c=None,  # (contexts are label columns: data.registry.contexts)
         library=jnp.asarray(sub.library_size),
         table=jnp.asarray(table),
         counts=jnp.asarray(counts, dtype=jnp.int32),
@@ -170,7 +169,7 @@ def _validation_split(
 
 
 def _resolve_model(model, config, data: PerturbationData):
-    n_cov = data.covariate_design()[0].shape[1]
+    n_cov = 0  # contexts enter the label vector (data.registry.contexts), not the covariate site V
     if isinstance(model, str):
         if model not in BUILTIN_MODELS:
             raise ValueError(f"Unknown model {model!r}; built-in models are {sorted(BUILTIN_MODELS)}, or pass a function.")

@@ -34,15 +34,19 @@ CELL_MODES = ("generated", "control")
 REPORTED_LEVELS = (0.5, 0.8, 0.9, 0.95)
 NESTED_KEYS = ("control_mean", "ridge_effects", "model_control", "model_effects", "control_cells", "cell_var",
                "scores")
+#: With contexts: the label vectors ``(n, K)`` of ``control_cells`` (the control cells of every context).
+CONTEXT_KEY = "control_labels"
 
 
 def nested_columns(arrays, lam: float, mode: str, vecs: np.ndarray, mean_draws: np.ndarray,
-                   cells: list[np.ndarray], n_ref: float, rng: np.random.Generator):
+                   cells: list[np.ndarray], n_ref: float, rng: np.random.Generator, n_perturbations: int | None = None):
     """Apply the nested estimator to a raw model prediction.
 
     ``vecs`` ``(C, K)`` labels, ``mean_draws`` ``(C, S, G)`` the model's per-draw means, ``cells``
     its cells per column. The cells of each column are re-centred on its nested mean: the model's
     generated cells (``"generated"``) or training control cells drawn at random (``"control"``).
+    With contexts (``arrays["control_labels"]`` and ``n_perturbations``, the label columns before
+    the context columns), the control cells of a column are those of its context.
     Returns ``(draws (C, S, G), cells, sigma (C, G))``; ``sigma`` is the
     interval scale of :mod:`perturbax.inference.selection` (Calibration).
     """
@@ -51,9 +55,14 @@ def nested_columns(arrays, lam: float, mode: str, vecs: np.ndarray, mean_draws: 
     remainder = mean_draws - arrays["model_control"] - (vecs @ arrays["model_effects"])[:, None]
     draws = ridge[:, None] + lam * remainder
     mean = draws.mean(1)
-    ctrl = arrays["control_cells"]
+    ctrl_all = arrays["control_cells"]
+    labels = arrays.get(CONTEXT_KEY) if n_perturbations is not None else None
     out = []
     for i, x in enumerate(cells):
+        ctrl = ctrl_all
+        if labels is not None and labels.shape[1] > n_perturbations:
+            rows = np.all(labels[:, n_perturbations:] == vecs[i, n_perturbations:], axis=1)
+            ctrl = ctrl_all[rows] if rows.any() else ctrl_all
         if mode == "generated":
             base = x.astype(np.float64)
         else:
@@ -89,7 +98,8 @@ def nested_prediction(fit_result, vecs: np.ndarray, mean_draws: np.ndarray, cell
     sel = fit_result.info["selection"]
     arrays = fit_result.nested
     draws, new, sigma = nested_columns(arrays, float(sel["lambda"]), sel["cells"], vecs, mean_draws, cells,
-                                       float(sel["n_ref"]), np.random.default_rng([int(seed), 17]))
+                                       float(sel["n_ref"]), np.random.default_rng([int(seed), 17]),
+                                       fit_result.registry.n_perturbations)
     q, calibrated = interval_factor(arrays, interval)
     mean = draws.mean(1)
     notes = {
@@ -109,8 +119,10 @@ def check_nested_arrays(shapes: dict[str, tuple[int, ...]], selection: Any, n_ge
     """Why the saved nested arrays (``{name: shape}``) or ``info["selection"]`` do not fit a model
     of ``n_genes`` genes and ``K`` perturbations, or ``None`` if they do."""
     G = n_genes
-    if set(shapes) != set(NESTED_KEYS):
-        return f"{NESTED_FILE} must hold {list(NESTED_KEYS)}, got {sorted(shapes)}"
+    if set(shapes) - {CONTEXT_KEY} != set(NESTED_KEYS):
+        return f"{NESTED_FILE} must hold {list(NESTED_KEYS)} (and {CONTEXT_KEY} with contexts), got {sorted(shapes)}"
+    if CONTEXT_KEY in shapes and tuple(shapes[CONTEXT_KEY]) != (tuple(shapes["control_cells"])[0], K):
+        return f"{NESTED_FILE}: {CONTEXT_KEY} has shape {tuple(shapes[CONTEXT_KEY])}, expected (n_control_cells, {K})"
     want = {"control_mean": (G,), "ridge_effects": (K, G), "model_control": (G,), "model_effects": (K, G),
             "cell_var": (G,)}
     for k, s in want.items():

@@ -8,6 +8,10 @@ dynamics model evolves ``z(0)`` to ``z(t*)`` under ``l*`` and decodes; by defaul
 heterogeneity) each posterior draw samples ``z(0)`` from its own ``N(mu, Sigma_0)`` instead of
 using encoded control cells.
 
+With contexts (``from_anndata(..., context_keys=...)``), the default source of a label is the
+training control cells of its context (``fit.basal["l"]``), and a label without ``@`` is predicted
+in every context (one column per context).
+
 ``source=`` observed cells (a :class:`~perturbax.data.PerturbationData`, e.g. the cells of one
 perturbation at a measured time) moves those cells instead of generating new ones: each source
 cell ``x_i`` with its own label ``l_i`` (and time ``t_i``) is encoded to its basal state ``z_i``,
@@ -33,6 +37,10 @@ Not applied to ``source=<observed cells>`` or models of time.
 Output AnnData (same genes and expression space as the training ``X``):
 
 - ``X``: predicted cells; ``obs[perturbation_key]``: label; ``obs["draw"]``: posterior draw used;
+  with contexts (``registry.contexts``), ``obs[perturbation_key]`` holds the perturbation and one
+  ``obs`` column per context key its context (as the training data were read), and
+  ``uns["perturbax"]["labels"]`` the pair labels ``"stimulated @ cell_type=CD4T"``
+  (:func:`perturbax.data.prediction_cells` splits the cells by pair);
 - ``varm["pred_mean"]``, ``varm["pred_lower"]``, ``varm["pred_upper"]``: ``(n_genes, n_columns)``
   posterior mean and interval bounds of the mean expression, columns in the order of
   ``uns["perturbax"]["labels"]``;
@@ -138,6 +146,12 @@ def _parse(fit: FitResult, perturbations, allow_unseen: bool) -> tuple[list[str]
     if len(perturbations) == 0:
         raise ValueError("perturbations is empty; give at least one label such as 'A+B' or {'A': 0.5}.")
     reg = fit.registry
+    if reg.contexts:  # a plain perturbation label (no "@"): one column per context
+        from perturbax.data.labels import CONTEXT_JOIN, CONTEXT_SEP
+
+        every = [f" {CONTEXT_JOIN} ".join(f"{k}={v}" for k, v in c.items()) for c in reg.all_contexts()]
+        perturbations = [f"{p} {CONTEXT_SEP} {c}" if isinstance(p, str) and CONTEXT_SEP not in p else p
+                         for p in perturbations for c in (every if isinstance(p, str) and CONTEXT_SEP not in p else [None])]
     labels, vecs = [], []
     for p in perturbations:
         unknown = reg.unknown(p)
@@ -206,25 +220,140 @@ def _source_cells(fit: FitResult, cells: PerturbationData) -> dict[str, np.ndarr
             f"so it cannot take it out of these cells. Pass cells whose labels use only "
             f"{list(fit.seen_elementary)}."
         )
-    C, _ = cells.covariate_design()
-    n_cov = int(getattr(fit.config, "n_covariates", 0))
-    if C.shape[1] != n_cov:
-        raise ValueError(
-            f"The source cells have {C.shape[1]} covariate columns but the model was fitted with {n_cov}; "
-            "build them with the same covariate keys (and categories) as the training data."
-        )
-    z = fit.encode(cells)  # checks the genes and, for models of time, the times
+    z = fit.encode(cells)  # (contexts: the cells' labels carry their context columns)  # checks the genes and, for models of time, the times
     data = cells.with_registry(fit.registry)
     timed = fit.uses_time
     return {
         "z": z,
         "library": data.library_size,
-        "c": C,
+        "c": np.zeros((cells.n_cells, 0), np.float32),
         "l": np.asarray(data.L, np.float32),
         "t": np.asarray(data.times, np.float32) if timed else np.zeros(cells.n_cells, np.float32),
         "x": data.dense(),
     }
 
+
+
+def _source_groups(fit: FitResult, vecs: np.ndarray, shared: bool, n: int) -> list[tuple[np.ndarray, set[int]]]:
+    """``[(source rows, label indices)]``: with contexts and the training control cells as source
+    (``shared=False``), the control cells of each label's context (``fit.basal["l"]``); else all
+    ``n`` source rows for every label."""
+    reg = fit.registry
+    if shared or not reg.contexts:
+        return [(np.arange(n), set(range(len(vecs))))]
+    P = reg.n_perturbations
+    src_ctx = np.asarray(fit.basal["l"])[:, P:]
+    out: dict[bytes, tuple[np.ndarray, set[int]]] = {}
+    for i, v in enumerate(vecs):
+        ctx = np.asarray(v[P:], dtype=np.float32)
+        if reg.context_of(v) is None:
+            raise ValueError(
+                f"{reg.decode(v)!r} is not in one context (its context columns are not an indicator); give "
+                f"labels such as 'A @ {reg.contexts[0][0]}={reg.contexts[0][1][0]}'."
+            )
+        rows = np.flatnonzero(np.all(src_ctx == ctx, axis=1))
+        if rows.size == 0:
+            name = " & ".join(f"{k}={c}" for k, c in reg.context_of(v).items())
+            raise ValueError(
+                f"The fit has no control cells of context {name!r} to start {reg.decode(v)!r} from; train with "
+                f"control cells of that context, or pass source='prior' or observed cells of it (source=...)."
+            )
+        out.setdefault(ctx.tobytes(), (rows, set()))[1].add(i)
+    return list(out.values())
+
+
+def _context_obs(fit: FitResult, vecs: np.ndarray, sizes: list[int], col_label: list[int]) -> dict[str, np.ndarray]:
+    """``{context key: category of each predicted cell}`` (empty without contexts)."""
+    reg = fit.registry
+    if not reg.contexts:
+        return {}
+    out = {}
+    for key, _ in reg.contexts:
+        values = [reg.context_of(vecs[i])[key] for i in col_label]
+        out[key] = np.repeat(np.asarray(values, dtype=object), sizes)
+    return out
+
+
+def _column_sampler(fit, model, kwargs, draws, z_src, lib_src, c_src, src_cells, *, timed, moved, source, n_cells,
+                    num_samples, bootstrap, k_src):
+    """``(one_pair, per_draw, n_cells)``: the jitted sampler of one (label, time) column from the
+    given source cells (module docstring), cells per posterior draw and cells per column."""
+    n_ctrl = int(lib_src.shape[0])
+    # Models of time with source="prior": every posterior draw samples its own basal states
+    # z(0) ~ N(mu, Sigma_0) inside the model (z_src is None); library sizes and covariates come
+    # from randomly chosen training control cells.
+    fresh_prior = timed and not moved and source == "prior"
+    if not moved and source == "prior" and not fresh_prior:
+        n_prior = max(1000, n_cells or 0)
+        base = fit.model  # sample z_base from the model's own base distribution
+        tr = handlers.trace(handlers.seed(handlers.block(base), 1)).get_trace(
+            _dummy_batch(fit.config, n_prior)._replace(x=None), **fit.model_kwargs
+        )
+        z_src = tr["z_base"]["value"]
+        idx = jax.random.randint(k_src, (n_prior,), 0, lib_src.shape[0])
+        lib_src, c_src = lib_src[idx], c_src[idx]
+    elif fresh_prior:
+        n_mean = min(4096, max(512, n_ctrl))
+        idx = jax.random.randint(k_src, (n_mean,), 0, n_ctrl)
+        lib_src, c_src, z_src = lib_src[idx], c_src[idx], None
+    n_src = int(lib_src.shape[0])
+    n_cells = (n_ctrl if fresh_prior else n_src) if n_cells is None else int(n_cells)
+    if n_cells < 1:
+        raise ValueError(f"n_cells must be >= 1, got {n_cells}.")
+    per_draw = math.ceil(n_cells / num_samples)
+    has_c = c_src.shape[1] > 0
+
+    def run(globals_s, z, lib, c, lvec, t, key):
+        """One model run on n source states; ``lvec`` (K,) or (n, K), ``t`` scalar or (n,)."""
+        n = lib.shape[0]
+        batch = Batch(
+            x=None, l=jnp.broadcast_to(lvec, (n, lvec.shape[-1])), c=c if has_c else None, library=lib,
+            t=jnp.broadcast_to(jnp.asarray(t, jnp.float32), (n,)) if timed else None,
+        )
+        data = dict(globals_s) if z is None else {**globals_s, "z_base": z}
+        cond = handlers.condition(model, data=data)
+        kw = kwargs if n <= kwargs["n_cells"] else {**kwargs, "n_cells": n}  # the plate must hold n cells
+        tr = handlers.trace(handlers.seed(cond, key)).get_trace(batch, **kw)
+        mean = tr["x_mean"]["value"] if "x_mean" in tr else tr["x"]["value"]
+        latent = tr["z"]["value"] if "z" in tr else None
+        return tr["x"]["value"], mean, latent
+
+    def generate(globals_s, idx, lvec, t, key):
+        """Cells (and their means and latent states) of the source cells ``idx`` under ``lvec``, ``t``."""
+        z = None if z_src is None else z_src[idx]
+        x, mean, latent = run(globals_s, z, lib_src[idx], c_src[idx], lvec, t, key)
+        if moved:  # move the observed cells by the model's change of the mean (same key: same noise)
+            start = run(globals_s, z, lib_src[idx], c_src[idx], src_cells["l"][idx], src_cells["t"][idx], key)[1]
+            x = mean = src_cells["x"][idx] + mean - start
+        return x, mean, latent
+
+    @jax.jit
+    def one_pair(lvec, t, key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        mkeys = jax.random.split(k1, num_samples)
+
+        # Per-draw population mean over the source cells, weighted by a Bayesian bootstrap
+        # (Dirichlet(1, ..., 1) weights): the source cells are a finite sample of basal states.
+        def draw_mean(a):
+            k_run, k_w = jax.random.split(a[1])
+            if bootstrap and not fresh_prior:
+                w = jax.random.dirichlet(k_w, jnp.ones(n_src))
+            else:
+                w = jnp.full(n_src, 1.0 / n_src)
+            _, mean, latent = generate(a[0], jnp.arange(n_src), lvec, t, k_run)
+            return w @ mean, (None if latent is None else w @ latent)
+
+        means, latents = jax.lax.map(draw_mean, (draws, mkeys))
+        # Cells: each draw decodes its own subset of the source cells, taken from back-to-back random
+        # permutations of them, so every source cell is used before any is used again.
+        n_rep = math.ceil(num_samples * per_draw / n_src)
+        perms = jax.vmap(lambda k: jax.random.permutation(k, n_src))(jax.random.split(k2, n_rep))
+        pick = perms.reshape(-1)[: num_samples * per_draw].reshape(num_samples, per_draw)
+        ckeys = jax.random.split(k3, num_samples)
+        cells = jax.lax.map(lambda a: generate(a[0], a[1], lvec, t, a[2])[0], (draws, pick, ckeys))
+        return means, cells.reshape(num_samples * per_draw, -1)[:n_cells], latents
+
+    return one_pair, per_draw, n_cells
 
 def pair_key(label: str, time: float) -> str:
     """Column key of a (perturbation, time) pair in a prediction of a model of time:
@@ -382,100 +511,39 @@ def predict(
     key = jax.random.PRNGKey(seed)
     k_glob, k_src, k_cells, k_means = jax.random.split(key, 4)
     draws = posterior_globals(fit, num_samples, seed=int(jax.random.randint(k_glob, (), 0, 2**31 - 1)))
+    src = None
     if moved:
         src = {k: jnp.asarray(v) for k, v in _source_cells(fit, source).items()}
-        z_src, lib_src, c_src = src["z"], src["library"], src["c"]
+        z_all, lib_all, c_all = src["z"], src["library"], src["c"]
     else:
-        z_src, lib_src, c_src = (jnp.asarray(fit.basal[k]) for k in ("z", "library", "c"))
-    n_ctrl = int(lib_src.shape[0])
-    if n_ctrl == 0:
+        z_all, lib_all, c_all = (jnp.asarray(fit.basal[k]) for k in ("z", "library", "c"))
+    if int(lib_all.shape[0]) == 0:
         raise ValueError("The fit has no source cells (no control cells in training).")
-    # Models of time with source="prior": every posterior draw samples its own basal states
-    # z(0) ~ N(mu, Sigma_0) inside the model (z_src is None); library sizes and covariates come
-    # from randomly chosen training control cells.
-    fresh_prior = timed and not moved and source == "prior"
-    if not moved and source == "prior" and not fresh_prior:
-        n_prior = max(1000, n_cells or 0)
-        base = fit.model  # sample z_base from the model's own base distribution
-        tr = handlers.trace(handlers.seed(handlers.block(base), 1)).get_trace(
-            _dummy_batch(fit.config, n_prior)._replace(x=None), **fit.model_kwargs
-        )
-        z_src = tr["z_base"]["value"]
-        idx = jax.random.randint(k_src, (n_prior,), 0, lib_src.shape[0])
-        lib_src, c_src = lib_src[idx], c_src[idx]
-    elif fresh_prior:
-        n_mean = min(4096, max(512, n_ctrl))
-        idx = jax.random.randint(k_src, (n_mean,), 0, n_ctrl)
-        lib_src, c_src, z_src = lib_src[idx], c_src[idx], None
-    n_src = int(lib_src.shape[0])
-    n_cells = (n_ctrl if fresh_prior else n_src) if n_cells is None else int(n_cells)
-    if n_cells < 1:
-        raise ValueError(f"n_cells must be >= 1, got {n_cells}.")
-    per_draw = math.ceil(n_cells / num_samples)
-    has_c = c_src.shape[1] > 0
+    # With contexts and training control cells as the source, each label starts from the control
+    # cells of its own context; otherwise every label starts from the same source cells.
+    groups = _source_groups(fit, vecs, moved or source != "control", int(lib_all.shape[0]))
     model = handlers.substitute(fit.model, data=fit.params)
     kwargs = fit.model_kwargs
-
-    def run(globals_s, z, lib, c, lvec, t, key):
-        """One model run on n source states; ``lvec`` (K,) or (n, K), ``t`` scalar or (n,)."""
-        n = lib.shape[0]
-        batch = Batch(
-            x=None, l=jnp.broadcast_to(lvec, (n, lvec.shape[-1])), c=c if has_c else None, library=lib,
-            t=jnp.broadcast_to(jnp.asarray(t, jnp.float32), (n,)) if timed else None,
-        )
-        data = dict(globals_s) if z is None else {**globals_s, "z_base": z}
-        cond = handlers.condition(model, data=data)
-        kw = kwargs if n <= kwargs["n_cells"] else {**kwargs, "n_cells": n}  # the plate must hold n cells
-        tr = handlers.trace(handlers.seed(cond, key)).get_trace(batch, **kw)
-        mean = tr["x_mean"]["value"] if "x_mean" in tr else tr["x"]["value"]
-        latent = tr["z"]["value"] if "z" in tr else None
-        return tr["x"]["value"], mean, latent
-
-    def generate(globals_s, idx, lvec, t, key):
-        """Cells (and their means and latent states) of the source cells ``idx`` under ``lvec``, ``t``."""
-        z = None if z_src is None else z_src[idx]
-        x, mean, latent = run(globals_s, z, lib_src[idx], c_src[idx], lvec, t, key)
-        if moved:  # move the observed cells by the model's change of the mean (same key: same noise)
-            start = run(globals_s, z, lib_src[idx], c_src[idx], src["l"][idx], src["t"][idx], key)[1]
-            x = mean = src["x"][idx] + mean - start
-        return x, mean, latent
-
-    @jax.jit
-    def one_pair(lvec, t, key):
-        k1, k2, k3 = jax.random.split(key, 3)
-        mkeys = jax.random.split(k1, num_samples)
-
-        # Per-draw population mean over the source cells, weighted by a Bayesian bootstrap
-        # (Dirichlet(1, ..., 1) weights): the source cells are a finite sample of basal states.
-        def draw_mean(a):
-            k_run, k_w = jax.random.split(a[1])
-            if bootstrap and not fresh_prior:
-                w = jax.random.dirichlet(k_w, jnp.ones(n_src))
-            else:
-                w = jnp.full(n_src, 1.0 / n_src)
-            _, mean, latent = generate(a[0], jnp.arange(n_src), lvec, t, k_run)
-            return w @ mean, (None if latent is None else w @ latent)
-
-        means, latents = jax.lax.map(draw_mean, (draws, mkeys))
-        # Cells: each draw decodes its own subset of the source cells, taken from back-to-back random
-        # permutations of them, so every source cell is used before any is used again.
-        n_rep = math.ceil(num_samples * per_draw / n_src)
-        perms = jax.vmap(lambda k: jax.random.permutation(k, n_src))(jax.random.split(k2, n_rep))
-        pick = perms.reshape(-1)[: num_samples * per_draw].reshape(num_samples, per_draw)
-        ckeys = jax.random.split(k3, num_samples)
-        cells = jax.lax.map(lambda a: generate(a[0], a[1], lvec, t, a[2])[0], (draws, pick, ckeys))
-        return means, cells.reshape(num_samples * per_draw, -1)[:n_cells], latents
-
     columns = [(i, lab, t) for i, lab in enumerate(labels) for t in (tlist if timed else [0.0])]
-    all_cells, all_means, all_latent = [], [], []
-    for c, (i, _lab, t) in enumerate(columns):
-        means, cells, latents = one_pair(
-            jnp.asarray(vecs[i], jnp.float32), jnp.float32(t), jax.random.fold_in(k_cells, c)
-        )
-        all_means.append(np.asarray(means))
-        all_cells.append(np.asarray(cells))
-        if latents is not None:
-            all_latent.append(np.asarray(latents))
+    all_cells, all_means, all_latent, all_draw_idx = [None] * len(columns), [None] * len(columns), {}, [None] * len(columns)
+    for rows, label_ids in groups:
+        z_src, lib_src, c_src = z_all[rows], lib_all[rows], c_all[rows]
+        sub_src = None if src is None else {k: v[rows] for k, v in src.items()}
+        one_pair, per_draw, n_out = _column_sampler(
+            fit, model, kwargs, draws, z_src, lib_src, c_src, sub_src, timed=timed, moved=moved, source=source,
+            n_cells=n_cells, num_samples=num_samples, bootstrap=bootstrap, k_src=k_src)
+        for c, (i, _lab, t) in enumerate(columns):
+            if i not in label_ids:
+                continue
+            means, cells, latents = one_pair(
+                jnp.asarray(vecs[i], jnp.float32), jnp.float32(t), jax.random.fold_in(k_cells, c)
+            )
+            all_means[c] = np.asarray(means)
+            all_cells[c] = np.asarray(cells)
+            all_draw_idx[c] = np.repeat(np.arange(num_samples), per_draw)[:n_out]
+            if latents is not None:
+                all_latent[c] = np.asarray(latents)
+    all_latent = [all_latent[c] for c in range(len(columns)) if c in all_latent]
     mean_draws = np.stack(all_means).astype(np.float64)  # (columns, S, G)
     lo_q, hi_q = (1 - interval) / 2, (1 + interval) / 2
     bounds, nested_notes = None, None
@@ -489,7 +557,7 @@ def predict(
     if calibration:  # intervals calibrated on held-out training contexts (perturbax.inference.dynamics_recipe)
         lower, upper, calibration_notes = _calibrated_bounds(calibration, mean_draws, interval)
         bounds = (lower.T, upper.T)
-    draw_idx = np.repeat(np.arange(num_samples), per_draw)[:n_cells]
+    draw_idx = np.concatenate(all_draw_idx)
     meta = {
         "labels": list(labels),
         "interval": float(interval),
@@ -500,7 +568,7 @@ def predict(
         "coverage": notes,  # lists aligned with "labels"
     }
     if moved:
-        meta["source_cells"] = n_src
+        meta["source_cells"] = int(z_all.shape[0])
     if nested_notes is not None:
         meta["nested"] = nested_notes
     if calibration:
@@ -513,12 +581,25 @@ def predict(
         "pred_lower": np.quantile(mean_draws, lo_q, axis=1).T if bounds is None else bounds[0],
         "pred_upper": np.quantile(mean_draws, hi_q, axis=1).T if bounds is None else bounds[1],
     }
+    ctx_obs = _context_obs(fit, vecs, [cells.shape[0] for cells in all_cells], [i for i, _, _ in columns])
+    if ctx_obs:
+        meta["contexts"] = {k: [fit.registry.context_of(v)[k] for v in vecs] for k in fit.registry.context_keys}
+    if not timed and ctx_obs:  # obs[key]: the perturbation; one obs column per context key
+        return predictions_to_anndata(
+            np.concatenate(all_cells, axis=0),
+            labels=np.repeat([fit.registry.perturbation_label(v) for v in vecs], [c.shape[0] for c in all_cells]),
+            gene_names=fit.gene_names,
+            perturbation_key=fit.perturbation_key,
+            obs={"draw": draw_idx, **ctx_obs},
+            uns=uns,
+            varm=varm,
+        )
     if not timed:
         return predictions_to_anndata(
             {lab: c for lab, c in zip(labels, all_cells)},
             gene_names=fit.gene_names,
             perturbation_key=fit.perturbation_key,
-            obs={"draw": np.tile(draw_idx, len(labels))},
+            obs={"draw": draw_idx, **ctx_obs},
             uns=uns,
             varm=varm,
         )
@@ -538,13 +619,13 @@ def predict(
             "time_message": np.tile(np.asarray(time_msgs), len(labels)),
         },
     )
+    sizes = [cells.shape[0] for cells in all_cells]
     return predictions_to_anndata(
         np.concatenate(all_cells, axis=0),
-        labels=np.repeat(col_labels, n_cells),
+        labels=np.repeat(col_labels, sizes),
         gene_names=fit.gene_names,
         perturbation_key=fit.perturbation_key,
-        obs={"time": np.repeat(np.asarray(col_times, dtype=np.float64), n_cells),
-             "draw": np.tile(draw_idx, len(columns))},
+        obs={"time": np.repeat(np.asarray(col_times, dtype=np.float64), sizes), "draw": draw_idx, **ctx_obs},
         uns=uns,
         varm=varm,
     )

@@ -6,7 +6,7 @@ A saved fit is a folder::
                   training design, fit settings, the parameter layout and the size and SHA-256
                   of each .npz (written last; load refuses a folder whose files differ)
     params.npz    fitted parameters (one array per leaf of the parameter pytree)
-    basal.npz     basal states of the training control cells (prediction sources)
+    basal.npz     basal states of the training control cells of every context (prediction sources)
     history.npz   loss curves
     nested.npz    (fits with the nested estimator only) its arrays, see
                   :mod:`perturbax.inference.selection`; what was selected is in ``info["selection"]``
@@ -81,7 +81,9 @@ class FitResult:
     train_conditions, train_design
         Training condition labels and their label vectors ``(E, K)``.
     basal
-        ``{"z": (n, d), "library": (n,), "c": (n, C)}`` basal states of training control cells
+        ``{"z": (n, d), "library": (n,), "c": (n, C), "l": (n, K)}`` basal states of the training
+        control cells of every context and their label vectors (zero but for the context columns;
+        a prediction in a context starts from that context's control cells)
         (for models of time: encoder means of ``z(0)`` given each control cell and its time).
     history
         ``{"loss": per step, "val_step", "val_loss"}``.
@@ -134,8 +136,9 @@ class FitResult:
         info,
     ) -> FitResult:
         train = data.subset(train_cells)
-        ctrl = np.flatnonzero(data.env == data.control_index)
-        C, _ = data.covariate_design()
+        P = data.registry.n_perturbations
+        L = np.asarray(data.L)
+        ctrl = np.flatnonzero(~np.any(L[:, :P] != 0, axis=1))  # the control cells of every context
         lib = data.library_size
         z = _encode(model, guide, params, config, data, ctrl, len(train_cells))
         return cls(
@@ -153,7 +156,8 @@ class FitResult:
             n_train=int(len(train_cells)),
             objective=objective,
             global_guide=global_guide,
-            basal={"z": z, "library": lib[ctrl], "c": C[ctrl]},
+            basal={"z": z, "library": lib[ctrl], "c": np.zeros((ctrl.size, 0), np.float32),
+                   "l": L[ctrl].astype(np.float32)},
             history=history,
             info=info,
         )
@@ -238,7 +242,8 @@ class FitResult:
             "model_name": self.model_name,
             "config": self.config.to_dict(),
             "config_class": f"{type(self.config).__module__}.{type(self.config).__qualname__}",
-            "registry": {"names": list(self.registry.names), "control": self.registry.control, "sep": self.registry.sep},
+            "registry": {"names": list(self.registry.names), "control": self.registry.control, "sep": self.registry.sep,
+                         "contexts": [[k, list(c)] for k, c in self.registry.contexts]},
             "gene_names": list(self.gene_names),
             "perturbation_key": self.perturbation_key,
             "train_conditions": list(self.train_conditions),
@@ -330,7 +335,13 @@ class FitResult:
         except Exception as err:  # zipfile/format errors of a damaged file
             raise ValueError(f"{path} is corrupted ({type(err).__name__}: {_short(err, 200)}). Re-save the fit.") from None
 
-        registry = PerturbationRegistry(tuple(meta["registry"]["names"]), meta["registry"]["control"], meta["registry"]["sep"])
+        try:
+            registry = PerturbationRegistry(tuple(meta["registry"]["names"]), meta["registry"]["control"],
+                                            meta["registry"]["sep"], tuple(meta["registry"].get("contexts", ())))
+        except ValueError as err:
+            raise ValueError(f"{meta_file} holds an invalid registry ({_short(err, 200)}). Re-save the fit.") from None
+        if "l" not in basal:  # (fits saved before contexts: control cells of the one context)
+            basal = {**basal, "l": np.zeros((basal["z"].shape[0], registry.K), np.float32)}
         n_train = meta["n_train"]
         dummy = _dummy_batch(config)
         kwargs = {"config": config, "n_cells": n_train}
@@ -404,7 +415,6 @@ def _param_template(model, guide, batch, kwargs) -> dict[str, Any]:
 
 def _encode(model, guide, params, config, data: PerturbationData, cells: np.ndarray, n_train: int, chunk: int = 4096):
     """Encoder means of the given cells (the basal states used as prediction sources)."""
-    C, _ = data.covariate_design()
     lib = data.library_size
     # (the plate size only scales log densities, unused here; it must hold a whole chunk)
     kwargs = {"config": config, "n_cells": max(int(n_train), min(int(chunk), int(cells.size)))}
@@ -429,7 +439,7 @@ def _encode(model, guide, params, config, data: PerturbationData, cells: np.ndar
         batch = Batch(
             x=jnp.asarray(data.dense(idx)),
             l=jnp.asarray(data.L[idx], dtype=jnp.float32),
-            c=jnp.asarray(C[idx]) if C.shape[1] else None,
+            c=None,  # (contexts are label columns)
             library=jnp.asarray(lib[idx]),
             t=jnp.asarray(data.times[idx], dtype=jnp.float32) if timed else None,
         )
@@ -538,8 +548,11 @@ def _check_meta(meta: dict, meta_file: Path) -> None:
         ("model_name", isinstance(meta["model_name"], str), "a string"),
         ("config", isinstance(meta["config"], dict), "an object"),
         ("registry", isinstance(reg, dict) and _is_str_list(reg.get("names")) and len(reg.get("names")) > 0
-         and isinstance(reg.get("control"), str) and isinstance(reg.get("sep"), str),
-         "an object {names: [strings], control: string, sep: string}"),
+         and isinstance(reg.get("control"), str) and isinstance(reg.get("sep"), str)
+         and (isinstance(reg.get("contexts", []), list) and all(
+             isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) and _is_str_list(c[1])
+             for c in reg.get("contexts", []))),
+         "an object {names: [strings], control: string, sep: string, contexts: [[key, [categories]]]}"),
         ("gene_names", _is_str_list(meta["gene_names"]) and len(meta["gene_names"]) > 0, "a non-empty list of strings"),
         ("perturbation_key", isinstance(meta["perturbation_key"], str), "a string"),
         ("train_conditions", _is_str_list(meta["train_conditions"]), "a list of strings"),
@@ -631,11 +644,14 @@ def _check_arrays(meta: dict, headers: dict, path: Path) -> None:
         )
     basal, history = headers["basal.npz"], headers["history.npz"]
     shapes = {k: s for k, (s, _) in basal.items()}
-    ok = set(shapes) == {"z", "library", "c"} and len(shapes["z"]) == 2 and len(shapes["library"]) == 1 \
-        and len(shapes["c"]) == 2 and shapes["z"][0] == shapes["library"][0] == shapes["c"][0]
+    K = len(meta["registry"]["names"])
+    ok = set(shapes) - {"l"} == {"z", "library", "c"} and len(shapes["z"]) == 2 and len(shapes["library"]) == 1 \
+        and len(shapes["c"]) == 2 and shapes["z"][0] == shapes["library"][0] == shapes["c"][0] \
+        and shapes.get("l", (shapes["z"][0], K)) == (shapes["z"][0], K)
     if not ok:
         raise ValueError(
-            f"{path} is corrupted: basal.npz must hold z (n, d), library (n,) and c (n, C); got {shapes}. Re-save the fit."
+            f"{path} is corrupted: basal.npz must hold z (n, d), library (n,), c (n, C) and l (n, K={K}); got "
+            f"{shapes}. Re-save the fit."
         )
     if not all(len(s) == 1 for s, _ in history.values()) or "loss" not in history:
         raise ValueError(f"{path} is corrupted: history.npz must hold 1-D loss curves. Re-save the fit.")

@@ -54,6 +54,7 @@ import numpy as np
 from perturbax.baselines.base import summarize_training
 from perturbax.baselines.linear import LinearBaseline, ridge_solve
 from perturbax.data.core import PerturbationData
+from perturbax.data.io import prediction_cells
 from perturbax.inference.nested import CELL_MODES, REPORTED_LEVELS, interval_factor, nested_columns
 from perturbax.theory.holdouts import in_span_holdouts, label_leverage
 
@@ -148,9 +149,11 @@ def nested_path(fit_result, data: PerturbationData, *, seed: int = 0, extra=(), 
         if cells.shape[0] > 1:
             ss += cells.astype(np.float64).var(0, ddof=1) * (cells.shape[0] - 1)
             dof += cells.shape[0] - 1
-    ctrl = summary.control_cells
-    if ctrl.shape[0] > MAX_CONTROL_CELLS:
-        ctrl = ctrl[np.sort(np.random.default_rng(seed).choice(ctrl.shape[0], MAX_CONTROL_CELLS, replace=False))]
+    P = data.registry.n_perturbations
+    rows_c = np.flatnonzero(~np.any(np.asarray(data.L)[:, :P] != 0, axis=1))  # control cells of every context
+    if rows_c.size > MAX_CONTROL_CELLS:
+        rows_c = np.sort(np.random.default_rng(seed).choice(rows_c, MAX_CONTROL_CELLS, replace=False))
+    ctrl = data.dense(rows_c)
     arrays = {
         "control_mean": summary.control_mean,
         "ridge_effects": np.asarray(lin.fitted.effects, dtype=np.float64),
@@ -160,6 +163,8 @@ def nested_path(fit_result, data: PerturbationData, *, seed: int = 0, extra=(), 
         "cell_var": ss / max(dof, 1),
         "scores": np.zeros(0),
     }
+    if data.context_keys:
+        arrays["control_labels"] = np.asarray(data.L, dtype=np.float32)[rows_c]
     n_ref = float(np.median(summary.n_cells[rows])) if rows.size else float(summary.n_cells[ci])
     return arrays, {"alpha": alpha, "n_ref": n_ref}, pr
 
@@ -227,14 +232,16 @@ def fit_with_selection(trainer: Callable[..., Callable[..., Any]], data: Perturb
             skipped.append(labels)
             continue
         # one prediction for the training conditions (the nested path's model means) and the
-        # held-out ones (cells to score): as many cells as control cells, at most CV_CELLS (the
-        # control mode then repeats none, which would bias the U-statistic energy distance upwards)
-        n_cells = min(CV_CELLS, summary.control_cells.shape[0], MAX_CONTROL_CELLS)
+        # held-out ones (cells to score): as many cells as control cells (of every context), at most
+        # CV_CELLS (the control mode then repeats none, which would bias the U-statistic energy
+        # distance upwards)
+        P = data.registry.n_perturbations
+        n_ctrl = int(np.count_nonzero(~np.any(np.asarray(train.L)[:, :P] != 0, axis=1)))
+        n_cells = min(CV_CELLS, n_ctrl, MAX_CONTROL_CELLS)
         arrays, facts, pr = nested_path(res, train, seed=seed, extra=labels, n_cells=n_cells)
         meta_labels = list(labels)
-        obs_lab = pr.obs[res.perturbation_key].astype(str).to_numpy()
-        X = np.asarray(pr.X)
-        cells = [X[obs_lab == lab] for lab in meta_labels]
+        by_label = prediction_cells(pr)  # (with contexts: per (perturbation, context) pair)
+        cells = [by_label[lab] for lab in meta_labels]
         vecs = np.stack([data.registry.encode(lab) for lab in meta_labels])
         pred_labels = list(pr.uns["perturbax"]["labels"])
         mean_draws = np.asarray(pr.uns["mean_draws"], dtype=np.float64)[[pred_labels.index(lab) for lab in meta_labels]]
@@ -244,7 +251,7 @@ def fit_with_selection(trainer: Callable[..., Callable[..., Any]], data: Perturb
         for lam in LAMBDA_GRID:
             for mode in CELL_MODES:
                 draws, new, sigma = nested_columns(arrays, lam, mode, vecs, mean_draws, cells, facts["n_ref"],
-                                                   np.random.default_rng(seed + f))
+                                                   np.random.default_rng(seed + f), data.registry.n_perturbations)
                 for i, lab in enumerate(meta_labels):
                     scores[(lam, mode)].append(energy_distance(pcs.transform(new[i]), truth_pc[lab]))
                 if mode == CELL_MODES[0]:

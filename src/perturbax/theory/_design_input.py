@@ -87,10 +87,12 @@ def add_unmeasured(registry: PerturbationRegistry, train, tests):
                 new.append(name)
     if not new:
         return registry, train, ()
-    ext = PerturbationRegistry(registry.names + tuple(new), control=registry.control, sep=registry.sep)
+    P = registry.n_perturbations  # (new names go after the perturbations, before any context columns)
+    ext = PerturbationRegistry(registry.names[:P] + tuple(new), control=registry.control, sep=registry.sep,
+                               contexts=registry.contexts)
     if not _looks_like_labels(train):
         M = _csr(train, registry.K, "train")
-        train = sp.hstack([M, sp.csr_matrix((M.shape[0], len(new)))], format="csr")
+        train = sp.hstack([M[:, :P], sp.csr_matrix((M.shape[0], len(new))), M[:, P:]], format="csr")
     return ext, train, tuple(new)
 
 
@@ -130,6 +132,11 @@ def row_labels(M: sp.csr_matrix, registry: PerturbationRegistry, rows: Sequence[
     out = []
     for i in idx:
         s, e = ip[i], ip[i + 1]
+        if registry.contexts:  # "A @ cell_type=CD4T"
+            vec = np.zeros(registry.K)
+            vec[ind[s:e]] = dat[s:e]
+            out.append(registry.decode(vec))
+            continue
         comps = {names[k]: float(v) for k, v in zip(ind[s:e], dat[s:e])}
         out.append(format_label(comps, sep=registry.sep, control=registry.control))
     return out

@@ -130,6 +130,7 @@ import numpy as np
 from perturbax.data.labels import PerturbationRegistry, close_matches
 from perturbax.theory._design_input import PreparedDesign, add_unmeasured, prepare_design, resolve_registry
 from perturbax.theory.design_text import (
+    context_transfer_message,
     covered_message,
     format_combination,
     ill_conditioned_message,
@@ -217,6 +218,10 @@ class CoverageResult:
         Perturbations in the test that no training condition contains (never measured).
     measured
         The test is itself a measured training condition (or the measured reference).
+    context_transfer
+        With contexts (``registry.contexts``): a (perturbation, context) pair never measured but
+        identified through other contexts -- only under the additive model (the perturbation's latent
+        shift is the same in every context), so an extrapolation even when the coefficients are convex.
     details
         Whether coefficients / directions / suggestions were computed for this test.
     message
@@ -241,6 +246,7 @@ class CoverageResult:
     equation: str | None = None
     unmeasured: tuple[str, ...] = ()
     measured: bool = False
+    context_transfer: bool = False
 
     @property
     def verdict(self) -> str:
@@ -249,8 +255,8 @@ class CoverageResult:
 
     @property
     def extrapolation(self) -> bool:
-        """Covered but outside the convex hull of the training labels."""
-        return bool(self.covered and self.in_convex_hull is False)
+        """Covered but outside the convex hull of the training labels, or a context transfer."""
+        return bool(self.covered and (self.in_convex_hull is False or self.context_transfer))
 
     def to_dict(self) -> dict:
         return {
@@ -268,6 +274,7 @@ class CoverageResult:
             "simplest_coefficients": None if self.simplest is None else dict(self.simplest),
             "equation": self.equation,
             "measured": bool(self.measured),
+            "context_transfer": bool(self.context_transfer),
             "unmeasured": list(self.unmeasured),
             "missing_direction": dict(self.missing_direction),
             "suggested_additions": list(self.suggested_additions),
@@ -604,12 +611,14 @@ def check_design(
             equation = (
                 format_combination(simplest, sep=reg.sep, reference=ref_text) if simplest else prep.reference_label
             )
-            msg = covered_message(label, equation, inside, measured, _LP_MAX_ROWS)
+            transfer = bool(reg.contexts) and not measured and bool(np.any((Td[i] + prep.reference)[: reg.n_perturbations] != 0))
+            msg = (context_transfer_message(label, equation) if transfer
+                   else covered_message(label, equation, inside, measured, _LP_MAX_ROWS))
             if ill:
                 msg += " " + ill_conditioned_message(label, c, keys, c_norm, max_coefficient_norm)
             results.append(
                 CoverageResult(label, True, float(res[i]), float(rel[i]), inside, coefs, hull_coefs, {}, (), True, msg,
-                               c_norm, c_l1, ill, simplest, equation, measured=measured)
+                               c_norm, c_l1, ill, simplest, equation, measured=measured, context_transfer=transfer)
             )
         else:
             missing = top_weights(Rd[i], reg.names, fix_sign=False)

@@ -42,6 +42,9 @@ def render_report(report, max_tests: int = 50) -> str:
                     hull = {True: "inside the hull of the training conditions",
                             False: "outside the hull of the training conditions: extrapolation",
                             None: ""}[t.in_convex_hull]
+                    if getattr(t, "context_transfer", False):
+                        hull = ("never measured: a context transfer, identified only under the additive model "
+                                "(the perturbation's latent shift is the same in every context)")
                     flag = f"; ILL-CONDITIONED (||c||_2 {fmt(t.coefficient_norm)})" if t.ill_conditioned else ""
                     if hull or flag:
                         text += f"  [{hull}{flag}]".replace("[; ", "[")
@@ -165,6 +168,17 @@ def covered_message(label: str, equation: str, inside: bool | None, measured: bo
     return (
         head + f"; whether it lies inside the convex hull was not determined (more than {lp_max_rows} "
         f"distinct training labels, or the linear program did not finish)."
+    )
+
+
+def context_transfer_message(label: str, equation: str) -> str:
+    """A (perturbation, context) pair never measured, identified through other contexts."""
+    return (
+        f"{label} was never measured; it is identified only under the additive model ({label} = {equation}): "
+        f"the perturbation's latent shift, measured in other contexts, is added to this context's "
+        f"(z = z_base + W l + V c) -- a context transfer that assumes the perturbation acts the same way in "
+        f"latent space in every context (extrapolation, not interpolation; the decoder still makes the "
+        f"gene-level response context-specific)."
     )
 
 
