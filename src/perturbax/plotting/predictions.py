@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-__all__ = ["plot_predicted_vs_observed", "plot_gene_intervals", "plot_reliability"]
+__all__ = ["plot_predicted_vs_observed", "plot_gene_intervals", "plot_reliability", "plot_time_course"]
 
 
 def _check(mean, lower, upper, observed=None):
@@ -113,4 +113,37 @@ def plot_reliability(intervals, truth, *, ax=None, label: str | None = None, tit
         ax.set_title(title, fontsize=10)
     if label:
         ax.legend(fontsize=7, loc="upper left")
+    return ax
+
+
+def plot_time_course(times, mean, lower, upper, *, observed_times=None, observed=None, baseline=None, ax=None,
+                     title: str | None = None, ylabel: str = "mean expression", xlabel: str = "time"):
+    """Predicted mean over ``times`` with its credible band, the observed means at
+    ``observed_times`` (crosses) and a baseline's prediction at those times (dashed), e.g. one
+    gene of one perturbation. Times after the last observed time are shaded (extrapolation)."""
+    times, mean, lower, upper = (np.asarray(a, dtype=float).ravel() for a in (times, mean, lower, upper))
+    if not (times.shape == mean.shape == lower.shape == upper.shape):
+        raise ValueError(f"times, mean, lower, upper must have the same length, got {times.shape}, {mean.shape}, "
+                         f"{lower.shape}, {upper.shape}.")
+    ax = ax or plt.subplots(figsize=(3.6, 3))[1]
+    ax.fill_between(times, lower, upper, color="tab:blue", alpha=0.25, label="model: credible interval")
+    ax.plot(times, mean, color="tab:blue", label="model: predicted mean")
+    if observed_times is not None:
+        t_obs = np.asarray(observed_times, dtype=float).ravel()
+        for name, values, label, style in (
+            ("baseline", baseline, "baseline", dict(color="tab:orange", ls="--", marker="s", ms=3)),
+            ("observed", observed, "held-out cells (mean)", dict(color="k", ls="none", marker="x", ms=6)),
+        ):
+            if values is None:
+                continue
+            values = np.asarray(values, dtype=float).ravel()
+            if values.shape != t_obs.shape:
+                raise ValueError(f"{name} has {values.size} values but observed_times has {t_obs.size}; pass one per time.")
+            ax.plot(t_obs, values, label=label, **style)
+        if t_obs.size and times.max() > t_obs.max():
+            ax.axvspan(t_obs.max(), times.max(), color="0.92", zorder=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
     return ax
