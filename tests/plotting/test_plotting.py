@@ -9,7 +9,12 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from perturbax import plotting  # noqa: E402
-from perturbax.theory import check_design  # noqa: E402
+from perturbax.theory import (  # noqa: E402
+    check_design,
+    linear_dynamics_mask,
+    linear_dynamics_summary_fn,
+    local_identifiability,
+)
 
 
 def test_predicted_vs_observed_marks_missed_genes():
@@ -38,8 +43,49 @@ def test_gene_intervals_latent_loss_and_design():
     ax = plotting.plot_design_coverage(report)
     assert [t.get_text() for t in ax.get_yticklabels()] == ["A+B", "C"]
     assert {t.get_text() for t in ax.texts} == {"covered, extrapolation", "not covered"}
+    plt.close("all")
+
+
+def test_spectra_show_zero_singular_values_below_a_visible_tolerance():
+    # K = 3 but only 2 measured directions: the third singular value is zero and must be drawn
+    report = check_design(["control", "A", "B"], ["A+B", "C"], names=["A", "B", "C"])
     ax = plotting.plot_design_spectrum(report)
-    assert len(ax.patches) == report.singular_values.size
+    x, y = ax.lines[0].get_data()
+    assert list(x) == [1, 2, 3] and y[2] < report.tolerance < y[1]
+    lo, hi = ax.get_ylim()
+    assert ax.get_yscale() == "log" and lo < report.tolerance < hi  # the tolerance line is inside the axis
+    assert "1 unmeasured" in ax.get_title()
+    # a Jacobian with fewer summaries than parameters: the missing singular values are null directions
+    rng = np.random.default_rng(0)
+    ell = K = 3
+    params = {"B": np.tril(rng.normal(size=(ell, ell)), -1), "S": rng.normal(size=(ell, K)), "mu": rng.normal(size=ell)}
+    design = np.vstack([np.zeros(K), np.eye(K)])
+    steady = local_identifiability(linear_dynamics_summary_fn(design, [np.inf]), params, mask=linear_dynamics_mask(ell))
+    assert steady.singular_values.size < steady.n_params and steady.n_unexpected == 3
+    ax = plotting.plot_jacobian_spectrum({"steady state": steady})
+    x, y = ax.lines[0].get_data()
+    assert x.size == steady.n_params and int((y <= steady.rtol).sum()) == steady.n_null == 3
+    assert "3 unexpected" in ax.get_legend().get_texts()[0].get_text()
+    plt.close("all")
+
+
+def test_cell_distributions_and_scores():
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    held_out, predicted = rng.normal(size=(50, 5)), rng.normal(1.0, 1.0, size=(400, 5))
+    ax = plotting.plot_cell_distributions({"held out": held_out, "model": predicted}, max_cells=100)
+    # one cloud (subsampled to max_cells) and one mean marker per set
+    assert [len(c.get_offsets()) for c in ax.collections] == [50, 1, 100, 1]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["held out (50 cells)", "model (400 cells)"]
+    with pytest.raises(ValueError, match="same genes"):
+        plotting.plot_cell_distributions({"a": held_out, "b": predicted[:, :3]})
+    table = pd.DataFrame({"method": ["model", "additive", "model", "additive"], "condition": ["A+B", "A+B", "C+D", "C+D"],
+                          "energy_pca": [0.1, 0.3, 0.2, 0.4]})
+    ax = plotting.plot_scores(table)
+    assert len(ax.patches) == 4 and sorted(p.get_height() for p in ax.patches) == [0.1, 0.2, 0.3, 0.4]
+    with pytest.raises(ValueError, match="no column 'r2'"):
+        plotting.plot_scores(table, metric="r2")
     plt.close("all")
 
 
