@@ -42,22 +42,9 @@ def refit_in_causal_order(
     """Refit a latent dynamics fit on the causal mask of the order read from its total effects,
     until the order is a fixed point; return the best refit.
 
-    Each round reads the order from the current fit (:func:`fitted_causal_order`); if the fit's
-    mask already is that order's mask the loop stops, else the model is refitted with
-    ``causal_mask=order_mask(order)`` (everything else of the config unchanged), starting from
-    the current encoder, decoder and likelihood parameters (``init_params``) with the global
-    sites initialised afresh, for ``steps`` steps on ``data`` with the same objective
-    (``fit_kwargs`` go to :func:`~perturbax.inference.fit`). At most ``max_rounds`` refits: the
-    better latents of a refit can reveal a better order, but a refit can also drift to a worse
-    one, so the refit with the lowest held-out loss is returned (ties and no held-out split: the
-    later one). ``info["causal_order"]`` of the result holds the order of its mask (causes
-    first), ``info["order_rounds"]`` the orders read in each round, ``info["order_round_losses"]``
-    the held-out loss of each refit, ``info["order_from"]`` the last ``B_hat`` and
-    ``info["order_identified"]`` whether the targets' support makes the order identifiable from ``W``
-    (:func:`~perturbax.theory.check_order_from_effects` on the config's ``target_mask``; ``None``
-    without one: not checkable from ``W``). If the first
-    order read matches the input fit's mask, the input fit is returned unchanged (apart from those
-    ``info`` entries).
+    :func:`~perturbax.inference.order_refit.refit_orders` with :func:`~perturbax.inference.fit` as
+    the one-stage fit function: the rounds, what ``info`` records and which refit is returned are
+    described there (``fit_kwargs`` go to :func:`~perturbax.inference.fit`).
     """
     model = result.model_name if result.model_name == "latent_dynamics" else result.model
     return refit_orders(partial(fit, model), result, data, steps=steps, max_rounds=max_rounds, seed=seed,
