@@ -51,7 +51,7 @@ LIBRARY_EXCLUDE = ("cli/", "plotting/")
 #: Detail page (``docs/benchmarks/<key>.md``) -> (title, its sections in page order).
 PROTOCOLS: dict[str, tuple[str, tuple[str, ...]]] = {
     "norman-doubles": ("norman-doubles: held-out double knock-downs of Norman et al. (2019)",
-                       ("baselines", "norman-models", "norman_defaults")),
+                       ("baselines", "norman-models", "norman_defaults", "norman-fold-time")),
     "pdae-sim": ("pdae-sim: simulated additive latent shifts", ("pdae-sim",)),
     "design-check": ("Design check: does coverage predict which extrapolations work?", ("theory-coverage",)),
     "dynamics": ("Latent dynamics: simulated and real time courses", ("dynamics", "dynamics-target-mask")),

@@ -30,6 +30,7 @@ RUNS: dict[str, tuple[str, ...]] = {
         "python benchmarks/norman_defaults.py --folds 0,1,2,3,4 --out /tmp/perturbax_bench_norman_defaults.json",
         "python benchmarks/norman_defaults.py --report /tmp/perturbax_bench_norman_defaults.json",
     ),
+    "norman-fold-time": ("python benchmarks/norman_fold_time.py --fold 0",),
     "pdae-sim": ("python benchmarks/pdae_sim.py --steps 10000 --seeds 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19 "
                  "--implicit",),
     "theory-coverage": ("python benchmarks/theory_coverage.py --steps 4000 --seed 0",),
