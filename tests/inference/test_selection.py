@@ -259,3 +259,34 @@ def test_cli_fit_output_names_the_selection(selected, plain):
     assert f"lambda={sel['lambda']:g}, cells={sel['cells']}" in text
     assert "CV energy (lambda/cells): 0/generated=" in text and "calibrated on" in text
     assert selection_lines(plain.info.get("selection")) == []
+
+
+def test_unidentified_spread_is_zero_in_the_span_and_grows_outside():
+    from perturbax.inference.nested import unidentified_spread
+
+    design = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    effects = np.array([[1.0, -2.0], [3.0, 0.0], [50.0, 50.0]])  # P2's row (never measured) must not count
+    arrays = {"ridge_effects": effects}
+    residual, spread = unidentified_spread(arrays, design, np.array([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0],
+                                                                     [1.0, 0.0, 2.0]]))
+    np.testing.assert_allclose(residual, [0.0, 1.0, 2.0], atol=1e-12)
+    tau2 = np.array([(1 + 9) / 2, (4 + 0) / 2])
+    np.testing.assert_allclose(spread, [[0, 0], tau2, 4 * tau2], atol=1e-12)
+
+
+def test_intervals_of_an_unseen_perturbation_are_widened_and_say_so(sim):
+    """A perturbation never measured has no data behind its effect: the nested estimator's ridge
+    path predicts no effect, and its interval must not be the narrow calibrated one of the span."""
+    train = sim.select([c for c in sim.conditions if "P2" in c], exclude=True)
+    res = fit("additive_shift", train, config=_config(train), **FIT)
+    with pytest.warns(UserWarning, match="not identified"):
+        pr = predict(res, ["P0+P1", "P2"], num_samples=5, seed=0, allow_unseen=True)
+    nested = pr.uns["perturbax"]["nested"]
+    assert nested["unidentified"][0] == 0.0 and nested["unidentified"][1] == pytest.approx(1.0)
+    assert "exchangeable" in nested["unidentified_note"]
+    _, lo_in, hi_in = prediction_intervals(pr, "P0+P1")
+    mean, lo_out, hi_out = prediction_intervals(pr, "P2")
+    tau = np.sqrt(np.mean(res.nested["ridge_effects"][:2] ** 2, axis=0))
+    q = nested["interval_factor"]
+    assert np.all(hi_out - mean >= q * tau - 1e-5)  # at least the spread of the measured effects
+    assert np.median(hi_out - lo_out) > 2 * np.median(hi_in - lo_in)

@@ -316,6 +316,11 @@ def predict(model_dir, perturbations, out, summary, n_cells, num_samples, seed, 
                f"cover {nested['covers']}" if bool(nested["calibrated"]) else str(nested["covers"]))
             + "."
         )
+        widened = [lab for lab, r in zip(np.asarray(meta["labels"]).reshape(-1), nested.get("unidentified", []))
+                   if float(r) > 0]
+        if widened:
+            click.echo(f"Not identified by the training design: {', '.join(map(str, widened))}; "
+                       f"{nested['unidentified_note']}.")
     if fit_result.info.get("cli"):
         click.echo(f"Expression space: {space} of the training data.")
     click.echo(f"Wrote {out}")

@@ -24,6 +24,7 @@ __all__ = [
     "conformal_quantile",
     "interval_factor",
     "nested_prediction",
+    "unidentified_spread",
     "check_nested_arrays",
 ]
 
@@ -91,6 +92,37 @@ def interval_factor(arrays, level: float) -> tuple[float, bool]:
     return (q, True) if q is not None else (float(norm.ppf(0.5 + level / 2)), False)
 
 
+def unidentified_spread(arrays, train_design: np.ndarray, vecs: np.ndarray, tol: float = 1e-8):
+    """The part of each label the training design does not identify, and the variance it adds.
+
+    ``residual`` ``(C,)``: the norm of the component of each label vector ``vecs`` ``(C, K)`` outside
+    the row space of ``train_design`` (0 for labels in the span, which the data identify). The ridge
+    linear path sets the effect of that component to its prior mean, 0, so a label with
+    ``residual > 0`` gets a point prediction with no data behind that part. Its variance ``(C, G)``:
+    ``sum_k r_k^2 tau_g^2``, ``r`` the out-of-span component and ``tau_g^2`` the mean square of the
+    ridge effects of the measured perturbations on gene ``g`` -- the unknown effect treated as a
+    draw exchangeable with the measured ones (an assumption the data cannot check). Zero for
+    labels in the span.
+    """
+    vecs = np.atleast_2d(np.asarray(vecs, dtype=np.float64))
+    design = np.asarray(train_design, dtype=np.float64)
+    effects = np.asarray(arrays["ridge_effects"], dtype=np.float64)  # (K, G)
+    G = effects.shape[1]
+    if design.size == 0:
+        out = vecs
+    else:
+        _, s, vt = np.linalg.svd(design, full_matrices=False)
+        basis = vt[s > tol * max(1.0, float(s.max(initial=0.0)))]  # orthonormal rows spanning the design
+        out = vecs - (vecs @ basis.T) @ basis
+    out[np.abs(out) < 1e-9] = 0.0
+    residual = np.linalg.norm(out, axis=1)
+    measured = np.any(design != 0, axis=0) if design.size else np.zeros(effects.shape[0], bool)
+    if not np.any(residual > 0) or not measured.any():
+        return residual, np.zeros((vecs.shape[0], G))
+    tau2 = np.mean(effects[measured] ** 2, axis=0)  # (G,)
+    return residual, (residual**2)[:, None] * tau2[None, :]
+
+
 def nested_prediction(fit_result, vecs: np.ndarray, mean_draws: np.ndarray, cells: list[np.ndarray],
                       interval: float, seed: int):
     """What :func:`~perturbax.inference.predict` returns for a fit with the nested estimator:
@@ -101,6 +133,8 @@ def nested_prediction(fit_result, vecs: np.ndarray, mean_draws: np.ndarray, cell
                                        float(sel["n_ref"]), np.random.default_rng([int(seed), 17]),
                                        fit_result.registry.n_perturbations)
     q, calibrated = interval_factor(arrays, interval)
+    residual, spread = unidentified_spread(arrays, fit_result.train_design, vecs)
+    sigma = np.sqrt(sigma**2 + spread)
     mean = draws.mean(1)
     notes = {
         "estimator": "nested: ridge linear path + lambda x the model's nonlinear remainder",
@@ -111,7 +145,14 @@ def nested_prediction(fit_result, vecs: np.ndarray, mean_draws: np.ndarray, cell
         "factors": {str(a): interval_factor(arrays, a)[0] for a in REPORTED_LEVELS} | {str(interval): q},
         "covers": sel["calibration"]["covers"] if calibrated else
         "not calibrated (no held-out training conditions): normal quantile of the posterior and cell-sampling SD",
+        "unidentified": [float(r) for r in residual],
     }
+    if np.any(residual > 0):
+        notes["unidentified_note"] = (
+            "columns with unidentified > 0 lie partly outside the span of the training labels: their intervals "
+            "are widened by the spread of the measured perturbations' effects along the unidentified part "
+            "(treating the unknown effect as exchangeable with the measured ones), an assumption, not a calibration"
+        )
     return draws, new, mean - q * sigma, mean + q * sigma, notes
 
 

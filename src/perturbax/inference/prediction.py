@@ -32,7 +32,11 @@ the cells are re-centred on that mean (generated cells or training control cells
 and the intervals are ``mean +- q sigma`` with the conformal factor ``q`` calibrated on held-out
 training conditions; they aim to cover the observed mean of ``n_ref`` cells of the condition
 (:mod:`perturbax.inference.selection`; ``uns["perturbax"]["nested"]`` says what was applied).
-Not applied to ``source=<observed cells>`` or models of time.
+Labels partly outside the span of the training labels (``allow_unseen=True``) get intervals widened
+by the spread of the measured effects along the part the design does not identify
+(:func:`perturbax.inference.nested.unidentified_spread`; ``nested["unidentified"]`` per label): an
+exchangeability assumption, not a calibration. Not applied to ``source=<observed cells>`` or models
+of time.
 
 Output AnnData (same genes and expression space as the training ``X``):
 
