@@ -1,6 +1,7 @@
-"""Scaling of ``fit`` (issue 21): time per step vs devices, and a fit streamed from disk.
+"""Scaling of ``fit`` and ``predict`` (issue 21): time per step vs devices, a fit streamed from disk,
+and a prediction written in chunks.
 
-Two parts, every configuration in a fresh subprocess (``--one``: cold compile caches, its own
+Three parts (``--parts``), every configuration in a fresh subprocess (``--one``: cold compile caches, its own
 ``XLA_FLAGS`` and its own peak RSS):
 
 - devices: the additive shift model fitted from memory on ``--device-cells`` cells x 2000 genes
@@ -15,6 +16,12 @@ Two parts, every configuration in a fresh subprocess (``--one``: cold compile ca
   (``from_anndata(backed, on_disk=True)``) against the same model fitted from memory on the first
   ``--memory-cells`` cells of that file. Records ms/step and the child's peak RSS
   (``ru_maxrss``: the whole process, Python and XLA included).
+- predict: a small model (additive shift, ``select=False``: the model's own cells; ``--predict-fit-cells``
+  cells of the simulated data, 200 ELBO steps) saved, then ``predict(fit, "P0+P1", n_cells=N,
+  num_samples=100, out=...)`` in a fresh child per row: written in chunks (``stream_output=True``)
+  for ``--predict-cells`` cells and for a tenth of them, and built in memory (``stream_output=False``)
+  for the tenth (the full size in memory would need about twice its cells' size). Records the wall
+  time, the child's peak RSS, its RSS before predicting (fit loaded, JAX imported) and the file size.
 
 Time per step: ``fit`` runs ``eval_every`` steps per jitted scan and updates its progress bar
 after each; this script replaces the bar class of ``perturbax.inference.fitting`` in the child
@@ -26,6 +33,7 @@ chunk length.
     .venv/bin/python benchmarks/scale.py                        # issue size: 10^6 streamed vs 10^5 in memory
     .venv/bin/python benchmarks/scale.py --stream-cells 200000  # smaller streamed run (labelled in the doc)
     .venv/bin/python benchmarks/scale.py --json r.json --no-doc # print only, keep the results
+    .venv/bin/python benchmarks/scale.py --parts predict --no-doc  # the predict part alone
 """
 
 from __future__ import annotations
@@ -123,8 +131,46 @@ class _Recorder:
         pass
 
 
+def _rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_predict(spec: dict) -> dict:
+    """``kind="fit"``: the small model of the predict part, saved to ``spec["model"]``;
+    ``kind="predict"``: one prediction of it written to ``spec["out"]`` (in this process)."""
+    import anndata as ad
+
+    from perturbax.data import from_anndata
+    from perturbax.inference import FitResult, fit, predict
+    from perturbax.inference.prediction import output_chunk_cells
+    from perturbax.models import AdditiveShiftConfig
+
+    t0 = time.perf_counter()
+    if spec["kind"] == "fit":
+        data = from_anndata(ad.read_h5ad(spec["path"]), "perturbation", "control")
+        cfg = AdditiveShiftConfig(n_genes=data.n_genes, n_perturbations=data.K, latent_dim=10)
+        res = fit("additive_shift", data, config=cfg, objective="elbo", steps=200, eval_every=50, batch_size=256,
+                  patience=None, progress=False, select=False, seed=0)
+        res.save(spec["model"])
+        return {**spec, "fit_s": time.perf_counter() - t0, "n_control": int(np.shape(res.basal["library"])[0])}
+    res = FitResult.load(spec["model"])
+    before = _rss_gb()
+    t1 = time.perf_counter()
+    pred = predict(res, ["P0+P1"], n_cells=spec["cells"], num_samples=spec["num_samples"], out=spec["out"],
+                   stream_output=spec["stream"], seed=0)
+    seconds = time.perf_counter() - t1
+    shape = pred.shape
+    pred.file.close()
+    size = Path(spec["out"]).stat().st_size
+    Path(spec["out"]).unlink()
+    return {**spec, "shape": list(shape), "predict_s": seconds, "rss_before_gb": before, "peak_rss_gb": _rss_gb(),
+            "file_bytes": size, "chunk_cells": output_chunk_cells(shape[1]) if spec["stream"] else None}
+
+
 def run_one(spec: dict) -> dict:
     """One fit as described by ``spec`` (in this process); its timings and memory."""
+    if "kind" in spec:
+        return run_predict(spec)
     import anndata as ad
     import jax
 
@@ -192,22 +238,25 @@ def _fmt(v, nd=1):
 def render(res: dict) -> str:
     host = res["host"]
     lines = [
-        "## Scaling: devices and cells streamed from disk (issue 21)",
+        "## Scaling: devices, cells streamed from disk, predictions written in chunks (issue 21)",
         "",
         f"Command: `{res['command']}`. Machine: {host['cpus']} CPU cores ({host['machine']}, shared with other "
         f"processes: load average {host['load']:.1f} at the start), {host['mem_gb']:.0f} GB RAM; "
         f"platform {res['devices'][0]['platform'] if res['devices'] else 'n/a'}. Additive shift model "
         "(latent_dim 10, default networks), 2000 genes, `patience=None`; ms/step is the median of the chunks "
         "after the compile (benchmarks/scale.py docstring).",
-        "",
-        "**Time per step vs devices** (in memory, "
-        f"{res['devices'][0]['n_cells'] if res['devices'] else 0} cells; "
-        "on CPU the devices are forced host devices sharing the same cores, so this shows the "
-        "partitioned program runs, not a speed-up):",
-        "",
-        "| objective | devices | ms/step | first chunk (s, with compile) | peak RSS (GB) | peak device memory (GB) |",
-        "|---|---|---|---|---|---|",
     ]
+    if res["devices"]:
+        lines += [
+            "",
+            "**Time per step vs devices** (in memory, "
+            f"{res['devices'][0]['n_cells']} cells; "
+            "on CPU the devices are forced host devices sharing the same cores, so this shows the "
+            "partitioned program runs, not a speed-up):",
+            "",
+            "| objective | devices | ms/step | first chunk (s, with compile) | peak RSS (GB) | peak device memory (GB) |",
+            "|---|---|---|---|---|---|",
+        ]
     for r in res["devices"]:
         lines.append(f"| {r['objective']} | {r['devices_used']} | {_fmt(r['ms_per_step'])} | {_fmt(r['first_chunk_s'])} "
                      f"| {_fmt(r['peak_rss_gb'], 2)} | {_fmt(r['peak_device_gb'], 2)} |")
@@ -230,6 +279,21 @@ def render(res: dict) -> str:
                 ratio = r["ms_per_step"] / mem["ms_per_step"]
                 lines.append(f"| {kind} | {r['n_cells']} | {r['objective']} | {_fmt(r['ms_per_step'])} | {ratio:.2f} "
                              f"| {_fmt(r['peak_rss_gb'], 2)} | {_fmt(r['load_s'])} | {_fmt(r['fit_s'])} |")
+    pr = res.get("predict")
+    if pr:
+        lines += [
+            "",
+            f"**Predict written in chunks** (`predict(fit, \"P0+P1\", n_cells=N, num_samples={pr['num_samples']}, "
+            f"out=...)` of a model fitted on {pr['fit']['cells']} cells x 2000 genes with `select=False`, 200 ELBO "
+            f"steps; {pr['fit']['n_control']} control cells as the source; dense float32 cells written to an h5ad):",
+            "",
+            "| output | cells x genes | chunk target (cells) | peak RSS (GB) | RSS before predict (GB) | predict (s) | file (GB) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in pr["rows"]:
+            lines.append(f"| {'in chunks' if r['stream'] else 'in memory'} | {r['shape'][0]} x {r['shape'][1]} "
+                         f"| {r['chunk_cells'] or 'n/a'} | {_fmt(r['peak_rss_gb'], 2)} | {_fmt(r['rss_before_gb'], 2)} "
+                         f"| {_fmt(r['predict_s'])} | {r['file_bytes'] / 2**30:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -240,6 +304,9 @@ def main(argv=None) -> int:
     ap.add_argument("--devices", default="1,2", help="device counts to try (CPU: forced host devices)")
     ap.add_argument("--stream-cells", type=int, default=1_000_000, help="cells of the streamed dataset (0: skip)")
     ap.add_argument("--memory-cells", type=int, default=100_000, help="cells of the in-memory reference fit")
+    ap.add_argument("--parts", default="devices,stream,predict", help="parts to run (comma-separated)")
+    ap.add_argument("--predict-cells", type=int, default=1_000_000, help="cells of the largest prediction")
+    ap.add_argument("--predict-fit-cells", type=int, default=5_000, help="cells the predicted-from model is fitted on")
     ap.add_argument("--objectives", default="energy,elbo")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=50)
@@ -263,18 +330,25 @@ def main(argv=None) -> int:
         "devices": [],
         "stream": None,
     }
+    parts = set(args.parts.split(","))
+    unknown = parts - {"devices", "stream", "predict"}
+    if unknown:
+        raise SystemExit(f"--parts: unknown {sorted(unknown)}; choose from devices, stream, predict.")
     common = {"steps": args.steps, "eval_every": args.eval_every}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        if "devices" not in parts:
+            args.devices = ""
         path = Path(tmp) / "device_cells.h5ad"
-        write_dataset(path, args.device_cells, seed=1)
+        if args.devices:
+            write_dataset(path, args.device_cells, seed=1)
         for objective in objectives:
-            for n in (int(v) for v in args.devices.split(",")):
+            for n in (int(v) for v in args.devices.split(",") if v):
                 spec = {**common, "source": "file", "path": str(path), "cells": args.device_cells,
                         "objective": objective, "devices": n}
                 if not gpu:
                     spec["force_cpu_devices"] = max(n, 1)
                 res["devices"].append(child(spec))
-    if args.stream_cells:
+    if args.stream_cells and "stream" in parts:
         with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
             path = Path(tmp) / "cells.h5ad"
             ds = write_dataset(path, args.stream_cells)
@@ -285,6 +359,18 @@ def main(argv=None) -> int:
                 stream["memory"].append(child({**base, "source": "file", "cells": min(args.memory_cells, args.stream_cells)}))
                 stream["disk"].append(child({**base, "source": "disk", "cells": args.stream_cells}))
             res["stream"] = stream
+    if args.predict_cells and "predict" in parts:
+        with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+            path = Path(tmp) / "fit_cells.h5ad"
+            write_dataset(path, args.predict_fit_cells, seed=2)
+            model = str(Path(tmp) / "model")
+            pr = {"fit": {**child({"kind": "fit", "path": str(path), "model": model}), "cells": args.predict_fit_cells},
+                  "num_samples": 100, "rows": []}
+            small = max(1, args.predict_cells // 10)
+            for cells, streamed in ((small, True), (args.predict_cells, True), (small, False)):
+                pr["rows"].append(child({"kind": "predict", "model": model, "cells": cells, "stream": streamed,
+                                         "num_samples": 100, "out": str(Path(tmp) / "pred.h5ad")}))
+            res["predict"] = pr
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     text = render(res)

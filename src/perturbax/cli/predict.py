@@ -14,10 +14,9 @@ import pandas as pd
 
 from perturbax.cli.fit import FiniteFloat, cli_message, read_h5ad, split_list, where_option
 from perturbax.cli.paths import check_outputs
-from perturbax.data.stream import available_memory
 
 __all__ = ["predict", "predict_dir", "load_fit", "prediction_summary_table", "parse_times", "read_source_cells",
-           "prediction_bytes", "available_memory"]
+           "output_plan"]
 
 SUMMARY_COLUMNS = ("perturbation", "gene", "mean", "lower", "upper")
 
@@ -122,22 +121,14 @@ def read_source_cells(path, fit_result, where=()):
     )
 
 
-def prediction_bytes(n_genes: int, n_columns: int, n_cells: int, num_samples: int, n_source: int,
-                     n_param_values: int = 0) -> int:
-    """A rough upper estimate of the memory of :func:`perturbax.inference.predict`: float32 cells
-    (``num_samples * ceil(n_cells / num_samples)`` per column, held twice: per column and
-    concatenated), the per-draw means (float32 and float64 copies, quantile work), one decoding
-    of the source cells, and the posterior draws of the parameters."""
-    per_draw = -(-n_cells // num_samples)
-    cells = n_columns * num_samples * per_draw * n_genes * 4
-    means = n_columns * num_samples * n_genes * (4 + 8 + 16)
-    return 2 * cells + means + 3 * n_source * n_genes * 4 + num_samples * n_param_values * 4
-
-
-def _check_memory(fit_result, n_labels, times, n_cells, num_samples, source) -> None:
-    """Refuse, before predicting, a request whose estimated memory exceeds what is available
-    (``source``: ``None``, ``"control"``, ``"prior"`` or the observed cells to move)."""
-    import jax
+def output_plan(fit_result, perturbations, times, n_cells, num_samples, source, stream_output=None,
+                out=None) -> tuple[bool, str]:
+    """Before predicting: whether the cells go to ``out`` in chunks, and the line that says which
+    (:func:`perturbax.inference.prediction.prediction_plan`, from the number of columns and an
+    estimate of the cells per column and of the source cells; ``source``: ``None``, ``"control"``,
+    ``"prior"`` or the observed cells to move). Refuses a request too large either way."""
+    from perturbax.data.labels import CONTEXT_SEP
+    from perturbax.inference.prediction import prediction_plan
 
     n_ctrl = int(np.shape(fit_result.basal["library"])[0])
     timed = times is not None
@@ -150,17 +141,9 @@ def _check_memory(fit_result, n_labels, times, n_cells, num_samples, source) -> 
     else:
         n_src = n_ctrl
     cells = n_cells if n_cells is not None else n_src
-    n_values = sum(int(np.size(v)) for v in jax.tree_util.tree_leaves(fit_result.params))
-    columns = n_labels * (len(times) if timed else 1)
-    need = prediction_bytes(len(fit_result.gene_names), columns, cells, num_samples, n_src, n_values)
-    have = available_memory()
-    if have is not None and need > have:
-        raise ValueError(
-            f"This prediction ({n_labels} perturbation(s)" + (f" x {len(times)} time(s)" if timed else "")
-            + f" x {cells} cells x {len(fit_result.gene_names)} genes, {num_samples} posterior draws) needs about "
-            f"{need / 2**30:.3g} GiB of memory, more than the {have / 2**30:.3g} GiB available. Ask for fewer "
-            f"--n-cells, --num-samples or perturbations, or split the request."
-        )
+    n_ctx = len(fit_result.registry.all_contexts()) if fit_result.registry.contexts else 1
+    columns = sum(n_ctx if CONTEXT_SEP not in p else 1 for p in perturbations) * (len(times) if timed else 1)
+    return prediction_plan(fit_result, columns, cells, num_samples, n_src, stream_output=stream_output, out=out)
 
 
 def predict_dir(
@@ -176,11 +159,16 @@ def predict_dir(
     times: Sequence[float] | None = None,
     source_cells=None,
     where=(),
+    out=None,
+    stream_output: bool | None = None,
+    report=None,
 ):
     """Load the fit in ``model_dir`` (or take an already loaded ``FitResult``) and predict
     ``perturbations`` (at ``times`` for a model of time); ``source_cells`` (an h5ad path, see :func:`read_source_cells`) moves those observed
     cells instead of generating new ones (only those selected by ``where``, ``KEY=VALUE`` items).
-    Returns ``(adata, fit)``."""
+    With ``out``, the prediction is written there, in chunks or built in memory as :func:`output_plan`
+    chooses (``stream_output`` overrides; ``report`` receives the line that says which).
+    Returns ``(adata, fit)`` (with ``out``: the written file opened backed)."""
     from perturbax.inference.prediction import predict as predict_api
     from perturbax.inference.result import FitResult
 
@@ -193,7 +181,9 @@ def predict_dir(
         source = read_source_cells(source_cells, fit_result, where)
     elif where:
         raise ValueError("--where selects cells of --source-cells; pass --source-cells too.")
-    _check_memory(fit_result, len(perturbations), times, n_cells, num_samples, source)
+    streamed, line = output_plan(fit_result, perturbations, times, n_cells, num_samples, source, stream_output, out)
+    if out is not None and report is not None:
+        report(line)
     adata = predict_api(
         fit_result,
         list(perturbations),
@@ -204,6 +194,8 @@ def predict_dir(
         seed=seed,
         allow_unseen=allow_unseen,
         times=times,
+        out=out,
+        stream_output=streamed if out is not None else None,
     )
     return adata, fit_result
 
@@ -240,10 +232,13 @@ def predict_dir(
 @click.option("--times", default=None,
               help='Comma-separated times to predict at, e.g. "2,4,8" (fits of --model dynamics only, and '
                    "required there).")
+@click.option("--stream-output/--no-stream-output", default=None,
+              help="Write the predicted cells to --out in chunks (memory bounded by a chunk) / build them all in "
+                   "memory first (default: in chunks when they would not fit in memory; the output says which).")
 @where_option("Use only the cells of --source-cells with obs[KEY] == VALUE (e.g. dataset=norman19); repeat for "
               "more: one key given twice keeps either value, different keys must all match.")
 def predict(model_dir, perturbations, out, summary, n_cells, num_samples, seed, interval, source, source_cells,
-            allow_unseen, times, where):
+            allow_unseen, times, stream_output, where):
     """Predict cells of perturbations from the fit saved in MODEL_DIR (by `perturbax fit`).
 
     Writes --out (h5ad): X holds the predicted cells in the expression space of the training
@@ -277,20 +272,17 @@ def predict(model_dir, perturbations, out, summary, n_cells, num_samples, seed, 
             adata, fit_result = predict_dir(
                 fit_result, labels, n_cells=n_cells, num_samples=num_samples, seed=seed, interval=interval,
                 source=source, allow_unseen=allow_unseen, times=time_list, source_cells=source_cells,
-                where=where,
+                where=where, out=out_path, stream_output=stream_output, report=click.echo,
             )
         except (ValueError, KeyError) as err:
             raise click.ClickException(cli_message(err)) from None
+        except OSError as err:
+            raise click.ClickException(
+                f"Could not write the predictions to {out} ({type(err).__name__}: {err})."
+            ) from None
     for w in caught:
         if issubclass(w.category, (UserWarning, RuntimeWarning)):
             click.echo(f"warning: {cli_message(w.message)}", err=True)
-
-    try:
-        adata.write_h5ad(out_path)
-    except Exception as err:
-        raise click.ClickException(
-            f"Could not write the predictions to {out} ({type(err).__name__}: {err})."
-        ) from None
     meta = adata.uns["perturbax"]
     key = fit_result.perturbation_key
     counts = adata.obs[key].value_counts(sort=False)
@@ -329,3 +321,4 @@ def predict(model_dir, perturbations, out, summary, n_cells, num_samples, seed, 
         table.to_csv(summary_path, index=False)
         what = "(perturbation, time) pairs" if meta.get("times") is not None else "perturbations"
         click.echo(f"Wrote {len(table)} rows ({len(meta['labels'])} {what} x {adata.n_vars} genes) to {summary}")
+    adata.file.close()

@@ -11,6 +11,7 @@ from perturbax.data.io import (
     prediction_trajectory,
     predictions_to_anndata,
     select_where,
+    write_predictions,
 )
 from perturbax.data.labels import PerturbationRegistry, format_label, parse_label
 from perturbax.data.simulate import (
@@ -47,6 +48,7 @@ __all__ = [
     "predictions_to_anndata",
     "select_where",
     "split_from_column",
+    "write_predictions",
     "AdditiveShiftTruth",
     "LatentDynamicsTruth",
     "PerturbationData",

@@ -1,4 +1,4 @@
-"""AnnData of predicted cells, cells grouped by condition out of an AnnData, and rows of an
+"""AnnData of predicted cells (in memory, or written to a file block by block), cells grouped by condition out of an AnnData, and rows of an
 AnnData selected by ``obs`` values (``--where KEY=VALUE``).
 
 These two functions are how the layers above :mod:`perturbax.data` (baselines, metrics, the CLI,
@@ -7,13 +7,16 @@ inference) hand cells to and take cells from AnnData.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 __all__ = [
     "predictions_to_anndata",
+    "write_predictions",
     "cells_by_condition",
     "prediction_cells",
     "prediction_intervals",
@@ -71,13 +74,8 @@ def predictions_to_anndata(
     """
     import anndata as ad
 
-    gene_names = [str(g) for g in gene_names]
-    G = len(gene_names)
-    if len(set(gene_names)) != G:
-        dup = pd.Index(gene_names)
-        raise ValueError(
-            f"gene_names has duplicates ({dup[dup.duplicated()].unique().tolist()[:5]}); pass unique names."
-        )
+    var = _prediction_var(gene_names)
+    G = len(var)
     if isinstance(cells, Mapping):
         if labels is not None:
             raise ValueError(
@@ -91,7 +89,6 @@ def predictions_to_anndata(
             blocks.append(a)
             per_cell.extend([str(lab)] * a.shape[0])
         X = np.concatenate([b.astype(np.float32, copy=False) for b in blocks], axis=0)
-        order = list(dict.fromkeys(str(k) for k in cells))
     else:
         X = _as_cells("the array", cells, None).astype(np.float32, copy=False)
         if labels is None:
@@ -99,10 +96,97 @@ def predictions_to_anndata(
                 "cells is an array, so labels is required: one perturbation label per row "
                 "(or pass a mapping {label: cells})."
             )
-        per_cell = [str(lab) for lab in labels]
-        if len(per_cell) != X.shape[0]:
-            raise ValueError(f"labels has {len(per_cell)} entries but cells has {X.shape[0]} rows; give one per row.")
-        order = list(dict.fromkeys(per_cell))
+        per_cell = labels
+    per_cell = _label_column(per_cell)
+    if len(per_cell) != X.shape[0]:
+        raise ValueError(f"labels has {len(per_cell)} entries but cells has {X.shape[0]} rows; give one per row.")
+    _check_block(X, G, per_cell)
+    adata = ad.AnnData(X=X, obs=_prediction_obs(per_cell, obs, perturbation_key), var=var)
+    _add_summaries(adata, uns, varm)
+    return adata
+
+
+def write_predictions(
+    path,
+    blocks: Iterable[np.ndarray],
+    labels: Sequence[str] | pd.Categorical,
+    *,
+    gene_names: Sequence[str],
+    perturbation_key: str = "perturbation",
+    obs: pd.DataFrame | Mapping[str, Sequence] | None = None,
+    uns: Mapping | None = None,
+    varm: Mapping[str, np.ndarray] | None = None,
+):
+    """Write predicted cells to an ``.h5ad`` file block by block, never holding more than one block.
+
+    The file holds what :func:`predictions_to_anndata` builds from the same arguments (``labels``:
+    one per cell, ``blocks``: the cells in row order, ``(rows, n_genes)`` each); ``obs``, ``var``,
+    ``varm`` and ``uns`` are written first by anndata's writer, then ``X`` (dense float32) is
+    appended by rows. It is written to a hidden file next to ``path`` and renamed when complete (a
+    failure leaves no partial ``path``).
+
+    Returns
+    -------
+    The written AnnData opened backed (``X`` stays in the file; close it with ``adata.file.close()``).
+    """
+    import anndata as ad
+    import h5py
+    from anndata.io import write_elem
+
+    path = Path(path)
+    var = _prediction_var(gene_names)
+    G = len(var)
+    per_cell = _label_column(labels)
+    n = len(per_cell)
+    if n == 0:
+        raise ValueError("labels is empty; there are no predicted cells to write.")
+    skeleton = ad.AnnData(obs=_prediction_obs(per_cell, obs, perturbation_key), var=var)
+    _add_summaries(skeleton, uns, varm)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        skeleton.write_h5ad(partial)
+        del skeleton
+        done = 0
+        with h5py.File(partial, "a") as f:
+            for block in blocks:
+                X = _as_cells("a block", block, G).astype(np.float32, copy=False)
+                if done + X.shape[0] > n:
+                    raise ValueError(f"The blocks hold more than the {n} cells labelled; give one label per row.")
+                _check_block(X, G, per_cell[done : done + X.shape[0]])
+                if done == 0:
+                    rows = max(1, min(n, 2**18 // max(G, 1)))  # HDF5 chunks of about 1 MB
+                    write_elem(f, "X", X, dataset_kwargs={"maxshape": (n, G), "chunks": (rows, G)})
+                    f["X"].resize((n, G))
+                else:
+                    f["X"][done : done + X.shape[0]] = X
+                done += X.shape[0]
+        if done != n:
+            raise ValueError(f"The blocks hold {done} cells but {n} are labelled; give one label per row.")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return ad.read_h5ad(path, backed="r")
+
+
+def _prediction_var(gene_names: Sequence[str]) -> pd.DataFrame:
+    gene_names = [str(g) for g in gene_names]
+    if len(set(gene_names)) != len(gene_names):
+        dup = pd.Index(gene_names)
+        raise ValueError(
+            f"gene_names has duplicates ({dup[dup.duplicated()].unique().tolist()[:5]}); pass unique names."
+        )
+    return pd.DataFrame(index=pd.Index(gene_names))
+
+
+def _label_column(labels) -> pd.Categorical:
+    """Labels as a categorical (categories in order of first appearance; a categorical is kept)."""
+    if isinstance(labels, pd.Categorical):
+        return labels
+    per_cell = [str(lab) for lab in labels]
+    return pd.Categorical(per_cell, categories=list(dict.fromkeys(per_cell)))
+
+
+def _check_block(X: np.ndarray, G: int, per_cell: pd.Categorical) -> None:
     if X.shape[1] != G:
         raise ValueError(
             f"Predicted cells have {X.shape[1]} genes (columns) but gene_names has {G}; they must match."
@@ -110,12 +194,15 @@ def predictions_to_anndata(
     bad = ~np.isfinite(X)
     if bad.any():
         rows = np.unique(np.nonzero(bad)[0])
-        labs = sorted({per_cell[r] for r in rows})
+        labs = sorted({str(per_cell[r]) for r in rows})
         raise ValueError(
             f"Predicted cells contain {int(bad.sum())} NaN/Inf value(s) in {rows.size} cell(s) of "
             f"condition(s) {labs[:5]}; fix the prediction (e.g. a diverged fit) before saving."
         )
-    n = X.shape[0]
+
+
+def _prediction_obs(per_cell: pd.Categorical, obs, perturbation_key: str) -> pd.DataFrame:
+    n = len(per_cell)
     obs_df = pd.DataFrame(index=pd.Index([f"pred_{i}" for i in range(n)]))
     if obs is not None:
         extra = obs.reset_index(drop=True) if isinstance(obs, pd.DataFrame) else pd.DataFrame(dict(obs))
@@ -128,18 +215,19 @@ def predictions_to_anndata(
             )
         extra.index = obs_df.index
         obs_df = pd.concat([obs_df, extra], axis=1)
-    obs_df.insert(0, perturbation_key, pd.Categorical(per_cell, categories=order))
-    var = pd.DataFrame(index=pd.Index(gene_names))
-    adata = ad.AnnData(X=X, obs=obs_df, var=var)
+    obs_df.insert(0, perturbation_key, per_cell)
+    return obs_df
+
+
+def _add_summaries(adata, uns, varm) -> None:
     if uns:
         adata.uns.update(dict(uns))
     if varm:
         for key, arr in varm.items():
             arr = np.asarray(arr)
-            if arr.shape[0] != G:
-                raise ValueError(f"varm[{key!r}] has {arr.shape[0]} rows but there are {G} genes.")
+            if arr.shape[0] != adata.n_vars:
+                raise ValueError(f"varm[{key!r}] has {arr.shape[0]} rows but there are {adata.n_vars} genes.")
             adata.varm[key] = arr
-    return adata
 
 
 def cells_by_condition(

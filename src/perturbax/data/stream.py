@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["DiskCells", "Prefetch", "on_disk", "read_obs", "dense_bytes", "available_memory", "stream_plan"]
+__all__ = ["DiskCells", "Prefetch", "on_disk", "read_obs", "dense_bytes", "available_memory", "stream_plan",
+           "output_plan"]
 
 
 class _Source:
@@ -199,20 +200,47 @@ def available_memory() -> int | None:
 MEMORY_FACTOR = 2.5
 
 
+def _too_big(need: float, free: int | None) -> bool:
+    """The rule of every automatic in-memory vs streamed choice: stream when ``need`` bytes exceed
+    half the available memory (never where that cannot be read)."""
+    return free is not None and need > 0.5 * free
+
+
+def _free_text(free: int | None) -> str:
+    return "available memory unknown" if free is None else f"{free / 2**30:.1f} GB available"
+
+
 def stream_plan(n_cells: int, n_genes: int, stream: bool | None = None, available: int | None = None) -> tuple[bool, str]:
     """Whether to stream cells from disk (``stream=None``: when ``MEMORY_FACTOR`` x the dense size
     exceeds half the available memory; in memory where that cannot be read), and a line that says
     which and why."""
     need = MEMORY_FACTOR * dense_bytes(n_cells, n_genes)
     free = available_memory() if available is None else int(available)
-    have = "available memory unknown" if free is None else f"{free / 2**30:.1f} GB available"
-    size = f"{n_cells} cells x {n_genes} genes (~{need / 2**30:.1f} GB in memory; {have})"
+    size = f"{n_cells} cells x {n_genes} genes (~{need / 2**30:.1f} GB in memory; {_free_text(free)})"
     if stream is None:
-        choice = free is not None and need > 0.5 * free
+        choice = _too_big(need, free)
         why = "chosen from the size; " + ("--no-stream to load it" if choice else "--stream to read from disk")
     else:
         choice, why = bool(stream), "as asked"
     return choice, f"Data: {size}: {'streamed from disk' if choice else 'in memory'} ({why})."
+
+
+def output_plan(n_cells: int, n_genes: int, need: float, stream: bool | None = None, available: int | None = None,
+                chunk_cells: int | None = None) -> tuple[bool, str]:
+    """Whether to write ``n_cells`` predicted cells x ``n_genes`` genes to the output file in chunks
+    (``stream=None``: when ``need``, the bytes of the prediction built in memory, exceeds half the
+    available memory -- the rule of :func:`stream_plan`), and a line that says which and why."""
+    free = available_memory() if available is None else int(available)
+    size = f"{n_cells} cells x {n_genes} genes (~{need / 2**30:.1f} GB in memory; {_free_text(free)})"
+    if stream is None:
+        choice = _too_big(need, free)
+        why = "chosen from the size; " + ("--no-stream-output to build it in memory" if choice
+                                          else "--stream-output to write it in chunks")
+    else:
+        choice, why = bool(stream), "as asked"
+    how = f"written in chunks of about {chunk_cells} cells" if choice and chunk_cells else (
+        "written in chunks" if choice else "built in memory")
+    return choice, f"Output: {size}: {how} ({why})."
 
 
 class _Failure(tuple):

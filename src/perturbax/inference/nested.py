@@ -10,6 +10,7 @@ prediction, the conformal interval factor, and the check of the saved arrays on 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,8 @@ __all__ = [
     "CELL_MODES",
     "REPORTED_LEVELS",
     "nested_columns",
+    "nested_means",
+    "recentred_column",
     "conformal_quantile",
     "interval_factor",
     "nested_prediction",
@@ -51,28 +54,56 @@ def nested_columns(arrays, lam: float, mode: str, vecs: np.ndarray, mean_draws: 
     Returns ``(draws (C, S, G), cells, sigma (C, G))``; ``sigma`` is the
     interval scale of :mod:`perturbax.inference.selection` (Calibration).
     """
+    draws, sigma = nested_means(arrays, lam, vecs, mean_draws, n_ref)
+    mean = draws.mean(1)
+    out = [np.concatenate(list(recentred_column(arrays, mode, vecs[i], mean[i], x.shape[0], rng,
+                                                lambda x=x: iter([x]), n_perturbations)))
+           for i, x in enumerate(cells)]
+    return draws, out, sigma
+
+
+def nested_means(arrays, lam: float, vecs: np.ndarray, mean_draws: np.ndarray, n_ref: float):
+    """The nested per-draw means ``(C, S, G)`` (control mean + ``l W_ridge`` + ``lam`` x the model's
+    remainder) and the interval scale ``sigma`` ``(C, G)`` of :func:`nested_columns`."""
     vecs = np.asarray(vecs, dtype=np.float64)
     ridge = arrays["control_mean"] + vecs @ arrays["ridge_effects"]  # (C, G)
     remainder = mean_draws - arrays["model_control"] - (vecs @ arrays["model_effects"])[:, None]
     draws = ridge[:, None] + lam * remainder
-    mean = draws.mean(1)
-    ctrl_all = arrays["control_cells"]
+    return draws, np.sqrt(draws.var(1) + arrays["cell_var"] / n_ref)
+
+
+def recentred_column(arrays, mode: str, vec: np.ndarray, mean: np.ndarray, n: int, rng: np.random.Generator,
+                     generated: Callable[[], Iterator[np.ndarray]], n_perturbations: int | None = None,
+                     block: int | None = None) -> Iterator[np.ndarray]:
+    """The ``n`` cells of one column (label ``vec``) re-centred on its nested mean ``mean`` ``(G,)``,
+    in blocks of rows (float32), for :func:`nested_columns` and a prediction written in chunks.
+
+    ``"generated"``: ``generated()`` iterates over the model's generated cells of the column in
+    blocks; with several blocks it is called twice (the first pass gives their mean). ``"control"``:
+    training control cells of the column's context, every one used once before any is used again
+    (``rng`` draws their order; columns must be taken in order), ``block`` rows at a time (default:
+    all); ``generated`` is not called."""
+    mean = np.asarray(mean, dtype=np.float64)
+    if mode == "generated":
+        total, first, count = np.zeros(mean.shape, np.float64), None, 0
+        for x in generated():
+            total += x.sum(0, dtype=np.float64)
+            first, count = (x if count == 0 else None), count + 1
+        centre = total / n
+        for x in ([first] if count == 1 else generated()):
+            yield (x.astype(np.float64) - centre + mean).astype(np.float32)
+        return
+    ctrl = arrays["control_cells"]
     labels = arrays.get(CONTEXT_KEY) if n_perturbations is not None else None
-    out = []
-    for i, x in enumerate(cells):
-        ctrl = ctrl_all
-        if labels is not None and labels.shape[1] > n_perturbations:
-            rows = np.all(labels[:, n_perturbations:] == vecs[i, n_perturbations:], axis=1)
-            ctrl = ctrl_all[rows] if rows.any() else ctrl_all
-        if mode == "generated":
-            base = x.astype(np.float64)
-        else:
-            n0 = ctrl.shape[0]  # every control cell once before any is used again (no duplicates)
-            idx = np.concatenate([rng.permutation(n0) for _ in range(-(-x.shape[0] // n0))])[: x.shape[0]]
-            base = ctrl[idx].astype(np.float64)
-        out.append((base - base.mean(0) + mean[i]).astype(np.float32))  # re-centred on the nested mean
-    sigma = np.sqrt(draws.var(1) + arrays["cell_var"] / n_ref)
-    return draws, out, sigma
+    if labels is not None and labels.shape[1] > n_perturbations:
+        rows = np.all(labels[:, n_perturbations:] == np.asarray(vec, np.float64)[n_perturbations:], axis=1)
+        ctrl = ctrl[rows] if rows.any() else ctrl
+    n0 = ctrl.shape[0]  # every control cell once before any is used again (no duplicates)
+    idx = np.concatenate([rng.permutation(n0) for _ in range(-(-n // n0))])[:n]
+    centre = np.bincount(idx, minlength=n0).astype(np.float64) @ ctrl.astype(np.float64) / n
+    step = n if block is None else max(1, int(block))
+    for a in range(0, n, step):
+        yield (ctrl[idx[a : a + step]].astype(np.float64) - centre + mean).astype(np.float32)
 
 
 def conformal_quantile(scores: np.ndarray, level: float) -> float | None:
@@ -123,19 +154,24 @@ def unidentified_spread(arrays, train_design: np.ndarray, vecs: np.ndarray, tol:
     return residual, (residual**2)[:, None] * tau2[None, :]
 
 
-def nested_prediction(fit_result, vecs: np.ndarray, mean_draws: np.ndarray, cells: list[np.ndarray],
-                      interval: float, seed: int):
-    """What :func:`~perturbax.inference.predict` returns for a fit with the nested estimator:
-    ``(draws (C, S, G), cells, lower (C, G), upper (C, G), notes)``."""
+def nested_prediction(fit_result, vecs: np.ndarray, mean_draws: np.ndarray, interval: float, seed: int):
+    """What :func:`~perturbax.inference.predict` uses for a fit with the nested estimator:
+    ``(draws (C, S, G), lower (C, G), upper (C, G), notes, column)``; ``column(i, n, generated,
+    block)`` yields the cells of column ``i`` (:func:`recentred_column`; call it for the columns in
+    order)."""
     sel = fit_result.info["selection"]
     arrays = fit_result.nested
-    draws, new, sigma = nested_columns(arrays, float(sel["lambda"]), sel["cells"], vecs, mean_draws, cells,
-                                       float(sel["n_ref"]), np.random.default_rng([int(seed), 17]),
-                                       fit_result.registry.n_perturbations)
+    draws, sigma = nested_means(arrays, float(sel["lambda"]), vecs, mean_draws, float(sel["n_ref"]))
     q, calibrated = interval_factor(arrays, interval)
     residual, spread = unidentified_spread(arrays, fit_result.train_design, vecs)
     sigma = np.sqrt(sigma**2 + spread)
     mean = draws.mean(1)
+    rng = np.random.default_rng([int(seed), 17])
+
+    def column(i, n, generated, block=None):
+        return recentred_column(arrays, sel["cells"], vecs[i], mean[i], n, rng, generated,
+                                fit_result.registry.n_perturbations, block)
+
     notes = {
         "estimator": "nested: ridge linear path + lambda x the model's nonlinear remainder",
         "lambda": float(sel["lambda"]),
@@ -153,7 +189,7 @@ def nested_prediction(fit_result, vecs: np.ndarray, mean_draws: np.ndarray, cell
             "are widened by the spread of the measured perturbations' effects along the unidentified part "
             "(treating the unknown effect as exchangeable with the measured ones), an assumption, not a calibration"
         )
-    return draws, new, mean - q * sigma, mean + q * sigma, notes
+    return draws, mean - q * sigma, mean + q * sigma, notes, column
 
 
 def check_nested_arrays(shapes: dict[str, tuple[int, ...]], selection: Any, n_genes: int, K: int) -> str | None:

@@ -81,21 +81,25 @@ Use :func:`perturbax.data.prediction_summary` for a tidy table and :func:`to_arv
 from __future__ import annotations
 
 import math
+import shutil
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 from numpyro import handlers
 
 from perturbax.data.core import PerturbationData
-from perturbax.data.io import predictions_to_anndata
+from perturbax.data.io import predictions_to_anndata, write_predictions
 from perturbax.data.labels import LabelLike, close_matches
 from perturbax.inference.result import FitResult, _dummy_batch
 from perturbax.models.batch import Batch
 
-__all__ = ["predict", "pair_key", "posterior_globals", "to_arviz", "UnseenPerturbationError"]
+__all__ = ["predict", "pair_key", "posterior_globals", "to_arviz", "UnseenPerturbationError", "prediction_plan",
+           "prediction_bytes", "output_chunk_cells"]
 
 
 class UnseenPerturbationError(ValueError):
@@ -280,8 +284,9 @@ def _context_obs(fit: FitResult, vecs: np.ndarray, sizes: list[int], col_label: 
 
 def _column_sampler(fit, model, kwargs, draws, z_src, lib_src, c_src, src_cells, *, timed, moved, source, n_cells,
                     num_samples, bootstrap, k_src):
-    """``(one_pair, per_draw, n_cells)``: the jitted sampler of one (label, time) column from the
-    given source cells (module docstring), cells per posterior draw and cells per column."""
+    """``(column_means, column_cells, per_draw, n_cells)``: the samplers of one (label, time) column
+    from the given source cells (module docstring) -- its per-draw means, and its cells in blocks of
+    whole posterior draws -- cells per posterior draw and cells per column."""
     n_ctrl = int(lib_src.shape[0])
     # Models of time with source="prior": every posterior draw samples its own basal states
     # z(0) ~ N(mu, Sigma_0) inside the model (z_src is None); library sizes and covariates come
@@ -332,9 +337,9 @@ def _column_sampler(fit, model, kwargs, draws, z_src, lib_src, c_src, src_cells,
         return x, mean, latent
 
     @jax.jit
-    def one_pair(lvec, t, key):
-        k1, k2, k3 = jax.random.split(key, 3)
-        mkeys = jax.random.split(k1, num_samples)
+    def column_means(lvec, t, key):
+        """Per-draw population means ``(S, G)`` (and mean latent states) of the column."""
+        mkeys = jax.random.split(jax.random.split(key, 3)[0], num_samples)
 
         # Per-draw population mean over the source cells, weighted by a Bayesian bootstrap
         # (Dirichlet(1, ..., 1) weights): the source cells are a finite sample of basal states.
@@ -347,17 +352,39 @@ def _column_sampler(fit, model, kwargs, draws, z_src, lib_src, c_src, src_cells,
             _, mean, latent = generate(a[0], jnp.arange(n_src), lvec, t, k_run)
             return w @ mean, (None if latent is None else w @ latent)
 
-        means, latents = jax.lax.map(draw_mean, (draws, mkeys))
-        # Cells: each draw decodes its own subset of the source cells, taken from back-to-back random
-        # permutations of them, so every source cell is used before any is used again.
+        return jax.lax.map(draw_mean, (draws, mkeys))
+
+    def cell_plan(key):
+        """Source cells ``(S, per_draw)`` and keys ``(S,)`` of every draw's cells: each draw decodes its
+        own subset of the source cells, taken from back-to-back random permutations of them, so every
+        source cell is used before any is used again."""
+        _, k2, k3 = jax.random.split(key, 3)
         n_rep = math.ceil(num_samples * per_draw / n_src)
         perms = jax.vmap(lambda k: jax.random.permutation(k, n_src))(jax.random.split(k2, n_rep))
         pick = perms.reshape(-1)[: num_samples * per_draw].reshape(num_samples, per_draw)
-        ckeys = jax.random.split(k3, num_samples)
-        cells = jax.lax.map(lambda a: generate(a[0], a[1], lvec, t, a[2])[0], (draws, pick, ckeys))
-        return means, cells.reshape(num_samples * per_draw, -1)[:n_cells], latents
+        return pick, jax.random.split(k3, num_samples)
 
-    return one_pair, per_draw, n_cells
+    @jax.jit
+    def draw_cells(sub_draws, pick, ckeys, lvec, t):
+        return jax.lax.map(lambda a: generate(a[0], a[1], lvec, t, a[2])[0], (sub_draws, pick, ckeys))
+
+    def column_cells(lvec, t, key, block_draws=None):
+        """The column's cells (float32, rows in order) in blocks of ``block_draws`` whole posterior
+        draws (default: all in one block); a block's cells do not depend on the blocking."""
+        pick, ckeys = cell_plan(key)
+        step = num_samples if block_draws is None else max(1, min(int(block_draws), num_samples))
+        left = n_cells
+        for d0 in range(0, num_samples, step):
+            idx = np.minimum(np.arange(d0, d0 + step), num_samples - 1)  # the last block padded: one compile
+            sub = jax.tree_util.tree_map(lambda v: v[idx], draws)
+            x = draw_cells(sub, pick[idx], ckeys[idx], lvec, t)[: min(step, num_samples - d0)]
+            x = np.asarray(x).reshape(-1, x.shape[-1])[:left]
+            left -= x.shape[0]
+            yield x
+            if left <= 0:
+                return
+
+    return column_means, column_cells, per_draw, n_cells
 
 def pair_key(label: str, time: float) -> str:
     """Column key of a (perturbation, time) pair in a prediction of a model of time:
@@ -451,6 +478,8 @@ def predict(
     seed: int = 0,
     allow_unseen: bool = False,
     bootstrap: bool = True,
+    out=None,
+    stream_output: bool | None = None,
 ):
     """Predict cells of each perturbation, with posterior credible intervals of the mean.
 
@@ -490,6 +519,15 @@ def predict(
         Weight the source cells of each draw by a Bayesian bootstrap, so the intervals also carry
         the uncertainty of estimating a population from finitely many source cells (control
         source; prior draws are fresh for every posterior draw and weighted equally).
+    out
+        Write the prediction to this ``.h5ad`` file (and return it opened backed: ``X`` stays in the
+        file). Default: return it in memory.
+    stream_output
+        With ``out``: write the cells in chunks of about :data:`OUTPUT_CHUNK_BYTES` of cells (whole
+        posterior draws), so that memory is bounded by a chunk, not by the request; ``False``: build
+        all cells in memory first; ``None`` (default): chunks when the prediction built in memory
+        would take more than half the available memory (:func:`prediction_plan`). The file holds the
+        same cells, ``obs``, ``var``, ``varm`` and ``uns`` either way (same seed: the same cells).
 
     Returns
     -------
@@ -529,39 +567,54 @@ def predict(
     model = handlers.substitute(fit.model, data=fit.params)
     kwargs = fit.model_kwargs
     columns = [(i, lab, t) for i, lab in enumerate(labels) for t in (tlist if timed else [0.0])]
-    all_cells, all_means, all_latent, all_draw_idx = [None] * len(columns), [None] * len(columns), {}, [None] * len(columns)
+    samplers = [None] * len(columns)  # (column_means, column_cells, per_draw, n_cells) of each column
     for rows, label_ids in groups:
         z_src, lib_src, c_src = z_all[rows], lib_all[rows], c_all[rows]
         sub_src = None if src is None else {k: v[rows] for k, v in src.items()}
-        one_pair, per_draw, n_out = _column_sampler(
+        sampler = _column_sampler(
             fit, model, kwargs, draws, z_src, lib_src, c_src, sub_src, timed=timed, moved=moved, source=source,
             n_cells=n_cells, num_samples=num_samples, bootstrap=bootstrap, k_src=k_src)
-        for c, (i, _lab, t) in enumerate(columns):
-            if i not in label_ids:
-                continue
-            means, cells, latents = one_pair(
-                jnp.asarray(vecs[i], jnp.float32), jnp.float32(t), jax.random.fold_in(k_cells, c)
-            )
-            all_means[c] = np.asarray(means)
-            all_cells[c] = np.asarray(cells)
-            all_draw_idx[c] = np.repeat(np.arange(num_samples), per_draw)[:n_out]
-            if latents is not None:
-                all_latent[c] = np.asarray(latents)
-    all_latent = [all_latent[c] for c in range(len(columns)) if c in all_latent]
+        for c, (i, _lab, _t) in enumerate(columns):
+            if i in label_ids:
+                samplers[c] = sampler
+    sizes = [s[3] for s in samplers]
+    G = len(fit.gene_names)
+    streamed = False
+    if out is not None:
+        streamed, _ = prediction_plan(fit, len(columns), max(sizes), num_samples, int(lib_all.shape[0]),
+                                      stream_output=stream_output, out=out)
+    elif stream_output:
+        raise ValueError("stream_output=True writes the cells to a file in chunks; pass out='predictions.h5ad'.")
+    col_args = [(jnp.asarray(vecs[i], jnp.float32), jnp.float32(t), jax.random.fold_in(k_cells, c))
+                for c, (i, _lab, t) in enumerate(columns)]
+    all_means, all_latent = [], []
+    for c, args in enumerate(col_args):
+        means, latents = samplers[c][0](*args)
+        all_means.append(np.asarray(means))
+        if latents is not None:
+            all_latent.append(np.asarray(latents))
     mean_draws = np.stack(all_means).astype(np.float64)  # (columns, S, G)
     lo_q, hi_q = (1 - interval) / 2, (1 + interval) / 2
-    bounds, nested_notes = None, None
+    bounds, nested_notes, nested_column = None, None, None
     if fit.nested and not timed and not moved:  # the nested estimator (perturbax.inference.selection)
         from perturbax.inference.nested import nested_prediction
 
-        mean_draws, all_cells, lower, upper, nested_notes = nested_prediction(
-            fit, vecs, mean_draws, all_cells, interval, seed)
+        mean_draws, lower, upper, nested_notes, nested_column = nested_prediction(fit, vecs, mean_draws, interval, seed)
         bounds = (lower.T, upper.T)
     calibration = (fit.info.get("recipe") or {}).get("calibration") if timed and not moved else None
     if calibration:  # intervals calibrated on held-out training contexts (perturbax.inference.dynamics_recipe)
         lower, upper, calibration_notes = _calibrated_bounds(calibration, mean_draws, interval)
         bounds = (lower.T, upper.T)
-    draw_idx = np.concatenate(all_draw_idx)
+    chunk = output_chunk_cells(G) if streamed else None
+
+    def column_blocks(c):
+        """The cells of column ``c``: one block, or blocks of about ``chunk`` cells (whole draws)."""
+        column_means, column_cells, per_draw, n_out = samplers[c]
+        block_draws = None if chunk is None else max(1, chunk // per_draw)
+        generated = lambda: column_cells(*col_args[c], block_draws)  # noqa: E731
+        return generated() if nested_column is None else nested_column(columns[c][0], n_out, generated, chunk)
+
+    draw_idx = np.concatenate([np.repeat(np.arange(num_samples), s[2])[: s[3]] for s in samplers])
     meta = {
         "labels": list(labels),
         "interval": float(interval),
@@ -585,54 +638,101 @@ def predict(
         "pred_lower": np.quantile(mean_draws, lo_q, axis=1).T if bounds is None else bounds[0],
         "pred_upper": np.quantile(mean_draws, hi_q, axis=1).T if bounds is None else bounds[1],
     }
-    ctx_obs = _context_obs(fit, vecs, [cells.shape[0] for cells in all_cells], [i for i, _, _ in columns])
+    col_label = [i for i, _, _ in columns]
+    ctx_obs = _context_obs(fit, vecs, sizes, col_label)
     if ctx_obs:
         meta["contexts"] = {k: [fit.registry.context_of(v)[k] for v in vecs] for k in fit.registry.context_keys}
-    if not timed and ctx_obs:  # obs[key]: the perturbation; one obs column per context key
-        return predictions_to_anndata(
-            np.concatenate(all_cells, axis=0),
-            labels=np.repeat([fit.registry.perturbation_label(v) for v in vecs], [c.shape[0] for c in all_cells]),
-            gene_names=fit.gene_names,
-            perturbation_key=fit.perturbation_key,
-            obs={"draw": draw_idx, **ctx_obs},
-            uns=uns,
-            varm=varm,
+    obs = {"draw": draw_idx, **ctx_obs}
+    if not timed:  # obs[key]: the perturbation (with contexts: one obs column per context key)
+        col_names = [fit.registry.perturbation_label(v) for v in vecs] if ctx_obs else list(labels)
+        col_names = [col_names[i] for i in col_label]
+    else:
+        col_names = [lab for _, lab, _ in columns]
+        col_times = [float(t) for _, _, t in columns]
+        in_range, time_msgs = _time_notes(fit, tlist)
+        T = len(tlist)
+        meta.update(
+            labels=[pair_key(lab, t) for lab, t in zip(col_names, col_times)],
+            perturbations=col_names,
+            times=col_times,
+            train_times=[] if fit.train_times is None else [float(v) for v in fit.train_times],
+            time_key=fit.info.get("time_key") or "time",
+            coverage={
+                **{k: np.repeat(v, T) for k, v in notes.items()},
+                "time_in_range": np.tile(np.asarray(in_range), len(labels)),
+                "time_message": np.tile(np.asarray(time_msgs), len(labels)),
+            },
         )
-    if not timed:
-        return predictions_to_anndata(
-            {lab: c for lab, c in zip(labels, all_cells)},
-            gene_names=fit.gene_names,
-            perturbation_key=fit.perturbation_key,
-            obs={"draw": draw_idx, **ctx_obs},
-            uns=uns,
-            varm=varm,
+        obs = {"time": np.repeat(np.asarray(col_times, dtype=np.float64), sizes), **obs}
+    # one label per cell: categories in order of first appearance (the column order)
+    order = list(dict.fromkeys(col_names))
+    cell_labels = pd.Categorical.from_codes(np.repeat([order.index(n) for n in col_names], sizes), order)
+    blocks = (x for c in range(len(columns)) for x in column_blocks(c))
+    common = dict(gene_names=fit.gene_names, perturbation_key=fit.perturbation_key, obs=obs, uns=uns, varm=varm)
+    if out is None:
+        return predictions_to_anndata(np.concatenate(list(blocks), axis=0), labels=cell_labels, **common)
+    return write_predictions(out, blocks, cell_labels, **common)
+
+
+#: Bytes of predicted cells (float32) a prediction written in chunks holds at a time (about; a chunk
+#: holds whole posterior draws, so one draw's cells when they are more).
+OUTPUT_CHUNK_BYTES = 2**27
+
+
+def output_chunk_cells(n_genes: int) -> int:
+    """Cells per chunk of a prediction written in chunks (``OUTPUT_CHUNK_BYTES`` of float32 cells)."""
+    return max(1, OUTPUT_CHUNK_BYTES // (4 * max(int(n_genes), 1)))
+
+
+def prediction_bytes(n_genes: int, n_columns: int, n_cells: int, num_samples: int, n_source: int,
+                     n_param_values: int = 0, chunk_cells: int | None = None) -> int:
+    """A rough upper estimate of the memory of :func:`predict`: float32 cells (``num_samples *
+    ceil(n_cells / num_samples)`` per column, held twice: per column and concatenated; written in
+    chunks of ``chunk_cells``: one chunk of whole draws, held three times by the re-centring of the
+    nested estimator), about 100 bytes of labels and bookkeeping per cell, the per-draw means
+    (float32 and float64 copies, quantile work), one decoding of the source cells, and the posterior
+    draws of the parameters."""
+    per_draw = -(-n_cells // num_samples)
+    total = n_columns * num_samples * per_draw
+    cells = 2 * total * n_genes * 4 if chunk_cells is None else 3 * max(chunk_cells, per_draw) * n_genes * 4
+    means = n_columns * num_samples * n_genes * (4 + 8 + 16)
+    return cells + 100 * total + means + 3 * n_source * n_genes * 4 + num_samples * n_param_values * 4
+
+
+def prediction_plan(fit: FitResult, n_columns: int, n_cells: int, num_samples: int, n_source: int, *,
+                    stream_output: bool | None = None, out=None, available: int | None = None) -> tuple[bool, str]:
+    """Whether :func:`predict` writes its cells to ``out`` in chunks (``stream_output=None``: when the
+    prediction built in memory, :func:`prediction_bytes`, would take more than half the available
+    memory, :func:`perturbax.data.stream.output_plan`), and the line that says which. Refuses
+    (``ValueError``) a request whose chosen way needs more memory than available, or a file larger
+    than the free disk space of ``out``'s folder."""
+    from perturbax.data.stream import available_memory, output_plan
+
+    G = len(fit.gene_names)
+    n_values = sum(int(np.size(v)) for v in jax.tree_util.tree_leaves(fit.params))
+    need = prediction_bytes(G, n_columns, n_cells, num_samples, n_source, n_values)
+    have = available_memory() if available is None else int(available)
+    chunk = output_chunk_cells(G)
+    streamed, line = output_plan(n_columns * n_cells, G, need, stream_output, have, chunk)
+    if streamed:
+        need = prediction_bytes(G, n_columns, n_cells, num_samples, n_source, n_values, chunk)
+    what = f"This prediction ({n_columns} column(s) x {n_cells} cells x {G} genes, {num_samples} posterior draws"
+    if have is not None and need > have:
+        raise ValueError(
+            f"{what}, {'written in chunks' if streamed else 'built in memory'}) needs about {need / 2**30:.3g} GiB "
+            f"of memory, more than the {have / 2**30:.3g} GiB available. Ask for fewer --n-cells, --num-samples or "
+            f"perturbations, or split the request" + ("." if streamed else "; or write it in chunks (--stream-output).")
         )
-    col_labels = [lab for _, lab, _ in columns]
-    col_times = [float(t) for _, _, t in columns]
-    in_range, time_msgs = _time_notes(fit, tlist)
-    T = len(tlist)
-    meta.update(
-        labels=[pair_key(lab, t) for lab, t in zip(col_labels, col_times)],
-        perturbations=col_labels,
-        times=col_times,
-        train_times=[] if fit.train_times is None else [float(v) for v in fit.train_times],
-        time_key=fit.info.get("time_key") or "time",
-        coverage={
-            **{k: np.repeat(v, T) for k, v in notes.items()},
-            "time_in_range": np.tile(np.asarray(in_range), len(labels)),
-            "time_message": np.tile(np.asarray(time_msgs), len(labels)),
-        },
-    )
-    sizes = [cells.shape[0] for cells in all_cells]
-    return predictions_to_anndata(
-        np.concatenate(all_cells, axis=0),
-        labels=np.repeat(col_labels, sizes),
-        gene_names=fit.gene_names,
-        perturbation_key=fit.perturbation_key,
-        obs={"time": np.repeat(np.asarray(col_times, dtype=np.float64), sizes), "draw": draw_idx, **ctx_obs},
-        uns=uns,
-        varm=varm,
-    )
+    if out is not None:
+        folder = Path(out).resolve().parent
+        size = n_columns * -(-n_cells // num_samples) * num_samples * G * 4
+        free = shutil.disk_usage(folder).free if folder.is_dir() else None
+        if free is not None and size > free:
+            raise ValueError(
+                f"{what}) makes a file of about {size / 2**30:.3g} GiB, more than the {free / 2**30:.3g} GiB free "
+                f"in {folder}. Write it elsewhere (--out), or ask for fewer --n-cells or perturbations."
+            )
+    return streamed, line
 
 
 def to_arviz(fit: FitResult, prediction=None, *, num_samples: int = 200, seed: int = 0):
