@@ -211,3 +211,24 @@ def test_order_refits_share_one_compiled_stage(sim, monkeypatch, caplog):
         np.testing.assert_allclose(shared.params[k], alone.params[k], rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="causal_mask"):
         run(config=dataclasses.replace(cfg, b_scale=0.3))
+
+
+def test_default_batch_size_fits_small_data_sets(sim, monkeypatch):
+    """A few hundred cells (the real time courses of the dynamics benchmark: 271 and 390) fit with the
+    default batch_size: the recipe's ELBO steps draw at most the training cells of its smallest
+    stage (the selection run without its held-out contexts) instead of failing (issue 18)."""
+    from perturbax.inference import dynamics_recipe
+    from perturbax.inference.dynamics_recipe import _context_cells
+
+    data = sim[2].subset(np.arange(0, sim[2].n_cells, 2))  # every other cell: 10 per context
+    held = _context_cells(data, held_out_contexts(data))
+    assert held.size and data.n_cells - held.size < 256  # (the default batch_size)
+    seen = []
+
+    def fake(fit_fn, d, **kw):
+        seen.append(fit_fn.keywords["batch_size"])
+        return fit_fn(d, config=kw["config"], objective="elbo", steps=2, validation=held, patience=2, eval_every=1)
+
+    monkeypatch.setattr(dynamics_recipe, "fit_dynamics_recipe", fake)
+    res = fit("latent_dynamics", data, config=_config(data), steps=3, progress=False)
+    assert seen == [data.n_cells - held.size] and res.info["batch_size"] == seen[0]

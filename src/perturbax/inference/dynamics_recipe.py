@@ -48,6 +48,7 @@ __all__ = [
     "ENERGY_FRACTION",
     "FINAL_ELBO_FRACTION",
     "held_out_contexts",
+    "stage_batch_size",
     "order_candidates",
     "fit_dynamics_recipe",
     "recipe_lines",
@@ -108,6 +109,17 @@ def _context_cells(data: PerturbationData, contexts: list[tuple[str, float]]) ->
     for lab, tt in contexts:
         mask |= (env == data.condition_index(lab)) & np.isclose(t, tt)
     return np.flatnonzero(mask)
+
+
+def stage_batch_size(data: PerturbationData, batch_size: int, *, validation_fraction: float, seed: int) -> int:
+    """Cells per ELBO step of the recipe's stages: ``batch_size``, at most the training cells of its
+    smallest stage (the selection run leaves out the held-out contexts, the final fit its held-out
+    cells), so that small data sets (a few hundred cells) fit with the default ``batch_size``."""
+    from perturbax.inference.fitting import _validation_split
+
+    held = _context_cells(data, held_out_contexts(data)) if data.times is not None else np.zeros(0)
+    final = _validation_split(data, validation_fraction, seed, timed=True)[0].size
+    return max(1, min(int(batch_size), data.n_cells - int(held.size), int(final)))
 
 
 def order_candidates(result, *, num_samples: int = ORDER_DRAWS, seed: int = 0) -> list[tuple[list[int], float]]:

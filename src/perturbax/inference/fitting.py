@@ -520,8 +520,10 @@ def fit(
         if objective_given or init_params is not None or validation is not None:
             raise ValueError("recipe=True chooses each stage's objective, start and held-out cells itself; drop "
                              "objective=, init_params= and validation=, or pass recipe=False to fit one stage.")
-        from perturbax.inference.dynamics_recipe import fit_dynamics_recipe
+        from perturbax.inference.dynamics_recipe import fit_dynamics_recipe, stage_batch_size
 
+        if uses_time(config) and data.times is not None:  # (fit checks the times in the stages)
+            batch_size = stage_batch_size(data, batch_size, validation_fraction=validation_fraction, seed=seed)
         settings = dict(batch_size=batch_size, learning_rate=learning_rate, guide=guide, global_guide=global_guide,
                         eval_every=eval_every, progress=progress, data_init=data_init,
                         validation_fraction=validation_fraction, devices=devices)
