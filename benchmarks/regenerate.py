@@ -35,6 +35,8 @@ RUNS: dict[str, tuple[str, ...]] = {
                  "--implicit",),
     "theory-coverage": ("python benchmarks/theory_coverage.py --steps 4000 --seed 0",),
     "dynamics": ("python benchmarks/dynamics.py --parts h --seeds 0,1,2,3,4",),
+    "dynamics-real": ("python benchmarks/dynamics.py --parts c",),
+    "dynamics-speed": ("python benchmarks/dynamics.py --parts d --speed default",),
     "speed-additive": ("python benchmarks/speed_additive.py",),
     "scale": ("python benchmarks/scale.py --steps 250 --eval-every 50",),
 }

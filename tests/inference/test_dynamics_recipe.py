@@ -173,3 +173,62 @@ def test_cli_dynamics_latent_dim_default_is_the_model_default(sim, tmp_path):
     assert out.exit_code == 0, out.output
     saved = FitResult.load(tmp_path / "m")
     assert saved.config.latent_dim == LatentDynamicsConfig(n_genes=6, n_perturbations=2).latent_dim
+
+
+def test_order_refits_share_one_compiled_stage(sim, monkeypatch, caplog):
+    """The selection run's ELBO stages (default mask, order refits) are runs of one compiled trainer,
+    the causal mask passed as an argument: a run on another order's mask compiles nothing new and
+    is the fit a separate ``fit`` on that mask gives (issue 18, speed of the default dynamics fit)."""
+    import logging
+
+    import jax
+
+    from perturbax.inference import dynamics_recipe
+    from perturbax.models.dynamics import order_mask
+
+    _, _, data = sim
+    calls = []
+    monkeypatch.setattr(dynamics_recipe, "fit_dynamics_recipe", _fake_recipe(calls))
+    fit("latent_dynamics", data, config=_config(data), steps=3, batch_size=64, progress=False)
+    trainer_fn = calls[0]["trainer_fn"]
+    cfg = _config(data)
+    other = dataclasses.replace(cfg, causal_mask=order_mask([1, 0]))
+    held = np.flatnonzero((np.asarray(data.env) == data.condition_index("P0")) & np.isclose(data.times, 1.0))
+    stage = dict(objective="elbo", seed=0, validation=held, patience=3, eval_every=2)
+    run = trainer_fn(data, config=cfg, steps=6, **stage)
+    warm = {k: v for k, v in run().params.items() if not k.startswith("q_")}  # (as an order refit starts)
+    run(steps=4, init_params=warm)
+    with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
+        shared = run(config=other, steps=4, init_params=warm)
+    compiled = [r.getMessage().split(" with ")[0] for r in caplog.records if r.getMessage().startswith("Compiling")]
+    assert not [c for c in compiled if "run_chunk" in c or "val_loss" in c], compiled
+    alone = fit("latent_dynamics", data, config=other, steps=4, batch_size=64, progress=False, recipe=False,
+                init_params=warm, **stage)
+    np.testing.assert_array_equal(shared.config.mask, order_mask([1, 0]))
+    assert shared.history["val_loss"].size == alone.history["val_loss"].size == 3
+    np.testing.assert_allclose(shared.history["val_loss"], alone.history["val_loss"], rtol=1e-5)
+    for k in ("q_loc", "q_scale"):
+        np.testing.assert_allclose(shared.params[k], alone.params[k], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="causal_mask"):
+        run(config=dataclasses.replace(cfg, b_scale=0.3))
+
+
+def test_default_batch_size_fits_small_data_sets(sim, monkeypatch):
+    """A few hundred cells (the real time courses of the dynamics benchmark: 271 and 390) fit with the
+    default batch_size: the recipe's ELBO steps draw at most the training cells of its smallest
+    stage (the selection run without its held-out contexts) instead of failing (issue 18)."""
+    from perturbax.inference import dynamics_recipe
+    from perturbax.inference.dynamics_recipe import _context_cells
+
+    data = sim[2].subset(np.arange(0, sim[2].n_cells, 2))  # every other cell: 10 per context
+    held = _context_cells(data, held_out_contexts(data))
+    assert held.size and data.n_cells - held.size < 256  # (the default batch_size)
+    seen = []
+
+    def fake(fit_fn, d, **kw):
+        seen.append(fit_fn.keywords["batch_size"])
+        return fit_fn(d, config=kw["config"], objective="elbo", steps=2, validation=held, patience=2, eval_every=1)
+
+    monkeypatch.setattr(dynamics_recipe, "fit_dynamics_recipe", fake)
+    res = fit("latent_dynamics", data, config=_config(data), steps=3, progress=False)
+    assert seen == [data.n_cells - held.size] and res.info["batch_size"] == seen[0]

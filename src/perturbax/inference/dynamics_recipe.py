@@ -48,6 +48,7 @@ __all__ = [
     "ENERGY_FRACTION",
     "FINAL_ELBO_FRACTION",
     "held_out_contexts",
+    "stage_batch_size",
     "order_candidates",
     "fit_dynamics_recipe",
     "recipe_lines",
@@ -108,6 +109,17 @@ def _context_cells(data: PerturbationData, contexts: list[tuple[str, float]]) ->
     for lab, tt in contexts:
         mask |= (env == data.condition_index(lab)) & np.isclose(t, tt)
     return np.flatnonzero(mask)
+
+
+def stage_batch_size(data: PerturbationData, batch_size: int, *, validation_fraction: float, seed: int) -> int:
+    """Cells per ELBO step of the recipe's stages: ``batch_size``, at most the training cells of its
+    smallest stage (the selection run leaves out the held-out contexts, the final fit its held-out
+    cells), so that small data sets (a few hundred cells) fit with the default ``batch_size``."""
+    from perturbax.inference.fitting import _validation_split
+
+    held = _context_cells(data, held_out_contexts(data)) if data.times is not None else np.zeros(0)
+    final = _validation_split(data, validation_fraction, seed, timed=True)[0].size
+    return max(1, min(int(batch_size), data.n_cells - int(held.size), int(final)))
 
 
 def order_candidates(result, *, num_samples: int = ORDER_DRAWS, seed: int = 0) -> list[tuple[list[int], float]]:
@@ -206,14 +218,19 @@ def fit_dynamics_recipe(
     seed: int = 0,
     energy: EnergyOptions | None = None,
     patience: int | None = RECIPE_PATIENCE,
+    trainer_fn: Callable[..., Any] | None = None,
 ):
     """Fit the latent dynamics model by the staged recipe of the module docstring.
 
     ``fit_fn(data, config=, objective=, steps=, seed=, init_params=, energy=, validation=,
     patience=, eval_every=)`` fits one stage (``fit`` with ``recipe=False`` and the caller's other
-    settings). ``steps`` is the length of the first ELBO stage; the others are fractions of it
-    (module constants). ``energy``: options of the energy stage (default: 64 cells per context).
-    Returns the final fit with ``info["recipe"]``.
+    settings). ``trainer_fn(data, config=, objective=, steps=, seed=, validation=, patience=,
+    eval_every=)``, if given, compiles a stage once and returns its ``run(config=, steps=,
+    init_params=)`` (``fit``'s ``_trainer``): the ELBO stages of the selection run (default mask,
+    order refits, alternative order) then share one compilation, their causal masks passed as
+    arguments (linear drift; the same fits as ``fit_fn`` stage by stage). ``steps`` is the length of
+    the first ELBO stage; the others are fractions of it (module constants). ``energy``: options of
+    the energy stage (default: 64 cells per context). Returns the final fit with ``info["recipe"]``.
     """
     from perturbax.inference.order_refit import refit_orders
     from perturbax.models.dynamics import LatentDynamicsConfig, causal_order, order_mask
@@ -249,9 +266,25 @@ def fit_dynamics_recipe(
     common = dict(seed=seed, eval_every=eval_every)
     sel_kw = dict(validation=held, patience=pat, **common) if contexts else dict(patience=pat, **common)
 
+    shared: dict[str, Any] = {}
+
+    def sel_fit(d, *, config, objective, steps, seed, init_params=None, **kw):
+        """One ELBO stage of the selection run: runs of one compiled trainer where they can share it."""
+        from perturbax.inference.fitting import mask_variant
+
+        key = (objective, seed, tuple(sorted((k, id(v)) for k, v in kw.items())))
+        base = shared.get("config")
+        if trainer_fn is None or objective != "elbo" or config.drift != "linear" or d is not data or \
+                (base is not None and (shared["key"] != key or mask_variant(config, base))):
+            return fit_fn(d, config=config, objective=objective, steps=steps, seed=seed, init_params=init_params, **kw)
+        if base is None:
+            shared.update(config=config, key=key, run=trainer_fn(d, config=config, objective=objective, steps=steps,
+                                                                  seed=seed, **kw))
+        return shared["run"](config=config, steps=steps, init_params=init_params)
+
     # 2a. ELBO on the default mask
     t0 = time.perf_counter()
-    s1 = fit_fn(data, config=config, objective="elbo", steps=steps, **sel_kw)
+    s1 = sel_fit(data, config=config, objective="elbo", steps=steps, **sel_kw)
     stages.append(_stage("1 elbo, default mask", s1, time.perf_counter() - t0,
                          sel_note if contexts else "all training cells (no held-out contexts)"))
     current = s1
@@ -264,7 +297,7 @@ def fit_dynamics_recipe(
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # (the design check above said it once)
-            s2 = refit_orders(fit_fn, s1, data, steps=max(1, int(ORDER_FRACTION * steps)), max_rounds=MAX_ORDER_ROUNDS,
+            s2 = refit_orders(sel_fit, s1, data, steps=max(1, int(ORDER_FRACTION * steps)), max_rounds=MAX_ORDER_ROUNDS,
                               **sel_kw)
         stages.append(_stage("2 elbo, order read from W", s2, time.perf_counter() - t0, sel_note))
         tried = {tuple(s2.info["causal_order"]): (_held_loss(s2), _loss_noise(s2))}
@@ -277,8 +310,8 @@ def fit_dynamics_recipe(
             t0 = time.perf_counter()
             cfg_alt = dataclasses.replace(s2.config, causal_mask=order_mask(alt), allow_cycles=False, acyclicity=0.0)
             warm = {k: v for k, v in s1.params.items() if not k.startswith("q_")}
-            s_alt = fit_fn(data, config=cfg_alt, objective="elbo", steps=max(1, int(ORDER_FRACTION * steps)),
-                           init_params=warm, **sel_kw)
+            s_alt = sel_fit(data, config=cfg_alt, objective="elbo", steps=max(1, int(ORDER_FRACTION * steps)),
+                            init_params=warm, **sel_kw)
             stages.append(_stage(f"2 elbo, alternative order {alt}", s_alt, time.perf_counter() - t0, sel_note))
             tried[tuple(alt)] = (_held_loss(s_alt), _loss_noise(s_alt))
             if _held_loss(s_alt) < _held_loss(s2):

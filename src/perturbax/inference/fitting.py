@@ -226,6 +226,38 @@ def _matching_params(init: Mapping[str, Any] | FitResult | None, current: Mappin
     return out
 
 
+class _CosineState(NamedTuple):
+    """Steps taken and the length of the cosine decay (a state entry, so runs of any length share
+    one compiled step)."""
+
+    count: jax.Array
+    total: jax.Array
+
+
+def _cosine_step(learning_rate: float, alpha: float = 0.05) -> optax.GradientTransformation:
+    """``optax.adam``'s last step with ``optax.cosine_decay_schedule(learning_rate, total, alpha)``:
+    updates scaled by minus the step size, which decays from ``learning_rate`` to ``alpha`` times
+    it over ``total`` steps; ``total`` is read from the state (:func:`_with_total`)."""
+
+    def init(params):
+        return _CosineState(jnp.zeros((), jnp.int32), jnp.ones((), jnp.int32))
+
+    def update(updates, state, params=None):
+        count = jnp.minimum(state.count, state.total)
+        decayed = (1 - alpha) * 0.5 * (1 + jnp.cos(jnp.pi * count / state.total)) + alpha
+        lr = learning_rate * decayed
+        return (jax.tree.map(lambda g: jnp.asarray(-lr, g.dtype) * g, updates),
+                _CosineState(state.count + 1, state.total))
+
+    return optax.GradientTransformation(init, update)
+
+
+def _with_total(optim_state: Any, total: int) -> Any:
+    """``optim_state`` with the cosine decay's length set to ``total`` steps."""
+    return jax.tree.map(lambda s: s._replace(total=jnp.asarray(total, jnp.int32)) if isinstance(s, _CosineState) else s,
+                        optim_state, is_leaf=lambda s: isinstance(s, _CosineState))
+
+
 class _Allowed(NamedTuple):
     """What a run of the trainer may draw from a :class:`DeviceData`: ``groups`` (E,) bool, and
     ``pool`` (N,) cell rows whose first ``n_cells`` are the allowed cells (for ELBO batches)."""
@@ -488,13 +520,20 @@ def fit(
         if objective_given or init_params is not None or validation is not None:
             raise ValueError("recipe=True chooses each stage's objective, start and held-out cells itself; drop "
                              "objective=, init_params= and validation=, or pass recipe=False to fit one stage.")
-        from perturbax.inference.dynamics_recipe import fit_dynamics_recipe
+        from perturbax.inference.dynamics_recipe import fit_dynamics_recipe, stage_batch_size
 
-        plain = partial(fit, model, batch_size=batch_size, learning_rate=learning_rate, guide=guide,
-                        global_guide=global_guide, eval_every=eval_every, progress=progress, data_init=data_init,
-                        validation_fraction=validation_fraction, recipe=False, devices=devices)
+        if uses_time(config) and data.times is not None:  # (fit checks the times in the stages)
+            batch_size = stage_batch_size(data, batch_size, validation_fraction=validation_fraction, seed=seed)
+        settings = dict(batch_size=batch_size, learning_rate=learning_rate, guide=guide, global_guide=global_guide,
+                        eval_every=eval_every, progress=progress, data_init=data_init,
+                        validation_fraction=validation_fraction, devices=devices)
+        plain = partial(fit, model, recipe=False, **settings)
+
+        def stage_trainer(d, *, config, **kw):  # a compiled stage that several runs share (_trainer)
+            return _trainer(name, model_fn, config, d, **{**settings, "energy": None, "init_params": None, **kw})
+
         return fit_dynamics_recipe(plain, data, config=config, steps=steps, seed=seed, energy=energy,
-                                   patience=patience)
+                                   patience=patience, trainer_fn=stage_trainer)
     trainer = partial(
         _trainer, name, model_fn, config, data, objective=objective, steps=steps, batch_size=batch_size,
         learning_rate=learning_rate, seed=seed, guide=guide, global_guide=global_guide, energy=energy,
@@ -506,6 +545,22 @@ def fit(
 
         return fit_with_selection(trainer, data, seed=seed)
     return trainer()()
+
+
+def mask_variant(config, base) -> str | None:
+    """``None`` if ``config`` is ``base`` with another causal mask of as many free entries (acyclic
+    iff ``base``'s is), what one compiled trainer of the linear latent dynamics runs
+    (``run(config=...)``); else why not."""
+    import dataclasses
+
+    if config is base:
+        return None
+    if type(config) is not type(base) or dataclasses.replace(config, causal_mask=base.causal_mask) != base:
+        return "run(config=...) can change only the causal_mask of the trainer's config; build another trainer."
+    if int(config.mask.sum()) != int(base.mask.sum()) or config.acyclic != base.acyclic:
+        return (f"run(config=...) needs a causal_mask with {int(base.mask.sum())} free entries and "
+                f"{'no' if base.acyclic else 'a'} cycle, as the trainer's; got {config.mask.tolist()}.")
+    return None
 
 
 def _trainer(
@@ -523,6 +578,7 @@ def _trainer(
     the device but are never drawn); the objective's cell count (the ELBO's scale and the
     generalised-Bayes weight of the energy score) is the training cells of ``data`` in every run.
     """
+    trainer_config = config
     timed = uses_time(config)
     likelihood = getattr(config, "likelihood", "gaussian")
     time_info: dict[str, Any] = {}
@@ -634,8 +690,8 @@ def _trainer(
         )
     else:
         loss = Trace_ELBO()
-    schedule = optax.cosine_decay_schedule(learning_rate, decay_steps=steps, alpha=0.05)
-    optim = optax_to_numpyro(optax.chain(optax.clip_by_global_norm(10.0), optax.adam(schedule)))
+    optim = optax_to_numpyro(optax.chain(optax.clip_by_global_norm(10.0), optax.scale_by_adam(),
+                                         _cosine_step(learning_rate)))
     # The energy objective uses the model only as a simulator (cells drawn, never scored), so SVI
     # sees it with the cells hidden: models without a density (the implicit likelihood) fit too.
     svi_model = hide_cells(model_fn) if objective == "energy" else model_fn
@@ -644,14 +700,19 @@ def _trainer(
     start = svi.get_params(init_state)
     if data_init is None:
         data_init = objective == "energy"
-    warm = _matching_params(init_params, start)
     per_cell = 1.0 / n_train if objective == "elbo" else 1.0
+    # The linear latent dynamics take the support of B as an argument (shapes do not depend on it), so
+    # one compiled step serves every causal mask of the same size (run(config=...), the order refits).
+    varies_mask = name == "latent_dynamics" and getattr(config, "drift", None) == "linear"
+
+    def mask_kw(mask) -> dict[str, Any]:
+        return {"causal_mask": mask} if varies_mask else {}
 
     @jax.jit
-    def run_chunk(state, keys, dev, allowed, xs=None):
+    def run_chunk(state, keys, dev, allowed, xs=None, mask=None):
         def body(st, a):
             b, loss_kw = draw_batch(dev, a[0], allowed, a[1])
-            st, value = svi.update(st, b, **loss_kw)
+            st, value = svi.update(st, b, **loss_kw, **mask_kw(mask))
             return st, value * per_cell
 
         return jax.lax.scan(body, state, (keys, xs))
@@ -666,25 +727,41 @@ def _trainer(
         n_blocks = len(_val_blocks(np.asarray(val.is_control), n_groups, opts.source))
     val_keys = jax.random.split(k_val, n_blocks)
 
-    def held_out(params, batch_and_kw, key):
+    def held_out(params, batch_and_kw, key, mask):
         b, loss_kw = batch_and_kw
-        return loss.loss(key, params, svi_model, guide, b, **loss_kw, **model_kwargs)
+        return loss.loss(key, params, svi_model, guide, b, **loss_kw, **model_kwargs, **mask_kw(mask))
 
     def val_rows(dev, block, key, allowed):
         k_cells = jax.random.split(key)[0]
         return draw_rows(dev, k_cells, allowed) if objective == "elbo" else group_cells(dev, block, k_cells)
 
     @jax.jit
-    def val_loss(state, dev, allowed, blocks, weights, xs=None):
+    def val_loss(state, dev, allowed, blocks, weights, xs=None, mask=None):
         params = svi.get_params(state)
 
         def one(a):
             block, key, x = a
-            return held_out(params, batch_of(dev, val_rows(dev, block, key, allowed), x), jax.random.split(key)[1])
+            return held_out(params, batch_of(dev, val_rows(dev, block, key, allowed), x), jax.random.split(key)[1],
+                            mask)
 
         return jnp.sum(weights * jax.lax.map(one, (blocks, val_keys, xs))) / jnp.sum(weights) * per_cell
 
-    def run(exclude=()) -> FitResult:
+    def run(exclude=(), *, config=config, steps=steps, init_params=init_params) -> FitResult:
+        """A fit leaving out the conditions ``exclude``; ``steps`` and ``init_params`` as in ``fit``
+        (default: the trainer's); ``config``: the trainer's, or for the linear latent dynamics one
+        that differs from it only in ``causal_mask`` (as many free entries, both acyclic or not)."""
+        mask = None
+        if varies_mask:
+            why = mask_variant(config, trainer_config)
+            if why:
+                raise ValueError(why)
+            mask = jnp.asarray(config.mask, jnp.float32)
+        elif config is not trainer_config and config != trainer_config:
+            raise ValueError("run(config=...) can change only the causal_mask of a linear latent dynamics config; "
+                             "build another trainer for other settings.")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}.")
+        warm = _matching_params(init_params, start)
         held = _condition_ids(data, exclude)
         allowed = _allowed(train, train_group_cond, held)
         if objective == "energy" and int(allowed.groups.sum()) < n_groups:
@@ -711,7 +788,7 @@ def _trainer(
             new = {**from_data, **warm}
             raw.update({k: transforms[k].inv(v) if k in transforms else v for k, v in new.items()})
             state = state._replace(optim_state=svi.optim.init(raw))
-        state = replicate(state, mesh)
+        state = replicate(state._replace(optim_state=_with_total(state.optim_state, steps)), mesh)
         tracking = val is not None and patience is not None
         if tracking:
             val_allowed = _allowed(val, val_group_cond, held)
@@ -731,7 +808,7 @@ def _trainer(
                 val_xs = put_cells(data.dense(val_idx[vi.reshape(-1)]).reshape(*vi.shape, -1), mesh, axis=1)
 
         def evaluate(st) -> float:
-            return float(val_loss(st, val, val_allowed, blocks, weights, val_xs))
+            return float(val_loss(st, val, val_allowed, blocks, weights, val_xs, mask))
 
         history_loss, val_steps, val_losses = [], [], []
         record = EarlyStopping()
@@ -757,11 +834,11 @@ def _trainer(
             """``n`` SVI steps from ``step``: one scan in memory; for cells on disk one scan per piece
             read ahead (stopping after a piece with a non-finite loss)."""
             if feed is None:
-                return run_chunk(state, keys_all[step : step + n], train, allowed)
+                return run_chunk(state, keys_all[step : step + n], train, allowed, None, mask)
             parts = []
             while sum(map(len, parts)) < n:
                 (a, b), xs = next(feed)
-                state, part = run_chunk(state, keys_all[a:b], train, allowed, xs)
+                state, part = run_chunk(state, keys_all[a:b], train, allowed, xs, mask)
                 parts.append(np.asarray(part))
                 if not np.all(np.isfinite(parts[-1])):
                     break

@@ -205,7 +205,9 @@ def make_guide(
         else:
             auto = AutoDelta(blocked, init_loc_fn=init_to_median, prefix="q")
 
-    def guide(batch: Batch, *, config, n_cells: int) -> None:
+    def guide(batch: Batch, *, config, n_cells: int, **model_kw) -> None:
+        # (model_kw: the model's other keyword arguments, e.g. the latent dynamics' causal_mask; the
+        # global guide's shapes were fixed at its first call, the encoder does not use them)
         if auto is not None:
             auto(batch, config=config, n_cells=n_cells)
         enc(batch, config=config, n_cells=n_cells)

@@ -40,13 +40,19 @@ def _vector_prior(name: str, n: int, prior: str, scale: float) -> Float[Array, "
     raise ValueError(f"prior={prior!r} is not supported; choose 'normal' or 'horseshoe'.")
 
 
-def causal_weights(name: str, mask: np.ndarray, *, prior: str = "normal", scale: float = 0.5) -> Float[Array, "l m"]:
+def causal_weights(name: str, mask: np.ndarray, *, prior: str = "normal", scale: float = 0.5,
+                   support: Array | None = None) -> Float[Array, "l m"]:
     """Causal weights ``B`` (deterministic site ``name``), zero outside ``mask`` (any 2-d shape:
     also the targets ``S`` under a ``target_mask``); only the free
     entries are sampled (site ``name + "_free"``, shape ``(mask.sum(),)``, in row-major order of
-    the mask's ones) under a ``"normal"`` or ``"horseshoe"`` prior with median 0."""
+    the mask's ones) under a ``"normal"`` or ``"horseshoe"`` prior with median 0.
+
+    ``support``: a 0/1 array of the mask's shape and number of ones (may be traced) that places
+    the free entries instead of ``mask`` (one compiled fit for several masks of one size)."""
     mask = np.asarray(mask)
     rows, cols = np.nonzero(mask)
+    if support is not None:
+        rows, cols = jnp.nonzero(jnp.asarray(support), size=rows.size)
     B = jnp.zeros(mask.shape)
     if rows.size:
         free = _vector_prior(f"{name}_free", int(rows.size), prior, scale)

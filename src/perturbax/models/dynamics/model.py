@@ -48,13 +48,17 @@ def _cell_times(batch: Batch, config: LatentDynamicsConfig) -> Array:
     return jnp.asarray(t, dtype=jnp.result_type(float)) / config.time_scale
 
 
-def latent_dynamics_model(batch: Batch, *, config: LatentDynamicsConfig, n_cells: int) -> None:
+def latent_dynamics_model(batch: Batch, *, config: LatentDynamicsConfig, n_cells: int,
+                          causal_mask: Array | None = None) -> None:
     """Latent dynamical causal programs: ``z(0) = z_base ~ N(a, Sigma_0)``, ``z(t_i)`` from the
     drift chosen in ``config``, ``x_i ~ likelihood(decoder([z(t_i), s_i]))``.
 
     ``batch.t`` (time since the perturbation was switched on, ``>= 0``) is required; ``batch.l``
     holds the labels (active for ``t > 0``). See the module docstring for the drifts and the
-    table of sites.
+    table of sites. ``causal_mask`` (linear drift only): an ``(l, l)`` 0/1 array, possibly traced,
+    used instead of ``config``'s mask as the support of ``B``; it must have as many ones as
+    ``config.mask`` and be acyclic when that is (one compiled fit serves every causal order:
+    the order refits of :mod:`perturbax.inference.dynamics_recipe`).
     """
     ell, K = config.latent_dim, config.n_perturbations
     nilpotent = config.acyclic
@@ -62,9 +66,12 @@ def latent_dynamics_model(batch: Batch, *, config: LatentDynamicsConfig, n_cells
     labels = jnp.asarray(batch.l)
 
     mask = config.mask
+    if causal_mask is not None and config.drift != "linear":
+        raise ValueError(f"causal_mask= is for the linear drift (its shapes do not depend on the mask); got "
+                         f"drift={config.drift!r}. Set the mask in the config instead.")
     B = None
     if config.drift in ("linear", "mechanism"):
-        B = causal_weights("B", mask, prior=config.b_prior, scale=config.b_scale)
+        B = causal_weights("B", mask, prior=config.b_prior, scale=config.b_scale, support=causal_mask)
         if not nilpotent and _is_concrete(B):
             check_stable(B)
         if config.acyclicity > 0:
