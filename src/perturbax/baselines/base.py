@@ -152,23 +152,19 @@ class _Fitted:
     effects: np.ndarray
     blocked: Mapping[str, str]
     info: Mapping[str, Any] = field(default_factory=dict)
-    #: With contexts: ``{canonical control label of a non-reference context: its training control cells}``.
-    sources: Mapping[str, np.ndarray] = field(default_factory=dict)
+    #: With contexts: ``{canonical control label of a non-reference context: its training control cells}``
+    #: (rows of the training ``X``, sparse if it is; made dense when a label of that context is predicted).
+    sources: Mapping[str, Any] = field(default_factory=dict)
 
 
-def _context_sources(data: PerturbationData) -> dict[str, np.ndarray]:
+def _context_sources(data: PerturbationData) -> dict[str, Any]:
     """The training control cells of every non-reference context (empty without contexts)."""
     if not data.context_keys:
         return {}
     P = data.registry.n_perturbations
     design = np.asarray(data.design)
-    out = {}
-    for i, cond in enumerate(data.conditions):
-        if cond != data.control and not np.any(design[i, :P] != 0):
-            cells = data.dense(data.cells_of(cond))
-            cells.flags.writeable = False
-            out[cond] = cells
-    return out
+    return {cond: data.X[data.cells_of(cond)] for i, cond in enumerate(data.conditions)
+            if cond != data.control and not np.any(design[i, :P] != 0)}
 
 
 def _context_relative_deltas(summary: TrainingSummary) -> tuple[np.ndarray, np.ndarray]:
@@ -286,7 +282,8 @@ class _ShiftBaseline:
                 P = summary.registry.n_perturbations
                 src = fit.sources.get(summary.registry.decode(np.concatenate([np.zeros(P), vec[P:]])))
                 if src is not None:
-                    cells, center = src, src.mean(0, dtype=np.float64)
+                    cells = np.asarray(src.toarray() if sp.issparse(src) else src, dtype=np.float32)
+                    center = cells.mean(0, dtype=np.float64)
             base = _draw_control(cells, n_cells, seed, canon)
             out[canon] = (base.astype(np.float64) + (mean - center)).astype(np.float32)
         return out
