@@ -156,7 +156,7 @@ def _headline_row(s: dict, m: str, label: str) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def report(rows: list[dict], command: str) -> str:
+def report(rows: list[dict], command: str, note: str = "") -> str:
     rows = sorted(rows, key=lambda r: (r["gene"], r["line"]))
     s = summary(rows)
     n, folds = s["n"], sorted({r["fold"] for r in rows})
@@ -228,11 +228,18 @@ def report(rows: list[dict], command: str) -> str:
         f"(min {min(fit_s.values()):.0f}, max {max(fit_s.values()):.0f}) on the 2-core CPU machine, **shared** with "
         "other jobs during the run (wall times inflated). Ridge alpha chosen per fit: "
         + ", ".join(f"{k}: {a:g}" for k, a in sorted({r['fold']: r['ridge_alpha'] for r in rows}.items()))
-        + f". Coverage note of a prediction: \"{rows[0]['coverage_note'][:200]}\"",
+        + f". Coverage note of a prediction: \"{_first_sentence(rows[0]['coverage_note'])}\"",
         "",
         f"![model against the baselines per pair]({PLOT.name})",
     ]
+    if note:
+        lines += ["", note]
     return "\n".join(lines) + "\n"
+
+
+def _first_sentence(text: str, limit: int = 300) -> str:
+    cut = text.find(". ")
+    return text[: cut + 1] if 0 < cut < limit else text[:limit] + ("..." if len(text) > limit else "")
 
 
 def plot(rows: list[dict]) -> None:
@@ -267,12 +274,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="Write the per-pair rows as JSON (after every fit).")
     ap.add_argument("--report", nargs="*", default=None, help="JSON result files: write the docs section and plot.")
     ap.add_argument("--command", default=None, help="The command to quote in the section (with --report).")
+    ap.add_argument("--note", default="", help="--report: a paragraph added to the section (what the run showed).")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.report is not None:
         rows = [r for f in args.report for r in json.loads(_Path(f).read_text())]
         plot(rows)
-        text = report(rows, args.command or "benchmarks/contexts_mcfaline.py")
+        text = report(rows, args.command or "benchmarks/contexts_mcfaline.py", args.note)
         write_section("contexts-mcfaline", text, sources=[_Path(__file__)], produced=common_provenance(rows))
         print(text)
         return 0
