@@ -57,6 +57,8 @@ PROTOCOLS: dict[str, tuple[str, tuple[str, ...]]] = {
     "dynamics": ("Latent dynamics: simulated and real time courses", ("dynamics", "dynamics-real", "dynamics-speed", "dynamics-target-mask")),
     "speed": ("Speed of the additive-shift fits", ("speed-additive",)),
     "scale": ("Scaling: devices and cells streamed from disk", ("scale",)),
+    "contexts": ("Contexts: a perturbation predicted in a cell type or line where it was never measured",
+                 ("contexts-kang", "contexts-mcfaline")),
 }
 HEADER = (
     "# Benchmarks\n\nThe headline numbers are on [results.md](results.md); the detail pages below hold each "

@@ -288,3 +288,25 @@ def test_linear_cv_alpha_without_in_span_conditions_says_so(singles):
     assert "cannot be cross-validated" in info["alpha_cv"]["note"]
     with pytest.raises(ValueError, match="'cv'"):
         LinearBaseline(alpha="loo")
+
+
+def test_baselines_with_contexts_start_from_the_contexts_control(contexts_adata):
+    """A held-out (perturbation, context) pair: the additive baseline is the context's control + the
+    perturbation's mean effect in the other contexts (each against its own control), and every
+    baseline's cells are the control cells of that context moved to its predicted mean."""
+    data = from_anndata(contexts_adata, "perturbation", "control", context_keys=["line"])
+    train = data.select(["A @ line=z"], exclude=True)
+
+    def mean(label):
+        return data.dense(data.cells_of(label)).astype(np.float64).mean(0)
+
+    z_control = data.dense(data.cells_of("control @ line=z")).astype(np.float64)
+    expected = mean("control @ line=z") + np.mean([mean(f"A @ line={c}") - mean(f"control @ line={c}") for c in "xy"], 0)
+    additive = AdditiveBaseline().fit(train)
+    np.testing.assert_allclose(additive.predict_mean("A @ line=z"), expected, atol=1e-10)
+    for model in (additive, LinearBaseline().fit(train), ControlBaseline().fit(train)):
+        cells = model.predict("A @ line=z")["A @ line=z"].astype(np.float64)
+        assert cells.shape == z_control.shape  # z's 45 control cells, not the reference context's 30
+        np.testing.assert_allclose(cells - cells.mean(0), z_control - z_control.mean(0), atol=1e-5)
+    np.testing.assert_allclose(ControlBaseline().fit(train).predict_mean("A @ line=z"), mean("control @ line=z"),
+                               atol=1e-10)

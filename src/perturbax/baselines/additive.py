@@ -7,7 +7,13 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
-from perturbax.baselines.base import TrainingSummary, _Fitted, _ShiftBaseline
+from perturbax.baselines.base import (
+    TrainingSummary,
+    _context_effects,
+    _context_relative_deltas,
+    _Fitted,
+    _ShiftBaseline,
+)
 
 __all__ = ["AdditiveBaseline"]
 
@@ -23,6 +29,12 @@ class AdditiveBaseline(_ShiftBaseline):
     is the least-squares fit through the origin over those singles,
     ``sum_d d * delta_{k,d} / sum_d d^2`` (for one single at dose 1 it is just its delta). Works for
     any number of components. Exact for data that are additive in gene space.
+
+    With contexts, a single is one perturbation in any context, its delta taken from the control of
+    its own context, and ``delta_k`` the fit over all of them (for one dose: the mean over the
+    contexts where ``k`` was measured alone); a context adds its control's shift from the reference
+    control. So ``A @ line=z`` is predicted as the control of ``z`` + A's mean effect in the other
+    lines.
 
     Parameters
     ----------
@@ -47,12 +59,14 @@ class AdditiveBaseline(_ShiftBaseline):
 
     def _estimate(self, summary: TrainingSummary) -> _Fitted:
         names = summary.registry.names
-        K, G = summary.registry.K, summary.control_mean.shape[0]
-        design, deltas = summary.design, summary.deltas
-        n_comp = np.count_nonzero(design, axis=1)
+        K, P, G = summary.registry.K, summary.registry.n_perturbations, summary.control_mean.shape[0]
+        deltas, has_control = _context_relative_deltas(summary)
+        design = summary.design[:, :P]  # perturbation columns; the context columns follow
+        n_comp = np.where(has_control, np.count_nonzero(design, axis=1), 0)
         effects = np.zeros((K, G))
         alone = np.zeros(K, dtype=bool)
-        for k in range(K):
+        effects[P:], alone[P:] = _context_effects(summary)
+        for k in range(P):
             rows = np.flatnonzero((n_comp == 1) & (design[:, k] != 0))
             if rows.size:
                 d = design[rows, k]
@@ -60,8 +74,11 @@ class AdditiveBaseline(_ShiftBaseline):
                 alone[k] = True
         in_training = summary.in_training
         blocked: dict[str, str] = {}
-        info: dict = {"measured_alone": [names[k] for k in np.flatnonzero(alone)]}
-        missing = np.flatnonzero(~alone)
+        info: dict = {"measured_alone": [names[k] for k in np.flatnonzero(alone[:P])]}
+        for k in np.flatnonzero(~alone[P:]) + P:
+            blocked[names[k]] = (f"no training control cells in context {names[k]!r}, so there is no control of "
+                                 f"that context to add the effects to; train on its control cells.")
+        missing = np.flatnonzero(~alone[:P])
         if self.unmeasured == "zero":
             info["zero_effect"] = [names[k] for k in missing]
         elif self.unmeasured == "error":
@@ -73,7 +90,7 @@ class AdditiveBaseline(_ShiftBaseline):
                 blocked[names[k]] = _reason(summary, k, False)
             if est.size:
                 rows = np.flatnonzero((n_comp >= 2) & np.any(design[:, est] != 0, axis=1))
-                known = np.flatnonzero(alone)
+                known = np.flatnonzero(alone[:P])
                 resid = deltas[rows] - design[np.ix_(rows, known)] @ effects[known]
                 A = design[np.ix_(rows, est)]
                 sol, _, rank, _ = np.linalg.lstsq(A, resid, rcond=None)

@@ -9,6 +9,10 @@ mean. The control cells carry the cell-to-cell variation (the "control residuals
 ``control cells - control mean``), so the predicted mean is ``control mean + delta(l)``. For the
 control label itself (the zero vector) every baseline returns the control cells.
 
+With contexts (``from_anndata(..., context_keys=...)``) the context indicator columns are part of
+``l``; the cells of a label start from the training control cells of *its* context (the reference
+context's when that context has no control cells in training), moved to the predicted mean.
+
 Usage (all baselines are frozen dataclasses; ``fit`` returns a new, fitted object)::
 
     model = LinearBaseline(alpha=0.1).fit(split.train)
@@ -148,6 +152,45 @@ class _Fitted:
     effects: np.ndarray
     blocked: Mapping[str, str]
     info: Mapping[str, Any] = field(default_factory=dict)
+    #: With contexts: ``{canonical control label of a non-reference context: its training control cells}``
+    #: (rows of the training ``X``, sparse if it is; made dense when a label of that context is predicted).
+    sources: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _context_sources(data: PerturbationData) -> dict[str, Any]:
+    """The training control cells of every non-reference context (empty without contexts)."""
+    if not data.context_keys:
+        return {}
+    P = data.registry.n_perturbations
+    design = np.asarray(data.design)
+    return {cond: data.X[data.cells_of(cond)] for i, cond in enumerate(data.conditions)
+            if cond != data.control and not np.any(design[i, :P] != 0)}
+
+
+def _context_relative_deltas(summary: TrainingSummary) -> tuple[np.ndarray, np.ndarray]:
+    """``(D, ok)``: each condition's mean minus the mean of the control of its own context ``(C, G)``,
+    and whether that control is in training ``(C,)`` (rows without it are zero). Without contexts
+    ``D`` is :attr:`TrainingSummary.deltas`."""
+    P = summary.registry.n_perturbations
+    controls = {tuple(row[P:]): r for r, row in enumerate(summary.design) if not np.any(row[:P] != 0)}
+    ref = [controls.get(tuple(row[P:])) for row in summary.design]
+    ok = np.array([r is not None for r in ref])
+    D = np.zeros_like(summary.means)
+    D[ok] = summary.means[ok] - summary.means[[r for r in ref if r is not None]]
+    return D, ok
+
+
+def _context_effects(summary: TrainingSummary) -> tuple[np.ndarray, np.ndarray]:
+    """``(effects, known)`` of the context indicator columns: the least-squares fit of the training
+    control means of the contexts on their context columns, relative to the reference control
+    ``(K - P, G)`` (with one context key: each context's control mean minus the reference one), and
+    which columns some training control condition covers ``(K - P,)``."""
+    P = summary.registry.n_perturbations
+    rows = np.flatnonzero(~np.any(summary.design[:, :P] != 0, axis=1))
+    A = summary.design[np.ix_(rows, np.arange(P, summary.design.shape[1]))]
+    effects = np.linalg.lstsq(A, summary.means[rows] - summary.control_mean, rcond=None)[0] if A.shape[1] else \
+        np.zeros((0, summary.means.shape[1]))
+    return effects, np.any(A != 0, axis=0)
 
 
 @dataclass(frozen=True, repr=False)
@@ -164,7 +207,8 @@ class _ShiftBaseline:
     # ------------------------------------------------------------------ public
     def fit(self, data: PerturbationData) -> Self:
         """A fitted copy of this baseline."""
-        return replace(self, fitted=self._estimate(summarize_training(data)))
+        fitted = self._estimate(summarize_training(data))
+        return replace(self, fitted=replace(fitted, sources=_context_sources(data)))
 
     @property
     def is_fitted(self) -> bool:
@@ -218,9 +262,9 @@ class _ShiftBaseline:
     ) -> dict[str, np.ndarray]:
         """Predicted cells ``{canonical label: (n, G) float32}``.
 
-        ``n_cells=None`` uses every training control cell once, in order (deterministic); an
-        integer draws that many control cells at random (without replacement when possible),
-        reproducibly from ``seed`` and the label.
+        ``n_cells=None`` uses every training control cell (of the label's context, with contexts)
+        once, in order (deterministic); an integer draws that many control cells at random (without
+        replacement when possible), reproducibly from ``seed`` and the label.
         """
         fit = self._require_fit()
         summary = fit.summary
@@ -232,9 +276,16 @@ class _ShiftBaseline:
             canon = summary.registry.decode(vec)
             if canon in out:
                 continue
-            delta = self._delta(vec)
-            base = _draw_control(summary.control_cells, n_cells, seed, canon)
-            out[canon] = (base.astype(np.float64) + delta).astype(np.float32)
+            mean = summary.control_mean + self._delta(vec)
+            cells, center = summary.control_cells, summary.control_mean
+            if fit.sources:  # the control cells of the label's context
+                P = summary.registry.n_perturbations
+                src = fit.sources.get(summary.registry.decode(np.concatenate([np.zeros(P), vec[P:]])))
+                if src is not None:
+                    cells = np.asarray(src.toarray() if sp.issparse(src) else src, dtype=np.float32)
+                    center = cells.mean(0, dtype=np.float64)
+            base = _draw_control(cells, n_cells, seed, canon)
+            out[canon] = (base.astype(np.float64) + (mean - center)).astype(np.float32)
         return out
 
     def __repr__(self) -> str:

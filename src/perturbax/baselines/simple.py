@@ -7,20 +7,23 @@ from typing import ClassVar
 
 import numpy as np
 
-from perturbax.baselines.base import TrainingSummary, _Fitted, _ShiftBaseline
+from perturbax.baselines.base import TrainingSummary, _context_effects, _Fitted, _ShiftBaseline
 
 __all__ = ["ControlBaseline", "PooledMeanBaseline"]
 
 
 @dataclass(frozen=True, repr=False)
 class ControlBaseline(_ShiftBaseline):
-    """Predicts "no effect": the training control cells, for every label."""
+    """Predicts "no effect": the training control cells, for every label (with contexts: those of the
+    label's context)."""
 
     name: ClassVar[str] = "control"
 
     def _estimate(self, summary: TrainingSummary) -> _Fitted:
-        G = summary.control_mean.shape[0]
-        return _Fitted(summary, np.zeros(G), np.zeros((summary.registry.K, G)), {})
+        G, P = summary.control_mean.shape[0], summary.registry.n_perturbations
+        effects = np.zeros((summary.registry.K, G))
+        effects[P:] = _context_effects(summary)[0]
+        return _Fitted(summary, np.zeros(G), effects, {})
 
 
 @dataclass(frozen=True, repr=False)
