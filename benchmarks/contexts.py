@@ -129,6 +129,15 @@ def report(records: list[dict], command: str) -> str:
         f"| **mean** | | {mean['r2_change']:.3f} | {mean['r2_change_naive']:.3f} | {mean['r2_means']:.3f} | "
         f"{mean['r2_means_naive']:.3f} | {mean['coverage90']:.2f} | | | |",
         "",
+        f"### Headline: mean over the {n} held-out cell type(s) run" + ("" if n == 7 else " (partial)"),
+        "",
+        "| method | R^2 of the mean change (top-100 DE) | R^2 of the means (scGen-style) | 90% coverage | "
+        "above naive (R^2 change) |",
+        "|---|---:|---:|---:|---:|",
+        f"| perturbax (defaults) | {mean['r2_change']:.3f} | {mean['r2_means']:.3f} | {mean['coverage90']:.2f} | "
+        f"{wins} of {n} |",
+        f"| naive (control + other types' shift) | {mean['r2_change_naive']:.3f} | {mean['r2_means_naive']:.3f} | | |",
+        "",
         f"Model above the naive baseline (R^2 of the mean change) on {wins} of {n} type(s) run; target: >= 5 of 7, "
         f"coverage 0.80-0.95. Plot: `docs/{PLOT.name}`. Coverage note of the prediction: "
         f"\"{records[0]['coverage_note'][:160]}...\"",

@@ -39,6 +39,10 @@ RUNS: dict[str, tuple[str, ...]] = {
     "dynamics-speed": ("python benchmarks/dynamics.py --parts d --speed default",),
     "speed-additive": ("python benchmarks/speed_additive.py",),
     "scale": ("python benchmarks/scale.py --steps 250 --eval-every 50",),
+    "contexts-kang": (
+        "python benchmarks/contexts.py --out /tmp/perturbax_bench_contexts_kang.json",
+        "python benchmarks/contexts.py --report /tmp/perturbax_bench_contexts_kang.json",
+    ),
     "contexts-mcfaline": (
         "python benchmarks/contexts_mcfaline.py --folds 0,1,2,3,4,5,6,7,8 --out /tmp/perturbax_bench_contexts_mcfaline.json",
         "python benchmarks/contexts_mcfaline.py --report /tmp/perturbax_bench_contexts_mcfaline.json",

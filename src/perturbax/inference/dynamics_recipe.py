@@ -111,15 +111,13 @@ def _context_cells(data: PerturbationData, contexts: list[tuple[str, float]]) ->
     return np.flatnonzero(mask)
 
 
-def stage_batch_size(data: PerturbationData, batch_size: int, *, validation_fraction: float, seed: int) -> int:
+def stage_batch_size(data: PerturbationData, batch_size: int, *, final_cells: int) -> int:
     """Cells per ELBO step of the recipe's stages: ``batch_size``, at most the training cells of its
     smallest stage (the selection run leaves out the held-out contexts, the final fit its held-out
-    cells), so that small data sets (a few hundred cells) fit with the default ``batch_size``."""
-    from perturbax.inference.fitting import _validation_split
-
+    cells: ``final_cells`` are its training cells), so that small data sets (a few hundred cells)
+    fit with the default ``batch_size``."""
     held = _context_cells(data, held_out_contexts(data)) if data.times is not None else np.zeros(0)
-    final = _validation_split(data, validation_fraction, seed, timed=True)[0].size
-    return max(1, min(int(batch_size), data.n_cells - int(held.size), int(final)))
+    return max(1, min(int(batch_size), data.n_cells - int(held.size), int(final_cells)))
 
 
 def order_candidates(result, *, num_samples: int = ORDER_DRAWS, seed: int = 0) -> list[tuple[list[int], float]]:
@@ -270,7 +268,7 @@ def fit_dynamics_recipe(
 
     def sel_fit(d, *, config, objective, steps, seed, init_params=None, **kw):
         """One ELBO stage of the selection run: runs of one compiled trainer where they can share it."""
-        from perturbax.inference.fitting import mask_variant
+        from perturbax.models.dynamics.config import mask_variant
 
         key = (objective, seed, tuple(sorted((k, id(v)) for k, v in kw.items())))
         base = shared.get("config")

@@ -36,6 +36,7 @@ from perturbax.inference.result import FitResult
 from perturbax.inference.sharding import make_mesh, put_cells, replicate, shard_cells
 from perturbax.inference.times import training_times
 from perturbax.models.batch import Batch
+from perturbax.models.dynamics.config import mask_variant
 from perturbax.models.registry import BUILTIN_MODELS, uses_time
 
 __all__ = ["fit", "BUILTIN_MODELS", "DeviceData", "training_times", "data_start", "EarlyStopping", "track_held_out",
@@ -523,7 +524,8 @@ def fit(
         from perturbax.inference.dynamics_recipe import fit_dynamics_recipe, stage_batch_size
 
         if uses_time(config) and data.times is not None:  # (fit checks the times in the stages)
-            batch_size = stage_batch_size(data, batch_size, validation_fraction=validation_fraction, seed=seed)
+            final = _validation_split(data, validation_fraction, seed, timed=True)[0].size
+            batch_size = stage_batch_size(data, batch_size, final_cells=final)
         settings = dict(batch_size=batch_size, learning_rate=learning_rate, guide=guide, global_guide=global_guide,
                         eval_every=eval_every, progress=progress, data_init=data_init,
                         validation_fraction=validation_fraction, devices=devices)
@@ -545,22 +547,6 @@ def fit(
 
         return fit_with_selection(trainer, data, seed=seed)
     return trainer()()
-
-
-def mask_variant(config, base) -> str | None:
-    """``None`` if ``config`` is ``base`` with another causal mask of as many free entries (acyclic
-    iff ``base``'s is), what one compiled trainer of the linear latent dynamics runs
-    (``run(config=...)``); else why not."""
-    import dataclasses
-
-    if config is base:
-        return None
-    if type(config) is not type(base) or dataclasses.replace(config, causal_mask=base.causal_mask) != base:
-        return "run(config=...) can change only the causal_mask of the trainer's config; build another trainer."
-    if int(config.mask.sum()) != int(base.mask.sum()) or config.acyclic != base.acyclic:
-        return (f"run(config=...) needs a causal_mask with {int(base.mask.sum())} free entries and "
-                f"{'no' if base.acyclic else 'a'} cycle, as the trainer's; got {config.mask.tolist()}.")
-    return None
 
 
 def _trainer(

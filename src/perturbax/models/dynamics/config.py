@@ -12,7 +12,7 @@ import numpy as np
 from perturbax.models import ode
 from perturbax.models.dynamics.ordering import is_acyclic, lower_triangular_mask
 
-__all__ = ["LatentDynamicsConfig"]
+__all__ = ["LatentDynamicsConfig", "mask_variant"]
 
 DRIFTS = ("linear", "neural", "mechanism")
 SOLVERS = ("closed_form", "ode")
@@ -289,3 +289,17 @@ class LatentDynamicsConfig:
             if d.get(k) is not None:
                 d[k] = tuple(tuple(int(v) for v in row) for row in d[k])
         return cls(**d)
+
+
+def mask_variant(config, base) -> str | None:
+    """``None`` if ``config`` is ``base`` with another causal mask of as many free entries (acyclic
+    iff ``base``'s is), what one compiled trainer of the linear latent dynamics runs
+    (``run(config=...)``); else why not."""
+    if config is base:
+        return None
+    if type(config) is not type(base) or dataclasses.replace(config, causal_mask=base.causal_mask) != base:
+        return "run(config=...) can change only the causal_mask of the trainer's config; build another trainer."
+    if int(config.mask.sum()) != int(base.mask.sum()) or config.acyclic != base.acyclic:
+        return (f"run(config=...) needs a causal_mask with {int(base.mask.sum())} free entries and "
+                f"{'no' if base.acyclic else 'a'} cycle, as the trainer's; got {config.mask.tolist()}.")
+    return None
