@@ -95,7 +95,7 @@ def run_type(cell_type: str, data_path=DATA, seed: int = 0) -> dict:
     }
 
 
-def report(records: list[dict], command: str) -> str:
+def report(records: list[dict], command: str, note: str = "") -> str:
     records = sorted(records, key=lambda r: r["cell_type"])
     n = len(records)
     wins = sum(r["r2_change"] > r["r2_change_naive"] for r in records)
@@ -105,6 +105,7 @@ def report(records: list[dict], command: str) -> str:
         f"Command: `{command}`" + ("" if n == 7 else f" -- **partial: {n} of the 7 cell types** (the others not run "
                                                      f"for lack of CPU time)."),
         "",
+        *([note, ""] if note else []),
         "Each row: trained on all cells but the stimulated cells of that type (its control cells kept), contexts "
         "read with `context_keys=['cell_type']`, `fit('additive_shift', train)` with the package defaults (nested "
         "estimator, CV over training (condition, cell type) pairs, conformal intervals), `predict(fit, "
@@ -172,11 +173,12 @@ def main() -> None:
     ap.add_argument("--report", nargs="*", default=None, help="JSON result files: write the docs section and plot.")
     ap.add_argument("--command", default=None, help="The command to quote in the section (with --report).")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--note", default="", help="A paragraph on how the run went (with --report).")
     args = ap.parse_args()
     if args.report is not None:
         records = [r for f in args.report for r in json.loads(_Path(f).read_text())]
         plot(records)
-        text = report(records, args.command or "benchmarks/contexts.py")
+        text = report(records, args.command or "benchmarks/contexts.py", args.note)
         write_section("contexts-kang", text, sources=[_Path(__file__)], produced=common_provenance(records))
         print(text)
         return
