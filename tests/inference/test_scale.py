@@ -8,6 +8,7 @@ import textwrap
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 
@@ -114,6 +115,46 @@ def test_disk_cells_read_the_rows_asked_for(tiny, tmp_path):
     csc.write_h5ad(tmp_path / "csc.h5ad")
     with pytest.raises(ValueError, match="CSC.*csr_matrix"):
         DiskCells.open(tmp_path / "csc.h5ad")
+
+
+@pytest.mark.parametrize("layout", ["anndata", "chunks of 7", "contiguous", "gzip"])
+def test_memory_mapped_rows_equal_anndata_reader(tmp_path, layout):
+    """The fast path of uncompressed h5ad (rows gathered from a memory map of the file) reads what
+    anndata reads, whatever the chunking and chunk alignment; compressed files keep anndata's reader."""
+    import h5py
+    from anndata.io import write_elem
+
+    from perturbax.data.stream import _MappedCSR, _Source
+
+    x = sp.random(300, 11, density=0.3, format="csr", dtype=np.float32, random_state=1)
+    path = tmp_path / "x.h5ad"
+    ad.AnnData(obs=pd.DataFrame(index=[f"c{i}" for i in range(300)])).write_h5ad(path)
+    with h5py.File(path, "a") as f:
+        f.create_dataset("pad", data=np.zeros(1, np.uint8))  # so that chunks start at odd bytes
+        if layout == "contiguous":  # (anndata always writes chunked arrays)
+            g = f.create_group("X")
+            g.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": np.array(x.shape)})
+            for key in ("data", "indices", "indptr"):
+                g.create_dataset(key, data=getattr(x, key))
+            assert g["data"].chunks is None
+        else:
+            kwargs = {"anndata": {}, "chunks of 7": {"chunks": (7,)}, "gzip": {"compression": "gzip"}}[layout]
+            write_elem(f, "X", x, dataset_kwargs=kwargs)
+    src = _Source(path)
+    assert (src.mapped is not None) == (layout != "gzip")
+    if layout == "chunks of 7":  # the case of chunks that do not start at a multiple of 4 bytes
+        assert any(np.any(offsets % dtype.itemsize) for dtype, _, offsets in src.mapped.arrays.values())
+    rows = np.array([0, 5, 6, 7, 150, 151, 299])
+    ref = ad.io.sparse_dataset(h5py.File(path, "r")["X"])[rows]
+    np.testing.assert_array_equal(src.read(rows).toarray(), ref.toarray())
+    np.testing.assert_array_equal(np.asarray(DiskCells.open(path)[[299, 0, 0, 42]]), x[[299, 0, 0, 42]].toarray())
+    if src.mapped is not None:  # more rows than one map holds
+        big = np.sort(np.random.default_rng(0).choice(300, 250, replace=False))
+        old, _MappedCSR.MAP_ROWS = _MappedCSR.MAP_ROWS, 16
+        try:
+            np.testing.assert_array_equal(src.read(big).toarray(), x[big].toarray())
+        finally:
+            _MappedCSR.MAP_ROWS = old
 
 
 def test_prefetch_keeps_order_raises_errors_and_stops_early():

@@ -12,6 +12,13 @@ Reader: anndata's own backed reader, ``anndata.io.sparse_dataset`` over the file
 array. It keeps no copy of the matrix and needs no extra dependency (a loader library such as
 torch's ``DataLoader`` would add one and duplicate the sampling, which must stay that of ``fit``).
 CSC files are refused (a row of CSC touches every column: rewrite the file as CSR).
+
+Fast path for ``.h5ad`` (:class:`_MappedCSR`): anndata reads a random set of CSR rows with one
+HDF5 call per row and array, ~40 us per row -- as long as a small ELBO step. Where ``data`` and
+``indices`` are stored uncompressed (anndata's default), their bytes sit at known offsets of the
+file (one per HDF5 chunk), so all the rows of a step are gathered with one vectorised read of a
+memory map of the file (~4x faster; the map is closed after each read, so the pages read do not
+stay in the process's memory). Compressed or unusual layouts keep anndata's reader.
 """
 
 from __future__ import annotations
@@ -40,11 +47,11 @@ class _Source:
         if Path(self.path).suffix == ".zarr" or Path(self.path).is_dir():
             import zarr
 
-            self._file = zarr.open_group(self.path, mode="r")
+            self._file, self._hdf5 = zarr.open_group(self.path, mode="r"), False
         else:
             import h5py
 
-            self._file = h5py.File(self.path, "r")
+            self._file, self._hdf5 = h5py.File(self.path, "r"), True
         if key not in self._file:
             raise KeyError(f"{self.path} has no matrix {key!r}; write the expression to X.")
         elem = self._file[key]
@@ -56,6 +63,7 @@ class _Source:
             )
         self.sparse = encoding == "csr_matrix"
         self.mat = ad.io.sparse_dataset(elem) if self.sparse else elem
+        self.mapped = _MappedCSR.attempt(self.path, elem) if self.sparse and self._hdf5 else None
         self.shape = tuple(int(s) for s in self.mat.shape)
         self.lock = threading.Lock()
         self._row_sums: np.ndarray | None = None
@@ -63,6 +71,8 @@ class _Source:
     def read(self, rows: np.ndarray):
         """Rows ``rows`` (sorted, distinct) as they are stored (CSR or dense)."""
         with self.lock:
+            if self.mapped is not None:
+                return self.mapped.rows(rows)
             if self.sparse:
                 return self.mat[rows]
             return self.mat.oindex[rows] if hasattr(self.mat, "oindex") else self.mat[rows]
@@ -94,6 +104,94 @@ class _Source:
                 out[a : a + block.shape[0]] = np.asarray(block.sum(axis=1)).reshape(-1)
             self._row_sums = out
         return self._row_sums
+
+
+class _MappedCSR:
+    """The rows of a CSR matrix stored uncompressed in an HDF5 file, gathered from a memory map.
+
+    Holds ``indptr`` (8 bytes per cell) and, per array (``data``, ``indices``), the file offset of
+    every HDF5 chunk of ``chunk`` elements (one offset for a contiguous array): element ``i`` lies
+    at ``offset[i // chunk] + (i % chunk) * itemsize``. Built by :meth:`attempt`, which returns
+    ``None`` for any layout this does not cover (filters, unallocated chunks, foreign byte order)."""
+
+    def __init__(self, path: str, indptr: np.ndarray, arrays: dict[str, tuple[np.dtype, int, np.ndarray]], n_cols: int):
+        self.path, self.indptr, self.arrays, self.n_cols = path, indptr, arrays, n_cols
+        self._fh = open(path, "rb")  # noqa: SIM115 -- kept for the life of the reader
+
+    @classmethod
+    def attempt(cls, path: str, group) -> _MappedCSR | None:
+        import h5py
+
+        try:
+            arrays = {}
+            for key in ("data", "indices"):
+                d = group[key]
+                if (not isinstance(d, h5py.Dataset) or d.ndim != 1 or d.dtype.kind not in "iuf" or not d.dtype.isnative
+                        or d.id.get_create_plist().get_nfilters() != 0):
+                    return None
+                size = d.dtype.itemsize
+                if d.chunks is None:
+                    offset = d.id.get_offset()
+                    if offset is None:  # not allocated (empty) or compact
+                        return None
+                    chunk, offsets = max(1, d.shape[0]), np.array([offset], np.int64)
+                else:
+                    chunk = int(d.chunks[0])
+                    table: list[tuple[int, int]] = []
+                    if hasattr(d.id, "chunk_iter"):
+                        d.id.chunk_iter(lambda info: table.append((info.chunk_offset[0], info.byte_offset)))
+                    else:
+                        for i in range(d.id.get_num_chunks()):
+                            info = d.id.get_chunk_info(i)
+                            table.append((info.chunk_offset[0], info.byte_offset))
+                    if len(table) != -(-d.shape[0] // chunk):  # a chunk never written: fill values, not bytes
+                        return None
+                    t = np.array(sorted(table), dtype=np.int64).reshape(-1, 2)
+                    offsets = t[:, 1]
+                arrays[key] = (d.dtype, chunk, offsets)
+            indptr = np.asarray(group["indptr"][:], dtype=np.int64)
+            n_cols = int(group.attrs["shape"][1])
+        except (KeyError, AttributeError, ValueError, TypeError, OSError):
+            return None
+        return cls(path, indptr, arrays, n_cols)
+
+    #: Rows read through one memory map.
+    MAP_ROWS = 1024
+
+    @staticmethod
+    def _gather(mm, dtype: np.dtype, chunk: int, offsets: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """Elements ``pos`` of the array whose chunks start at byte ``offsets`` of the map ``mm``."""
+        size = dtype.itemsize
+        first = offsets[pos // chunk]  # byte offset of each element's chunk
+        shifts = np.unique(offsets % size)  # chunks need not start at a multiple of the item size
+        values = np.empty(pos.size, dtype)
+        for shift in shifts.tolist():
+            view = np.frombuffer(mm, dtype=dtype, offset=shift, count=(len(mm) - shift) // size)
+            sel = slice(None) if shifts.size == 1 else (first % size == shift)
+            values[sel] = view[(first[sel] - shift) // size + pos[sel] % chunk]  # a copy: the map can close
+            del view
+        return values
+
+    def rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        """Rows ``rows`` (any order) as a CSR matrix of the stored dtype."""
+        import mmap
+
+        rows = np.asarray(rows, dtype=np.int64)
+        start, stop = self.indptr[rows], self.indptr[rows + 1]
+        lengths = stop - start
+        indptr = np.concatenate([[0], np.cumsum(lengths)])
+        pos = np.repeat(start - indptr[:-1], lengths) + np.arange(indptr[-1], dtype=np.int64)  # element numbers
+        out = {key: np.empty(pos.size, dtype) for key, (dtype, _, _) in self.arrays.items()}
+        # one map per MAP_ROWS rows: the pages a read touches (and the kernel maps around them) count
+        # in the process's memory until the map closes
+        for a in range(0, rows.size, self.MAP_ROWS):
+            part = slice(int(indptr[a]), int(indptr[min(a + self.MAP_ROWS, rows.size)]))
+            with mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                if hasattr(mm, "madvise"):  # scattered rows: no read-ahead around them
+                    mm.madvise(mmap.MADV_RANDOM)
+                for key, (dtype, chunk, offsets) in self.arrays.items():
+                    out[key][part] = self._gather(mm, dtype, chunk, offsets, pos[part])
+        return sp.csr_matrix((out["data"], out["indices"], indptr), shape=(rows.size, self.n_cols))
 
 
 class DiskCells:
