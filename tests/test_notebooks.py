@@ -85,7 +85,8 @@ def _with_parameters(nb, text: str):
 @pytest.fixture(scope="module")
 def kernel_env(request):
     """Environment of the kernels: CPU, the suite's XLA cache, headless matplotlib (inline)."""
-    cache = request.config.cache.mkdir("jax-compilation-cache") if request.config.cache else None
+    cache = getattr(request.config, "cache", None)  # (absent under -p no:cacheprovider)
+    cache = cache.mkdir("jax-compilation-cache") if cache is not None else None
     env = {"JAX_PLATFORMS": "cpu", "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
     if cache is not None:
         env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
