@@ -3,10 +3,12 @@
 # `make benchmarks` reruns every benchmark with the settings of its section (hours on 2 CPU cores) and
 # rebuilds docs/results.md; `make benchmarks BENCH_ARGS=--dry-run` lists the commands,
 # `BENCH_ARGS="--only pdae-sim"` runs one; `make results` only rebuilds docs/results.md from the pages.
+# `make notebooks` runs the five notebooks with their default parameters (under 3 minutes each on 2 CPU
+# cores), prints their summaries and checks the statements their introductions make.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install benchmarks results
+.PHONY: demo test install benchmarks results notebooks
 
 install: $(VENV)/.installed
 
@@ -27,3 +29,6 @@ benchmarks: $(VENV)/.installed
 
 results: $(VENV)/.installed
 	$(PY) benchmarks/results.py
+
+notebooks: $(VENV)/.installed
+	$(PY) -m pytest tests/test_notebooks.py -m slow -n 0 -s -k statements_hold
