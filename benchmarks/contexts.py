@@ -115,20 +115,20 @@ def report(records: list[dict], command: str, note: str = "") -> str:
         "holding the observed mean.",
         "",
         "| cell type | stimulated cells | R^2 change (model) | R^2 change (naive) | R^2 means (model) | R^2 means (naive) "
-        "| 90% coverage | lambda | cells | fit time (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| 90% coverage | lambda | cells | fit time (s) | code (commit) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for r in records:
         lines.append(
             f"| {r['cell_type']} | {r['n_stimulated']} | {r['r2_change']:.3f} | {r['r2_change_naive']:.3f} | "
             f"{r['r2_means']:.3f} | {r['r2_means_naive']:.3f} | {r['coverage90']:.2f} | {r['lambda']:g} | "
-            f"{r['cells']} | {r['fit_seconds']:.0f} |"
+            f"{r['cells']} | {r['fit_seconds']:.0f} | {(r.get('provenance') or {}).get('commit', 'unknown')} |"
         )
     mean = {k: float(np.mean([r[k] for r in records])) for k in ("r2_change", "r2_change_naive", "r2_means",
                                                                    "r2_means_naive", "coverage90")}
     lines += [
         f"| **mean** | | {mean['r2_change']:.3f} | {mean['r2_change_naive']:.3f} | {mean['r2_means']:.3f} | "
-        f"{mean['r2_means_naive']:.3f} | {mean['coverage90']:.2f} | | | |",
+        f"{mean['r2_means_naive']:.3f} | {mean['coverage90']:.2f} | | | | |",
         "",
         f"### Headline: mean over the {n} held-out cell type(s) run" + ("" if n == 7 else " (partial)"),
         "",
