@@ -179,7 +179,10 @@ def main() -> None:
         records = [r for f in args.report for r in json.loads(_Path(f).read_text())]
         plot(records)
         text = report(records, args.command or "benchmarks/contexts.py", args.note)
-        write_section("contexts-kang", text, sources=[_Path(__file__)], produced=common_provenance(records))
+        produced = common_provenance(records)
+        if "unknown" in (produced["commit"], produced["library"]):  # rows of several runs: stamp the newest
+            produced = records[-1].get("provenance") or produced  # (the note and the commit column say which)
+        write_section("contexts-kang", text, sources=[_Path(__file__)], produced=produced)
         print(text)
         return
     import anndata as ad
