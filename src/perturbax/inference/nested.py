@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import norm
 
+from perturbax.theory.rowspace import DEFAULT_RTOL, RowSpace
+
 __all__ = [
     "NESTED_FILE",
     "NESTED_KEYS",
@@ -123,7 +125,7 @@ def interval_factor(arrays, level: float) -> tuple[float, bool]:
     return (q, True) if q is not None else (float(norm.ppf(0.5 + level / 2)), False)
 
 
-def unidentified_spread(arrays, train_design: np.ndarray, vecs: np.ndarray, tol: float = 1e-8):
+def unidentified_spread(arrays, train_design: np.ndarray, vecs: np.ndarray, tol: float = DEFAULT_RTOL):
     """The part of each label the training design does not identify, and the variance it adds.
 
     ``residual`` ``(C,)``: the norm of the component of each label vector ``vecs`` ``(C, K)`` outside
@@ -139,12 +141,7 @@ def unidentified_spread(arrays, train_design: np.ndarray, vecs: np.ndarray, tol:
     design = np.asarray(train_design, dtype=np.float64)
     effects = np.asarray(arrays["ridge_effects"], dtype=np.float64)  # (K, G)
     G = effects.shape[1]
-    if design.size == 0:
-        out = vecs
-    else:
-        _, s, vt = np.linalg.svd(design, full_matrices=False)
-        basis = vt[s > tol * max(1.0, float(s.max(initial=0.0)))]  # orthonormal rows spanning the design
-        out = vecs - (vecs @ basis.T) @ basis
+    out = RowSpace.from_rows(design.reshape(-1, vecs.shape[1]), rtol=tol).residuals(vecs)  # (tol: relative)
     out[np.abs(out) < 1e-9] = 0.0
     residual = np.linalg.norm(out, axis=1)
     measured = np.any(design != 0, axis=0) if design.size else np.zeros(effects.shape[0], bool)
