@@ -31,8 +31,7 @@ RUNS: dict[str, tuple[str, ...]] = {
         "python benchmarks/norman_defaults.py --report /tmp/perturbax_bench_norman_defaults.json",
     ),
     "norman-fold-time": ("python benchmarks/norman_fold_time.py --fold 0",),
-    "pdae-sim": ("python benchmarks/pdae_sim.py --steps 10000 --seeds 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19 "
-                 "--implicit",),
+    "pdae-sim": ("python benchmarks/pdae_sim.py --defaults --seeds 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19",),
     "theory-coverage": ("python benchmarks/theory_coverage.py --steps 4000 --seed 0",),
     "dynamics": ("python benchmarks/dynamics.py --parts h --seeds 0,1,2,3,4",),
     "dynamics-real": ("python benchmarks/dynamics.py --parts c",),

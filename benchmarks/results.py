@@ -219,7 +219,8 @@ def pdae(secs):
         "held-out perturbation, pooled over seeds (0 = indistinguishable), and the fraction of true per-gene means "
         "inside the model's 90% intervals.",
         "",
-        md_table(["held-out group", "n", "model (energy objective)", "linear", "additive", "control", "noise floor",
+        md_table(["held-out group", "n", "package defaults (nested estimator)" if "the package defaults (" in body
+                  else "model (energy objective)", "linear", "additive", "control", "noise floor",
                   "90% coverage (model)"], rows),
         "",
         f"Over the seeds the model's median energy is {seeds['model_energy']['median_ratio_over_seeds']} times the "
@@ -287,60 +288,64 @@ def design(secs):
 
 
 def dynamics(secs):
-    body = secs["dynamics"]["body"]
-    b = table(body, "(b) Held-out")
-    methods = [c.split(" ED")[0] for c in b[0] if c.endswith("ED / ratio / E-ratio")]
+    used = ["dynamics"]
+    head = table(secs["dynamics"]["body"], "Headline: package defaults")
 
-    def eratio(r, meth):
-        parts = r[f"{meth} ED / ratio / E-ratio"].split("/")
-        return num(parts[2]) if len(parts) == 3 else float("nan")
+    def frac(text: str) -> tuple[int, int]:
+        k, n = (int(x) for x in text.strip().split("/"))
+        return k, n
 
-    groups = {"held-out pair": "held-out (perturbation, time) pairs", "unseen double": "doubles never measured"}
-    rows = []
-    for meth in methods:
-        row = [meth]
-        for grp in groups:
-            vals = [eratio(r, meth) for r in b if r["group"] == grp]
-            ok = [v for v in vals if not math.isnan(v)]
-            row += [fmt(median(vals)), f"{sum(v <= 2 for v in ok)} / {len(ok)}" if ok else "n/a"]
-        rows.append(row)
-    a = table(body, "(a) Recovery", 0)
-    rep = [r for r in a if "(reported)" in r["seed"] and r["stage"].startswith("3:")]
-    mcc = num(rep[0]["MCC z(t)"]) if rep else float("nan")
-    names = {"dynamics": "dynamics model (generated cells)", "moved": "dynamics model moving measured cells",
-             "additive+t": "additive shift with time as a label", "nearest": "nearest measured time",
-             "interp": "linear interpolation of means", "control": "control cells at that time"}
-    held = [r for r in b if r["group"] == "held-out pair"]
-    by_method = {r[0]: r for r in rows}
-    good = [r["pair"].split("t=")[-1] for r in b if r["group"] == "unseen double" and eratio(r, methods[0]) <= 2]
-    good_times = sorted(set(good), key=num)
+    def total(col: str, part: int = 0) -> tuple[int, int]:
+        got = [frac(r[col].split(" / ")[part]) for r in head]
+        return sum(k for k, _ in got), sum(n for _, n in got)
+
+    held, twice = total("held-out pairs E-ratio <= 2"), total("2x last time: E-ratio <= 3")
+    beat = total("unseen doubles: beat additive+t / E-ratio <= 2", 0)
+    near = total("unseen doubles: beat additive+t / E-ratio <= 2", 1)
+    pct = lambda kn: f"{kn[0]} / {kn[1]}" + (f" ({100 * kn[0] / kn[1]:.0f}%)" if kn[1] else "")  # noqa: E731
+    rows = [[r["seed"], r["design"], r["MCC z(t)"], r["true B edges with the right sign"],
+             r["held-out pairs E-ratio <= 2"], r["unseen doubles: beat additive+t / E-ratio <= 2"],
+             r["2x last time: E-ratio <= 3"], r["90% coverage"]] for r in head]
     text = [
-        "Simulated time courses (4 programs, 4 perturbations, 5 time points). Each prediction is scored by its "
-        "E-ratio: its expected energy distance to the true cells over that of a second sample of the truth (1 = as "
-        "close as the noise floor; the target is at most 2). Medians over the (perturbation, time) pairs, and how "
-        "many are within 2x of the noise floor.",
+        "Simulated time courses (the benchmark's simulator: 4 programs, 4 perturbations, 5 time points; one design "
+        "with multi-target perturbations), fitted by `fit('latent_dynamics', ...)` with the package defaults (the "
+        "staged recipe, settings chosen on held-out training contexts). Each generated prediction is scored by its "
+        "E-ratio, its energy distance to the true cells over that of a second sample of the truth (1 = as close as "
+        "the noise floor).",
         "",
-        md_table(["method", "held-out pairs: median E-ratio", "within 2x", "unseen doubles: median E-ratio", "within 2x"],
-                 [[names.get(r[0], r[0]), *r[1:]] for r in rows]),
+        md_table(["seed", "design", "latent MCC", "true B edges, right sign", "held-out pairs within 2x",
+                  "unseen doubles: beat additive+t / within 2x", "2x last time: within 3x", "90% coverage"], rows),
         "",
-        f"Latent programs recovered with MCC {fmt(mcc)} on the reported fit (1 = exactly, up to order and scale).",
-        "",
-        "**What it means:** " + (
-            f"the model predicts a perturbation at a time it was not measured within 2x of the noise floor on "
-            f"{rows[0][2]} pairs (median {rows[0][1]}), far closer than interpolating between measured times "
-            f"(median {by_method['interp'][1]}); doubles never measured at any time are within 2x on {rows[0][4]} "
-            f"(median {rows[0][3]})" + (f", all at t = {', '.join(good_times)}" if good_times else "") + "."),
-        "",
-        "Published anchor: none found for these simulations.",
+        f"Over the {len(head)} seed(s) run: held-out (perturbation, time) pairs within 2x of the noise floor "
+        f"{pct(held)} (target >= 80%); unseen doubles beat the additive time-label baseline on {pct(beat)} and are "
+        f"within 2x of the floor on {pct(near)}; predictions at 2x the last training time within 3x of the floor "
+        f"{pct(twice)}.",
     ]
-
-    def draw(path):
-        pairs = [r["pair"] for r in held]
-        _bars(path, pairs, {names.get(m, m): [eratio(r, m) for r in held] for m in methods if m != "control"},
-              ylabel="E-ratio to the noise floor", title="latent dynamics: held-out (perturbation, time) pairs",
-              log=True, line=2.0)
-
-    return ("dynamics",), "\n".join(text), ("dynamics.png", draw)
+    if "dynamics-real" in secs:
+        used.append("dynamics-real")
+        body = secs["dynamics-real"]["body"]
+        cases = re.findall(r"\*\*(\w+)_\S*\.h5ad[^*]*\*\* — .*?Held out (\S+ h)", body)
+        real_rows, wins = [], 0
+        for (name, held_t), (_, rows_) in zip(cases, [t for t in tables(body) if t[0].startswith("(c)")]):
+            by = {r["method"].split(" (")[0]: num(r["ED (PCA)"]) for r in rows_}
+            won = by["dynamics"] < min(by["nearest_time"], by["interpolation"])
+            wins += won
+            real_rows.append([f"{name.split('_')[0].upper()} {held_t}", fmt(by["dynamics"]), fmt(by["nearest_time"]),
+                              fmt(by["interpolation"]), "yes" if won else "no"])
+        if real_rows:
+            text += ["", "Real time courses, one time point held out (energy distance in 50 PCs; lower is better):", "",
+                     md_table(["case", "dynamics (defaults)", "nearest measured time", "interpolation of means",
+                               "dynamics best"], real_rows),
+                     "", f"The default dynamics fit beats both baselines on {wins} of {len(real_rows)} cases "
+                         "(target: at least 3 of 4)."]
+    if "dynamics-speed" in secs:
+        used.append("dynamics-speed")
+        m = re.search(r"\*\*(\d+) s\*\* wall", secs["dynamics-speed"]["body"])
+        if m:
+            text += ["", f"A default fit of 10^4 cells x 500 genes took {m.group(1)} s on 2 CPU cores, compile "
+                         "included (target: under 300 s); see the detail page for the machine's load during it."]
+    text += ["", "Published anchor: none found for these simulations."]
+    return tuple(used), "\n".join(text), None
 
 
 def speed(secs):

@@ -87,7 +87,7 @@ def run_pdae_sim(
     seed: int = 0,
     model: str | Callable = "additive_shift",
     objectives: tuple[str, ...] = ("energy", "elbo"),
-    steps: int = 5000,
+    steps: int | None = 5000,
     latent_dim: int | None = None,
     likelihood: str = "gaussian",
     fit_options: dict | None = None,
@@ -104,7 +104,9 @@ def run_pdae_sim(
     (``model(batch, *, config, n_cells)``, see :func:`~perturbax.inference.fit`); it is given an
     :class:`~perturbax.models.AdditiveShiftConfig` sized to the simulation, so a variant is scored
     on exactly the protocol of the built-in model. ``likelihood`` is the config's (``"gaussian"``,
-    or ``"implicit"``: noise fed into the decoder as in the simulator, energy objective only)."""
+    or ``"implicit"``: noise fed into the decoder as in the simulator, energy objective only).
+    ``steps=None`` fits with ``fit``'s own length and early stopping (the package defaults); a
+    number fits exactly that many steps without early stopping."""
     sim = {**DEFAULT_SIMULATION, **(simulation or {})}
     adata, truth = simulate_additive_shift(seed=seed, **sim)
     split = split_from_column(adata, "perturbation", "control", name=f"pdae-sim/seed{seed}")
@@ -127,7 +129,9 @@ def run_pdae_sim(
         config = AdditiveShiftConfig(
             n_genes=G, n_perturbations=train.K, latent_dim=latent_dim or sim["latent_dim"], likelihood=likelihood
         )
-        opts = {"steps": steps, "seed": seed, "progress": progress, "patience": None, **(fit_options or {})}
+        # steps=None: fit's own length and early stopping (the package defaults)
+        opts = {"seed": seed, "progress": progress, **({} if steps is None else {"steps": steps, "patience": None}),
+                **(fit_options or {})}
         if objective == "elbo":
             opts = {"batch_size": 512, **opts}
         res = fit(model, train, config=config, objective=objective, **opts)
@@ -348,7 +352,9 @@ def _report_blocks(result: PDAESimResult, figs: list[tuple[str, str]], command: 
         f"the control, the singles and half of the combinations and asked to predict "
         + (f"the {n_test} held-out conditions" if n_test is not None else "the held-out conditions")
         + f" as cells, with {level}% credible intervals; its fits: objective(s) {', '.join(s['objectives'])}, "
-        f"{s['likelihood']} likelihood, {s['steps']} optimiser steps, {s['num_samples']} posterior draws."
+        f"{s['likelihood']} likelihood, "
+        + ("fit's default length and early stopping" if s["steps"] is None else f"{s['steps']} optimiser steps")
+        + f", {s['num_samples']} posterior draws."
     )))
     blocks += [("h2", "What the result means"), ("p", reading_paragraph(result))]
     blocks += [("h2", "Units"), ("p", _units(result))]
