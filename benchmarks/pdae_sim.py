@@ -245,8 +245,16 @@ def by_group(table: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index().sort_values(["group", "method"], kind="stable")
 
 
-def reading(checks: pd.DataFrame, groups: pd.DataFrame, defaults: bool = False) -> str:
-    """What the tables say about the energy objective against the issue's targets (computed)."""
+def reading(checks: pd.DataFrame, groups: pd.DataFrame, defaults: bool = False,
+            chosen: pd.DataFrame | None = None) -> str:
+    """What the tables say about the energy objective against the issue's targets (computed); ``chosen``:
+    what fit chose per seed (its length)."""
+    length = None
+    if chosen is not None and len(chosen):
+        late = int((chosen.best_step >= 0.9 * chosen.steps_run).sum())
+        length = (f" The fits ran {int(chosen.steps_run.max())} steps (fit's default length) and kept a state from "
+                  f"the last tenth of them on {late} of {len(chosen)} seeds (median best step "
+                  f"{int(chosen.best_step.median())}): they were still improving when the step limit ended them.")
     c = target_flags(checks[checks.method == "model_energy"])
     n, acc, cov, spread = len(c), int(c.accuracy.sum()), int(c.coverage.sum()), int(c.spread.sum())
     g = groups[groups.method == "model_energy"].set_index("group")
@@ -260,9 +268,10 @@ def reading(checks: pd.DataFrame, groups: pd.DataFrame, defaults: bool = False) 
         f"{g.loc['dose-in-hull', 'coverage_mean']:.2f} of the true means for doses inside the convex hull of "
         f"the training labels, {g.loc['double', 'coverage_mean']:.2f} for the held-out doubles and "
         f"{g.loc['dose-outside-hull', 'coverage_mean']:.2f} for doses outside the hull, where the decoder "
-        "extrapolates and its error, which the intervals do not carry, is largest (median energy "
-        f"{g.loc['dose-outside-hull', 'energy_median']:.3f} against {g.loc['double', 'energy_median']:.3f} "
-        "for doubles)."
+        + ("extrapolates beyond the training conditions the intervals were calibrated on and its error is largest "
+           if defaults else "extrapolates and its error, which the intervals do not carry, is largest ")
+        + f"(median energy {g.loc['dose-outside-hull', 'energy_median']:.3f} against "
+        f"{g.loc['double', 'energy_median']:.3f} for doubles)." + (length or "")
     )
 
 
@@ -296,8 +305,9 @@ def section(folder: Path) -> str:
         + "; energy objective "
         f"with generalised-Bayes weight {meta['gb_weight']}, mean_weight {meta['mean_weight']}, source "
         f"'{meta['source']}', started from the data (`fit`'s default `data_init` for the energy objective: the "
-        "decoder at the average training cell, the noise at each gene's SD); ELBO with a low-rank Gaussian "
-        "posterior over W. "
+        "decoder at the average training cell, the noise at each gene's SD)"
+        + ("; ELBO with a low-rank Gaussian posterior over W. " if "elbo" in meta["objectives"] else ". ")
+        + 
         "Energy = unbiased U-statistic energy distance between 200 predicted and 200 held-out cells "
         "(noise floor ~ 0). coverage_90 = fraction of (gene, perturbation) pairs whose 90% credible interval "
         "of the mean contains the true population mean (20,000 simulated cells). sd_ratio = per-gene SD of "
@@ -328,7 +338,8 @@ def section(folder: Path) -> str:
         "",
         _md(groups),
         "",
-        reading(checks, groups, defaults=bool(meta.get("defaults"))),
+        reading(checks, groups, defaults=bool(meta.get("defaults")),
+                chosen=pd.read_csv(folder / "chosen.csv") if (folder / "chosen.csv").exists() else None),
         "",
         "### Mean over seeds, per method",
         "",

@@ -225,7 +225,10 @@ def pdae(secs):
         "",
         f"Over the seeds the model's median energy is {seeds['model_energy']['median_ratio_over_seeds']} times the "
         f"additive baseline's (median over seeds); the target (at most 1/8 and below linear) holds on "
-        f"{seeds['model_energy']['accuracy']} seeds, the coverage target (0.80-0.97) on {seeds['model_energy']['coverage']}.",
+        f"{seeds['model_energy']['accuracy']} seeds, the coverage target (0.80-0.97) on {seeds['model_energy']['coverage']}"
+        + (f"; below the linear baseline on {seeds['model_energy']['below_linear']}, coverage in issue 17's band "
+           f"(0.85-0.95) on {seeds['model_energy']['coverage_85_95']}" if "below_linear" in seeds["model_energy"] else "")
+        + ".",
         "",
         "**What it means:** " + (
             f"where the design identifies a perturbation the model's cells are {best / get('double', 'model_energy'):.0f} "
