@@ -26,6 +26,30 @@ def test_run_pdae_sim_fits_a_user_model_on_the_same_protocol():
     assert model.coverage.between(0, 1).all() and np.isfinite(model.energy_pca).all()
 
 
+def test_run_pdae_sim_without_steps_fits_with_the_package_defaults(monkeypatch):
+    """``steps=None`` hands fit no length and no early-stopping override (fit's own defaults); a number
+    fits exactly that many steps with early stopping off."""
+    import perturbax.protocols.pdae_sim as mod
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(model, data, **kw):
+        seen.append(kw)
+        raise Stop
+
+    monkeypatch.setattr(mod, "fit", spy)
+    for steps in (None, 30):
+        try:
+            run_pdae_sim(seed=0, objectives=("energy",), steps=steps, **TINY)
+        except Stop:
+            pass
+    assert "steps" not in seen[0] and "patience" not in seen[0]
+    assert seen[1]["steps"] == 30 and seen[1]["patience"] is None
+
+
 def _fake_result(model_energy, coverage):
     """A PDAESimResult with a hand-made table (no fit): the report is generated from its numbers."""
     import pandas as pd
