@@ -746,7 +746,8 @@ def section_defaults(h: dict, planned_seeds: int = 5) -> list[str]:
           f"(per seed {', '.join(f'{c:.2f}' for c in tot['cov'])}; target 0.85-0.95) -- "
           f"{'met' if 0.85 <= np.mean(tot['cov']) <= 0.95 else '**not met**'}.", "",
           "Per-seed time (fit, and the whole seed with predictions and the baseline fit): "
-          + ", ".join(f"seed {r['seed']}: {r['fit_seconds']:.0f} s / {r['seconds']:.0f} s" for r in runs) + ".", ""]
+          + ", ".join(f"seed {r['seed']}: {r['fit_seconds']:.0f} s / {r['seconds']:.0f} s" for r in runs) + "."
+          + (f" The seeds were {h['note_parallel']}." if h.get("note_parallel") else ""), ""]
     for r in runs:
         o = r["recipe"]["order"]
         L.append(f"Seed {r['seed']}: held-out training contexts {r['recipe']['held_out_contexts']}; order: "
@@ -1029,12 +1030,21 @@ TITLES = {"dynamics": "Latent dynamics model (issue 5)",
           "dynamics-speed": "Latent dynamics: speed of the default fit (part d, issue 18)"}
 
 
+def _idle(results: dict) -> bool:
+    """Whether every default-fit row of the speed part started on an idle machine (load average < 1)."""
+    rows = [r for r in (results.get("speed") or {}).get("default_rows", []) if r and "error" not in r]
+    return bool(rows) and all(r["load1_start"] < 1.0 for r in rows)
+
+
 def section(results: dict, cmd: str, name: str = "dynamics") -> str:
     L = [f"## {TITLES[name]}", "",
          f"Commands: `{cmd}` (script `benchmarks/dynamics.py`; parts a-d as described in its docstring; "
          f"per-part results in JSON under `--results`, the section rebuilt with `--doc-only`). "
-         f"Written {dt.date.today().isoformat()}. CPU only; the machine (2 cores) was shared with other jobs "
-         "during the runs, so wall times are inflated and noisy.", ""]
+         f"Written {dt.date.today().isoformat()}. CPU only; "
+         + ("the run had the machine (2 cores) to itself (1-min load average below 1 at its start)."
+            if name == "dynamics-speed" and _idle(results) else
+            "the machine (2 cores) was shared with other jobs during the runs, so wall times are inflated and noisy."),
+         ""]
     if results.get("defaults"):
         L += section_defaults(results["defaults"])
         if "sim" not in results:
@@ -1216,9 +1226,11 @@ def section(results: dict, cmd: str, name: str = "dynamics") -> str:
               f"`LatentDynamicsConfig` defaults: latent_dim {r['latent_dim']}, steps {r['steps']}) on the speed "
               f"simulation ({r['n_cells_actual']} training cells x {r['n_genes']} genes, 8 conditions x 5 times), in a "
               f"fresh subprocess (cold compile caches). Compile = the compile events JAX reports (tracing, lowering, "
-              f"XLA), summed. {mf['backend']} backend, jax {mf['jax']}, {mf['cpus']} CPU cores, **shared** with other "
-              f"jobs (1-min load average {r['load1_start']:.1f} at the start, {r['load1_end']:.1f} at the end), so "
-              "the wall time is inflated.", "",
+              f"XLA), summed. {mf['backend']} backend, jax {mf['jax']}, {mf['cpus']} CPU cores, "
+              + (f"nothing else running (1-min load average {r['load1_start']:.1f} at the start, "
+                 f"{r['load1_end']:.1f} at the end: the fit's own threads)." if r["load1_start"] < 1.0 else
+                 f"**shared** with other jobs (1-min load average {r['load1_start']:.1f} at the start, "
+                 f"{r['load1_end']:.1f} at the end), so the wall time is inflated."), "",
               f"**{r['wall_seconds']:.0f} s** wall ({r['wall_seconds'] / 60:.1f} min), of which {r['compile_seconds']:.0f} s "
               f"compiling ({r['xla_compilations']} XLA compilations); peak RSS {r['peak_rss_mb']:.0f} MB. Issue 18's "
               f"target (under 5 minutes on 2 cores, compile included): "
