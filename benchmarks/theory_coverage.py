@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     config = AdditiveShiftConfig(n_genes=train.n_genes, n_perturbations=train.K, latent_dim=4)
     res = fit("additive_shift", train, config=config, objective="energy", steps=args.steps, seed=args.seed,
               patience=None, progress=False, energy=EnergyOptions(gb_weight=0.3))
+    sel = res.info.get("selection")  # the nested estimator's choices (fit's default select)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the not-covered ones warn; the table says which
         pred = predict(res, TESTS, n_cells=200, num_samples=100, seed=args.seed)
@@ -106,8 +107,12 @@ def main(argv=None) -> int:
             "",
             "Simulated additive latent shifts (K = 6, latent dim 4, 20 genes, nonlinear decoder with noise fed "
             "into the network, 200 cells per condition). Training: " + ", ".join(f"`{t}`" for t in TRAIN)
-            + " — P4 and P5 are only measured together. The additive-shift model (energy objective, "
-            f"{args.steps} steps) predicts each test; energy = unbiased energy distance to 200 fresh cells of "
+            + " — P4 and P5 are only measured together. "
+            + (f"`fit`'s nested estimator (the ridge mean + lambda x the additive-shift model's remainder; lambda "
+               f"{sel['lambda']:g} and the {sel['cells']!r} cell mode chosen by its CV on the training conditions; the "
+               f"model: energy objective, {args.steps} steps, generalised-Bayes weight 0.3)" if sel else
+               f"The additive-shift model (energy objective, {args.steps} steps)")
+            + " predicts each test; energy = unbiased energy distance to 200 fresh cells of "
             "the true population; the noise floor scores a second fresh sample. `coef_norm` = `||c||_2` of the "
             "minimum-norm coefficients of a covered test (the factor by which its prediction amplifies the "
             "estimation error of a measured condition; `check_design` flags it above "

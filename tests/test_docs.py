@@ -209,13 +209,13 @@ def test_section_check_catches_a_changed_library(tmp_path):
 
 def test_check_finds_library_changes_after_a_real_section():
     """On the real pages: a section whose stale line is removed is reported when the library changed
-    after its commit (theory-coverage, produced at 13adece, before the nested-estimator default)."""
-    sec = _docs.all_sections()["theory-coverage"]
+    after its commit (scale, produced at 8f68af7, before the nested.py refactor of da992d4)."""
+    sec = _docs.all_sections()["scale"]
     assert sec["stale"] and re.fullmatch(r"[0-9a-f]{64}", sec["stamps"][0]["library"])
     text = sec["page"].read_text()
     unmarked = "\n".join(ln for ln in text.split("\n") if not ln.startswith(_docs.STALE))
     problems = _docs.check_sections(unmarked)
-    assert any("'theory-coverage': the library code it measures" in p for p in problems), problems
+    assert any("'scale': the library code it measures" in p for p in problems), problems
 
 
 def test_write_section_routes_sections_to_their_protocol_pages(tmp_path, monkeypatch):
