@@ -89,8 +89,8 @@ GB_NOTE = (
 )
 
 
-#: The plain model (select=False was not yet the alternative: before the nested-estimator default) at 10000
-#: steps without early stopping, 2026-12-03 at 818e593; labelled exploratory next to the defaults' headline.
+#: The plain additive-shift model at 10000 steps without early stopping (818e593, 2026-12-03, before the
+#: nested-estimator default of fit); quoted, labelled exploratory, next to the defaults' headline.
 PLAIN_NOTE = (
     "Exploratory, not the package defaults: the last run of this section before the defaults became its headline "
     "(818e593, 2026-12-03, `--steps 10000 --seeds 0,...,19 --implicit`) fitted the plain additive-shift model "
@@ -307,8 +307,7 @@ def section(folder: Path) -> str:
         f"'{meta['source']}', started from the data (`fit`'s default `data_init` for the energy objective: the "
         "decoder at the average training cell, the noise at each gene's SD)"
         + ("; ELBO with a low-rank Gaussian posterior over W. " if "elbo" in meta["objectives"] else ". ")
-        + 
-        "Energy = unbiased U-statistic energy distance between 200 predicted and 200 held-out cells "
+        + "Energy = unbiased U-statistic energy distance between 200 predicted and 200 held-out cells "
         "(noise floor ~ 0). coverage_90 = fraction of (gene, perturbation) pairs whose 90% credible interval "
         "of the mean contains the true population mean (20,000 simulated cells). sd_ratio = per-gene SD of "
         "predicted / observed cells.",
