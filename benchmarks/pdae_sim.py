@@ -147,8 +147,8 @@ def run(args, seeds: list[int], folder: Path, command: str) -> None:
         t = time.perf_counter()
         res = run_pdae_sim(
             seed=seed, objectives=objectives, steps=args.steps, progress=False,
-            fit_options=None if args.defaults else {
-                "energy": EnergyOptions(gb_weight=args.gb_weight, mean_weight=args.mean_weight, source=args.source)},
+            fit_options={"energy": EnergyOptions(gb_weight=args.gb_weight, mean_weight=args.mean_weight,
+                                                 source=args.source)},
         )
         s = res.summary()
         tab = res.table.copy()
@@ -280,6 +280,7 @@ def section(folder: Path) -> str:
     meta = json.loads((folder / "run.json").read_text())
     summary = pd.read_csv(folder / "summary.csv")
     table = pd.read_csv(folder / "table.csv")
+    chosen = pd.read_csv(folder / "chosen.csv") if (folder / "chosen.csv").exists() else None
     checks = checks_table(summary)
     groups = by_group(table)
     mean_by = summary.groupby("method", sort=False)[["energy_median", "pearson_delta_mean", "sd_ratio_mean",
@@ -329,7 +330,7 @@ def section(folder: Path) -> str:
            "Optimiser steps run and the step whose held-out loss was best (the state kept), and, for the nested "
            "estimator, the weight lambda of the model's remainder and the cell mode chosen by CV on the training "
            "conditions, with the conformal factor of the 90% intervals.", "",
-           _md(pd.read_csv(folder / "chosen.csv")), ""] if (folder / "chosen.csv").exists() else []),
+           _md(chosen), ""] if chosen is not None else []),
         "### By group of held-out perturbation (all seeds)",
         "",
         "Median energy distance and mean coverage over the held-out perturbations of each group, pooled over "
@@ -337,8 +338,7 @@ def section(folder: Path) -> str:
         "",
         _md(groups),
         "",
-        reading(checks, groups, defaults=bool(meta.get("defaults")),
-                chosen=pd.read_csv(folder / "chosen.csv") if (folder / "chosen.csv").exists() else None),
+        reading(checks, groups, defaults=bool(meta.get("defaults")), chosen=chosen),
         "",
         "### Mean over seeds, per method",
         "",
@@ -382,7 +382,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-doc", action="store_true", help="print only; do not write docs/benchmarks.md")
     ap.add_argument("--doc-only", action="store_true", help="rebuild the doc section from the kept results")
     args = ap.parse_args(argv)
-    if args.defaults:
+    if args.defaults:  # (the energy options then equal EnergyOptions(), what fit uses when given none)
         args.steps, args.objectives = None, "energy"
         args.gb_weight, args.mean_weight, args.source = EnergyOptions().gb_weight, 0.0, "other"
     argv = argv if argv is not None else sys.argv[1:]
