@@ -81,17 +81,12 @@ def test_early_stopping_record_keeps_the_best_and_counts_evaluations_without_imp
     # the first finite evaluation is the best so far (not compared with inf - 1e-4 * inf = nan)
     assert track_held_out(EarlyStopping(), 5.0, 0, "s0") == EarlyStopping(5.0, 0, "s0", 0)
     assert track_held_out(EarlyStopping(), float("nan"), 0, "s0").state is None
-    # `perturbax fit` defaults (shared with fit()): the model's length (4000 steps additive, 2000
-    # dynamics), an evaluation every 100, patience 10; a held-out loss that falls throughout never
-    # stops the fit and the last state is kept
-    from perturbax.inference.fitting import default_steps
-
-    assert next(p.default for p in fit_command.params if p.name == "steps") is None
+    # `perturbax fit` defaults (shared with fit()): 2000 steps, an evaluation every 100, patience
+    # 10; a held-out loss that falls throughout never stops the fit and the last state is kept
+    steps = next(p.default for p in fit_command.params if p.name == "steps")
     defaults = inspect.signature(fit).parameters
     every, patience = defaults["eval_every"].default, defaults["patience"].default
-    assert default_steps("additive_shift") == 4000 and default_steps("latent_dynamics") == 2000
-    steps = default_steps("latent_dynamics")
-    assert steps > patience * every
+    assert steps == 2000 and steps > patience * every
     for values in (lambda i: 10.0 / (1 + i), lambda i: 0.5 - 0.05 * i):  # (energy losses go below 0)
         rec = EarlyStopping()
         for i, step in enumerate(range(0, steps + 1, every)):
@@ -209,19 +204,6 @@ def test_fit_is_deterministic_by_seed(sim):
     a = fit("additive_shift", split.train, **kw)
     b = fit("additive_shift", split.train, **kw)
     np.testing.assert_array_equal(a.history["loss"], b.history["loss"])
-
-
-def test_fit_without_steps_runs_the_models_default_length(sim, monkeypatch):
-    from perturbax.inference import fitting
-
-    _, _, data, split = sim
-    monkeypatch.setitem(fitting.DEFAULT_STEPS, "additive_shift", 30)  # (the real default takes minutes)
-    res = fit("additive_shift", split.train, config=_config(data), objective="elbo", batch_size=64, progress=False,
-              patience=None, seed=5, select=False)
-    assert res.info["steps"] == res.info["steps_run"] == 30 and res.history["loss"].size == 30
-    res = fit("additive_shift", split.train, config=_config(data), objective="elbo", steps=12, batch_size=64,
-              progress=False, patience=None, seed=5, select=False)
-    assert res.info["steps"] == res.info["steps_run"] == 12
 
 
 def test_unseen_and_unknown_perturbations(sim, elbo_fit):

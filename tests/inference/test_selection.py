@@ -225,7 +225,7 @@ def test_prediction_intervals_at_other_levels(selected):
 def test_cli_and_python_share_defaults():
     from perturbax.cli.fit import fit as fit_cmd
     from perturbax.cli.fit import fit_file
-    from perturbax.inference.fitting import default_learning_rate, default_objective, default_steps
+    from perturbax.inference.fitting import default_learning_rate, default_objective
 
     py = inspect.signature(fit).parameters
     cli = {p.name: p for p in fit_cmd.params}
@@ -236,8 +236,6 @@ def test_cli_and_python_share_defaults():
     assert py["learning_rate"].default is None and cli["learning_rate"].default is None
     assert ff["learning_rate"].default is None and ff["objective"].default is None
     assert default_learning_rate("additive_shift") == 2e-3 and default_learning_rate("latent_dynamics") == 5e-3
-    assert py["steps"].default is None and default_steps("additive_shift") == 4000
-    assert default_steps("latent_dynamics") == 2000 and default_steps(None) == 2000
     assert py["objective"].default is None and cli["objective"].default is None
     assert default_objective("additive_shift", "gaussian") == "energy"
     assert default_objective("latent_dynamics", "gaussian") == "elbo"

@@ -184,7 +184,7 @@ def fit_file(
     out,
     objective: str | None = None,
     likelihood: str = "gaussian",
-    steps: int | None = None,
+    steps: int = 2000,
     seed: int = 0,
     batch_size: int = 256,
     latent_dim: int | None = None,
@@ -211,7 +211,7 @@ def fit_file(
     ``time_key`` column of times since the perturbation; ``time_scale`` is the time over which the
     programs relax, in the units of that column) and save it to the folder ``out``.
     ``mean_weight`` is :class:`~perturbax.inference.EnergyOptions` ``mean_weight`` (energy
-    objective only). ``objective``, ``steps``, ``learning_rate`` and ``select`` ``None``: the defaults of
+    objective only). ``objective``, ``learning_rate`` and ``select`` ``None``: the defaults of
     :func:`perturbax.inference.fit` (the CLI and Python share them; for the dynamics model
     ``objective=None`` runs the staged recipe of :mod:`perturbax.inference.dynamics_recipe` unless
     ``recipe=False``). ``latent_dim`` ``None``: the model config's default. ``where`` (``KEY=VALUE``
@@ -352,10 +352,8 @@ def fit_file(
               default="gaussian", show_default=True,
               help="gaussian: log-normalised data; negative_binomial: raw counts (use --layer); "
                    "implicit: noise fed to the decoder (energy only).")
-@click.option("--steps", default=None, type=click.IntRange(min=1),
-              help="Most optimiser steps; early stopping on held-out cells may end sooner (--model dynamics recipe: "
-                   "of its first stage; the others are fractions of it) [default: as perturbax.inference.fit: 4000 "
-                   "additive, 2000 dynamics].")
+@click.option("--steps", default=2000, show_default=True, type=click.IntRange(min=1),
+              help="Optimiser steps (--model dynamics recipe: of its first stage; the others are fractions of it).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the fit.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Cells per step.")
 @click.option("--latent-dim", "-d", default=None, type=click.IntRange(min=1),
@@ -463,8 +461,7 @@ def fit(data, perturbation_key, control, out, overwrite, objective, likelihood, 
             f"Times ({time_key}): {', '.join(f'{t:g}' for t in info['times'])}"
             + (f"; {ctx.get('n_contexts')} (condition, time) contexts, check {ctx.get('status')}" if ctx else "")
         )
-    lines.append(f"Steps run: {info.get('steps_run')} of {info.get('steps', steps)}; stop reason: "
-                 f"{info.get('stop_reason')}")
+    lines.append(f"Steps run: {info.get('steps_run')} of {steps}; stop reason: {info.get('stop_reason')}")
     lines.append(f"Final loss: {final}")
     val = np.asarray(result.history.get("val_loss", []))
     if val.size and info.get("best_val_loss") is not None:

@@ -40,7 +40,7 @@ from perturbax.models.dynamics.config import mask_variant
 from perturbax.models.registry import BUILTIN_MODELS, uses_time
 
 __all__ = ["fit", "BUILTIN_MODELS", "DeviceData", "training_times", "data_start", "EarlyStopping", "track_held_out",
-           "default_objective", "default_learning_rate", "DEFAULT_LEARNING_RATE", "default_steps", "DEFAULT_STEPS"]
+           "default_objective", "default_learning_rate", "DEFAULT_LEARNING_RATE"]
 
 OBJECTIVES = ("elbo", "energy")
 #: Initial step size of ``fit`` and ``perturbax fit`` per built-in model: the settings their benchmarks
@@ -53,21 +53,6 @@ CUSTOM_LEARNING_RATE = 5e-3
 def default_learning_rate(model_name: str | None) -> float:
     """The initial step size of ``fit(learning_rate=None)`` and ``perturbax fit`` for a model."""
     return DEFAULT_LEARNING_RATE.get(model_name, CUSTOM_LEARNING_RATE)
-
-
-#: Most optimiser steps of ``fit`` and ``perturbax fit`` per built-in model (early stopping on held-out
-#: cells may end a fit sooner). Additive shift: 4000, chosen by the held-out energy of training
-#: conditions left out of the fit (pdae-sim seeds 0-2: 2000 -> 4000 steps lowered it on all three),
-#: within the 2-minute budget of a Norman fold with its selection fits. Latent dynamics: the length of
-#: the recipe's first stage, the others fractions of it (docs/benchmarks.md, dynamics).
-DEFAULT_STEPS = {"additive_shift": 4000, "latent_dynamics": 2000}
-#: ... and for custom model functions.
-CUSTOM_STEPS = 2000
-
-
-def default_steps(model_name: str | None) -> int:
-    """The most optimiser steps of ``fit(steps=None)`` and ``perturbax fit`` for a model."""
-    return DEFAULT_STEPS.get(model_name, CUSTOM_STEPS)
 
 
 def default_objective(model_name: str | None, likelihood: str) -> str:
@@ -389,7 +374,7 @@ def fit(
     *,
     config: Any = None,
     objective: str | None = None,
-    steps: int | None = None,
+    steps: int = 2000,
     batch_size: int = 256,
     learning_rate: float | None = None,
     seed: int = 0,
@@ -431,11 +416,9 @@ def fit(
         globals; for models of time each (condition, time) context is one group, simulated at its
         own time from the basal states of other groups).
     steps, batch_size, learning_rate
-        Optimiser steps (Adam with gradient clipping; ``None``: :func:`default_steps`, 4000 for
-        the additive shift model, 2000 for latent dynamics and custom models), cells per step, and
-        the initial step size (cosine-decayed to 5% over ``steps``; ``None``:
-        :func:`default_learning_rate`, 2e-3 for the additive shift model, 5e-3 for latent dynamics
-        and custom models).
+        Optimiser steps (Adam with gradient clipping), cells per step, and the initial step size
+        (cosine-decayed to 5% over ``steps``; ``None``: :func:`default_learning_rate`, 2e-3 for
+        the additive shift model, 5e-3 for latent dynamics and custom models).
     guide
         A custom guide with the model's signature (default: :func:`make_guide`).
     global_guide
@@ -500,8 +483,6 @@ def fit(
         objective = default_objective(builtin, getattr(config, "likelihood", "gaussian"))
     if learning_rate is None:
         learning_rate = default_learning_rate(builtin)
-    if steps is None:
-        steps = default_steps(builtin)
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r} is not supported; choose one of {OBJECTIVES}.")
     if not isinstance(data, PerturbationData):
@@ -914,7 +895,6 @@ def _trainer(
             },
             info={
                 "seed": seed,
-                "steps": steps,
                 "steps_run": step,
                 "best_step": best_step,
                 "best_val_loss": best_val,
