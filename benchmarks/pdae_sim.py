@@ -189,8 +189,7 @@ def run(args, seeds: list[int], folder: Path, command: str) -> None:
         info = res.fits["model_energy"].info if "model_energy" in res.fits else None
         if info is not None:  # what fit chose on this seed (its selection and early stopping)
             sel = info.get("selection") or {}
-            chosen.append({"seed": seed, "steps": info.get("steps"), "steps_run": info.get("steps_run"),
-                           "best_step": info.get("best_step"),
+            chosen.append({"seed": seed, "steps_run": info.get("steps_run"), "best_step": info.get("best_step"),
                            "lambda": sel.get("lambda"), "cells": sel.get("cells"),
                            "factor_90": (sel.get("calibration") or {}).get("factor", {}).get("0.9"),
                            "fit_seconds": round(float(info["fit_seconds"]), 1)})
@@ -270,9 +269,7 @@ def reading(checks: pd.DataFrame, groups: pd.DataFrame, defaults: bool = False,
     what fit chose per seed (its length)."""
     length = None
     if chosen is not None and len(chosen):
-        # the step limit: recorded per seed (info["steps"]); runs before it was recorded ran to it on some seed
-        limit = int(chosen.steps.max()) if "steps" in chosen and chosen.steps.notna().all() else \
-            int(chosen.steps_run.max())
+        limit = int(chosen.steps_run.max())  # the most any seed ran: fit's limit unless every fit stopped early
         late = int((chosen.best_step >= 0.9 * limit).sum())
         stopped = int((chosen.steps_run < limit).sum())
         length = (f" The fits had at most {limit} steps (fit's default length); early stopping on held-out cells "
