@@ -190,7 +190,7 @@ def run(args, seeds: list[int], folder: Path, command: str) -> None:
         if info is not None:  # what fit chose on this seed (its selection and early stopping)
             sel = info.get("selection") or {}
             chosen.append({"seed": seed, "steps_run": info.get("steps_run"), "best_step": info.get("best_step"),
-                           "lambda": sel.get("lambda"), "cells": sel.get("cells"),
+                           "cycles": sel.get("cycles", 1), "lambda": sel.get("lambda"), "cells": sel.get("cells"),
                            "factor_90": (sel.get("calibration") or {}).get("factor", {}).get("0.9"),
                            "fit_seconds": round(float(info["fit_seconds"]), 1)})
         s.insert(0, "seed", seed)

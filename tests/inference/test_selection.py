@@ -290,3 +290,66 @@ def test_intervals_of_an_unseen_perturbation_are_widened_and_say_so(sim):
     q = nested["interval_factor"]
     assert np.all(hi_out - mean >= q * tau - 1e-5)  # at least the spread of the measured effects
     assert np.median(hi_out - lo_out) > 2 * np.median(hi_in - lo_in)
+
+
+def test_continue_fit_restarts_from_the_kept_state_and_merges_the_history(sim):
+    """A further cycle starts from the earlier fit's kept parameters (its held-out loss at the
+    restart equals the kept one: the evaluation is paired), and the result counts both cycles."""
+    from functools import partial
+
+    import perturbax.inference.fitting as fitting
+    from perturbax.inference.fitting import continue_fit
+
+    cfg = _config(sim)
+    run = fitting._trainer("additive_shift", fitting.BUILTIN_MODELS["additive_shift"][0], cfg, sim, (),
+                           objective="energy", steps=30, batch_size=64, learning_rate=2e-3, seed=0, guide=None,
+                           global_guide="lowrank", energy=None, validation_fraction=0.1, eval_every=10,
+                           patience=10, progress=False, init_params=None, data_init=True)
+    first = run()
+    both = continue_fit(run, first, 1)
+    replay = partial(run, init_params=first)()  # cycle 0 again: the same draws as the first cycle
+    assert both.info["cycles"] == 2
+    assert both.info["steps_run"] == first.info["steps_run"] + 30 == 60
+    assert both.history["loss"].size == 60
+    np.testing.assert_allclose(both.history["loss"][:30], first.history["loss"])
+    np.testing.assert_array_equal(both.history["val_step"], [0, 10, 20, 30, 40, 50, 60])
+    # the restart's starting state is the first cycle's kept one (scored again: the same held-out loss)
+    np.testing.assert_allclose(replay.history["val_loss"][0], first.info["best_val_loss"], rtol=1e-4)
+    assert both.info["best_val_loss"] <= first.info["best_val_loss"] + 1e-6
+    assert np.isfinite(both.history["val_loss"]).all()
+    # a cycle > 0 draws other cells than the first cycle (a replay of cycle 0 would repeat them)
+    assert not np.allclose(both.history["loss"][30:], replay.history["loss"])
+
+
+def test_length_is_chosen_by_the_cv_in_cycles_of_the_default_steps(sim, selected, monkeypatch):
+    """Given no steps, the CV fits run further cycles while the chosen setting uses the model and its
+    CV energy falls; the final fit runs the kept number of cycles (issue 17: length chosen on
+    training conditions)."""
+    import perturbax.inference.fitting as fitting
+    import perturbax.inference.selection as selection
+
+    monkeypatch.setattr(fitting, "DEFAULT_STEPS", 20)
+    # a setting that uses the model, whatever the CV says, so that the length loop runs
+    monkeypatch.setattr(selection, "one_standard_error_choice", lambda scores: (1.0, "generated"))
+    res = fit("additive_shift", sim, config=_config(sim), eval_every=10, progress=False, seed=0, patience=None)
+    sel = res.info["selection"]
+    log = sel["length"]
+    assert len(log) >= 2 and 1 <= sel["cycles"] <= selection.MAX_CYCLES and log[0]["cycles"] == 1
+    assert [r["cycles"] for r in log] == list(range(1, len(log) + 1))
+    kept = log[sel["cycles"] - 1]
+    assert (sel["lambda"], sel["cells"]) == (kept["lambda"], kept["cells"])
+    for a, b in zip(log[: sel["cycles"]], log[1 : sel["cycles"]]):  # every kept cycle lowered the CV energy
+        assert b["energy"] < a["energy"] and selection._uses_model((a["lambda"], a["cells"]))
+    if len(log) > sel["cycles"]:  # a cycle tried and not kept did not lower it
+        assert log[-1].get("diverged") or log[-1]["energy"] >= kept["energy"]
+    else:  # every cycle allowed was run and kept
+        assert sel["cycles"] == selection.MAX_CYCLES
+    assert res.info["steps_run"] == 20 * sel["cycles"] and res.info.get("cycles", 1) == sel["cycles"]
+    # a number of steps fixes the length: one cycle, nothing chosen
+    assert selected.info["selection"]["cycles"] == 1 and len(selected.info["selection"]["length"]) == 1
+    assert selected.info["steps_run"] <= FIT["steps"] and "cycles" not in selected.info
+    # a setting without the model (the ridge mean, control cells): more fitting cannot change it
+    monkeypatch.setattr(selection, "one_standard_error_choice", lambda scores: (0.0, "control"))
+    ridge = fit("additive_shift", sim, config=_config(sim), eval_every=10, progress=False, seed=0, patience=None)
+    assert ridge.info["selection"]["cycles"] == 1 and len(ridge.info["selection"]["length"]) == 1
+

@@ -137,6 +137,10 @@ def selection_lines(sel: dict | None) -> list[str]:
         return []
     out = [f"Nested estimator: lambda={sel['lambda']:g}, cells={sel['cells']}, ridge alpha={sel['alpha']:g} "
            f"({sel['note']})"]
+    if len(sel.get("length", [])) > 1:
+        out.append("Length (cycles: CV energy at the chosen setting): " + ", ".join(
+            f"{r['cycles']}: diverged" if r.get("diverged") else f"{r['cycles']}: {r['energy']:.4g}"
+            for r in sel["length"]) + f"; kept {sel['cycles']}")
     if sel.get("cv_scores"):
         best = {(r["lambda"], r["cells"]): r["energy"] for r in sel["cv_scores"]}
         row = ", ".join(f"{lam:g}/{mode}={e:.4g}" for (lam, mode), e in best.items())
@@ -184,7 +188,7 @@ def fit_file(
     out,
     objective: str | None = None,
     likelihood: str = "gaussian",
-    steps: int = 2000,
+    steps: int | None = None,
     seed: int = 0,
     batch_size: int = 256,
     latent_dim: int | None = None,
@@ -352,8 +356,10 @@ def fit_file(
               default="gaussian", show_default=True,
               help="gaussian: log-normalised data; negative_binomial: raw counts (use --layer); "
                    "implicit: noise fed to the decoder (energy only).")
-@click.option("--steps", default=2000, show_default=True, type=click.IntRange(min=1),
-              help="Optimiser steps (--model dynamics recipe: of its first stage; the others are fractions of it).")
+@click.option("--steps", default=None, type=click.IntRange(min=1),
+              help="Optimiser steps (--model dynamics recipe: of its first stage; the others are fractions of it) "
+                   "[default: 2000; with the nested estimator of the additive model, up to 3 cycles of 2000 chosen "
+                   "by CV over the training conditions; a number fixes the length].")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the fit.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Cells per step.")
 @click.option("--latent-dim", "-d", default=None, type=click.IntRange(min=1),
@@ -461,7 +467,12 @@ def fit(data, perturbation_key, control, out, overwrite, objective, likelihood, 
             f"Times ({time_key}): {', '.join(f'{t:g}' for t in info['times'])}"
             + (f"; {ctx.get('n_contexts')} (condition, time) contexts, check {ctx.get('status')}" if ctx else "")
         )
-    lines.append(f"Steps run: {info.get('steps_run')} of {steps}; stop reason: {info.get('stop_reason')}")
+    from perturbax.inference.fitting import DEFAULT_STEPS
+
+    limit = steps if steps is not None else DEFAULT_STEPS * int(info.get("cycles", 1))
+    lines.append(f"Steps run: {info.get('steps_run')} of {limit}"
+                 + (f" ({info['cycles']} cycles of {DEFAULT_STEPS}, chosen by the CV)" if info.get("cycles", 1) > 1 else "")
+                 + f"; stop reason: {info.get('stop_reason')}")
     lines.append(f"Final loss: {final}")
     val = np.asarray(result.history.get("val_loss", []))
     if val.size and info.get("best_val_loss") is not None:

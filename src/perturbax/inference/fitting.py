@@ -40,9 +40,12 @@ from perturbax.models.dynamics.config import mask_variant
 from perturbax.models.registry import BUILTIN_MODELS, uses_time
 
 __all__ = ["fit", "BUILTIN_MODELS", "DeviceData", "training_times", "data_start", "EarlyStopping", "track_held_out",
-           "default_objective", "default_learning_rate", "DEFAULT_LEARNING_RATE"]
+           "default_objective", "default_learning_rate", "DEFAULT_LEARNING_RATE", "DEFAULT_STEPS", "continue_fit"]
 
 OBJECTIVES = ("elbo", "energy")
+#: Optimiser steps of ``fit`` given no ``steps`` (of one cycle, when the nested estimator chooses the
+#: number of cycles; of the first stage of the latent dynamics recipe).
+DEFAULT_STEPS = 2000
 #: Initial step size of ``fit`` and ``perturbax fit`` per built-in model: the settings their benchmarks
 #: used (additive shift: the Norman runs of issue 17; latent dynamics: docs/benchmarks.md, dynamics).
 DEFAULT_LEARNING_RATE = {"additive_shift": 2e-3, "latent_dynamics": 5e-3}
@@ -374,7 +377,7 @@ def fit(
     *,
     config: Any = None,
     objective: str | None = None,
-    steps: int = 2000,
+    steps: int | None = None,
     batch_size: int = 256,
     learning_rate: float | None = None,
     seed: int = 0,
@@ -418,7 +421,11 @@ def fit(
     steps, batch_size, learning_rate
         Optimiser steps (Adam with gradient clipping), cells per step, and the initial step size
         (cosine-decayed to 5% over ``steps``; ``None``: :func:`default_learning_rate`, 2e-3 for
-        the additive shift model, 5e-3 for latent dynamics and custom models).
+        the additive shift model, 5e-3 for latent dynamics and custom models). ``steps=None``
+        (default): ``DEFAULT_STEPS`` (2000), and with ``select`` the fit's length is chosen by the
+        CV over training conditions: up to ``MAX_CYCLES`` cycles of 2000 steps, each a warm
+        restart of the schedule (:func:`perturbax.inference.selection.fit_with_selection`). A
+        number fixes the length (one cycle).
     guide
         A custom guide with the model's signature (default: :func:`make_guide`).
     global_guide
@@ -487,6 +494,9 @@ def fit(
         raise ValueError(f"objective={objective!r} is not supported; choose one of {OBJECTIVES}.")
     if not isinstance(data, PerturbationData):
         raise TypeError("fit expects a PerturbationData; build one with perturbax.data.from_anndata(adata, ...).")
+    length_chosen = steps is None
+    if steps is None:
+        steps = DEFAULT_STEPS
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}.")
     name, model_fn, config = _resolve_model(model, config, data)
@@ -543,10 +553,38 @@ def fit(
         init_params=init_params, data_init=data_init, devices=devices, validation=validation,
     )
     if select:  # the nested estimator: the CV fits and the final fit share one compiled trainer
-        from perturbax.inference.selection import fit_with_selection
+        from perturbax.inference.selection import MAX_CYCLES, fit_with_selection
 
-        return fit_with_selection(trainer, data, seed=seed)
+        return fit_with_selection(trainer, data, seed=seed, max_cycles=MAX_CYCLES if length_chosen else 1)
     return trainer()()
+
+
+def continue_fit(run: Callable[..., FitResult], previous: FitResult, cycle: int, exclude=()) -> FitResult:
+    """One more cycle of ``run`` (a compiled fit, :func:`_trainer`) warm-started from ``previous``:
+    its parameters, a fresh optimiser state and cosine schedule, other draws (``cycle``). The result
+    carries both cycles' histories (held-out steps counted from the first cycle's start) and
+    ``info["cycles"]``; ``info["best_step"]`` and ``info["steps_run"]`` count all cycles' steps."""
+    import dataclasses
+
+    nxt = run(exclude, init_params=previous, cycle=cycle)
+    done = int(previous.info["steps_run"])
+    h0, h1 = previous.history, nxt.history
+    history = {
+        "loss": np.concatenate([h0["loss"], h1["loss"]]),
+        # the second cycle's step 0 is the first's kept state, already scored
+        "val_step": np.concatenate([h0["val_step"], h1["val_step"][1:] + done]),
+        "val_loss": np.concatenate([h0["val_loss"], h1["val_loss"][1:]]),
+    }
+    info = {
+        **nxt.info,
+        "steps_run": done + int(nxt.info["steps_run"]),
+        "best_step": None if nxt.info["best_step"] is None else done + int(nxt.info["best_step"]),
+        "fit_seconds": float(previous.info["fit_seconds"]) + float(nxt.info["fit_seconds"]),
+        "cycles": int(previous.info.get("cycles", 1)) + 1,
+        "warm_started": previous.info.get("warm_started", []),
+        "data_init": previous.info.get("data_init", []),
+    }
+    return dataclasses.replace(nxt, history=history, info=info)
 
 
 def _trainer(
@@ -732,10 +770,12 @@ def _trainer(
 
         return jnp.sum(weights * jax.lax.map(one, (blocks, val_keys, xs))) / jnp.sum(weights) * per_cell
 
-    def run(exclude=(), *, config=config, steps=steps, init_params=init_params) -> FitResult:
+    def run(exclude=(), *, config=config, steps=steps, init_params=init_params, cycle: int = 0) -> FitResult:
         """A fit leaving out the conditions ``exclude``; ``steps`` and ``init_params`` as in ``fit``
         (default: the trainer's); ``config``: the trainer's, or for the linear latent dynamics one
-        that differs from it only in ``causal_mask`` (as many free entries, both acyclic or not)."""
+        that differs from it only in ``causal_mask`` (as many free entries, both acyclic or not).
+        ``cycle > 0`` draws other cells and noise than cycle 0 (a warm restart continuing an earlier
+        fit passed as ``init_params`` should not replay its draws)."""
         mask = None
         if varies_mask:
             why = mask_variant(config, trainer_config)
@@ -774,6 +814,8 @@ def _trainer(
             new = {**from_data, **warm}
             raw.update({k: transforms[k].inv(v) if k in transforms else v for k, v in new.items()})
             state = state._replace(optim_state=svi.optim.init(raw))
+        if cycle:
+            state = state._replace(rng_key=jax.random.fold_in(state.rng_key, cycle))
         state = replicate(state._replace(optim_state=_with_total(state.optim_state, steps)), mesh)
         tracking = val is not None and patience is not None
         if tracking:
@@ -806,7 +848,7 @@ def _trainer(
         stop_reason = "steps"
         step = 0
         t0 = time.perf_counter()
-        keys_all = jax.random.split(k_data, steps)
+        keys_all = jax.random.split(jax.random.fold_in(k_data, cycle) if cycle else k_data, steps)
         feed = None
         if disk:  # pieces of each evaluation chunk, ~64 MB of cells each, read ahead by a background thread
             from perturbax.data.stream import Prefetch
