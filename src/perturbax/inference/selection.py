@@ -85,6 +85,8 @@ CALIBRATION_GENES = 50
 FALLBACK = {"lambda": 0.0, "cells": "control"}
 #: Control cells kept in a fit for the ``"control"`` cell mode (a random subset beyond this).
 MAX_CONTROL_CELLS = 2000
+#: Decimals of the leverages that order the candidates of :func:`in_span_folds` (ties in row order).
+LEVERAGE_DECIMALS = 9
 #: Posterior draws and predicted cells per condition used inside the selection.
 CV_DRAWS, CV_CELLS, CV_PCS = 30, 300, 50
 
@@ -96,7 +98,8 @@ def in_span_folds(design: np.ndarray, n_folds: int = 2, max_fraction: float = 1 
     in-span prediction as the use case does. Candidates are the rows of
     :func:`~perturbax.theory.holdouts.in_span_holdouts`, combinations (two or more nonzero
     entries) only when there are any; they are taken greedily, lowest
-    :func:`~perturbax.theory.holdouts.label_leverage` first (the best supported), while the held-out
+    :func:`~perturbax.theory.holdouts.label_leverage` first (the best supported; equal leverages to
+    ``LEVERAGE_DECIMALS`` decimals in row order), while the held-out
     set stays in the span of the rest; at most ``max(1, max_fraction * perturbed rows)`` per
     fold. Returns fewer (possibly no) folds when there are not enough candidates.
     """
@@ -107,7 +110,9 @@ def in_span_folds(design: np.ndarray, n_folds: int = 2, max_fraction: float = 1 
         cand = combos
     if cand.size == 0:
         return []
-    lev = label_leverage(D)
+    # rounded: rows of equal leverage (common: a design's doubles) are ordered by their index, not by
+    # the last bits of the SVD, which differ between BLAS builds and runs
+    lev = np.round(label_leverage(D), LEVERAGE_DECIMALS)
     order = cand[np.argsort(lev[cand], kind="stable")]
     n_pert = int(np.count_nonzero(np.any(D != 0, axis=1)))
     cap = max(1, min(int(max_fraction * n_pert), math.ceil(order.size / n_folds)))
