@@ -81,10 +81,13 @@ def test_early_stopping_record_keeps_the_best_and_counts_evaluations_without_imp
     # the first finite evaluation is the best so far (not compared with inf - 1e-4 * inf = nan)
     assert track_held_out(EarlyStopping(), 5.0, 0, "s0") == EarlyStopping(5.0, 0, "s0", 0)
     assert track_held_out(EarlyStopping(), float("nan"), 0, "s0").state is None
-    # `perturbax fit` defaults (shared with fit()): 2000 steps, an evaluation every 100, patience
-    # 10; a held-out loss that falls throughout never stops the fit and the last state is kept
-    steps = next(p.default for p in fit_command.params if p.name == "steps")
+    # `perturbax fit` defaults (shared with fit()): 2000 steps (a cycle; steps=None), an evaluation every
+    # 100, patience 10; a held-out loss that falls throughout never stops the fit and the last state is kept
+    from perturbax.inference.fitting import DEFAULT_STEPS
+
     defaults = inspect.signature(fit).parameters
+    assert next(p.default for p in fit_command.params if p.name == "steps") is None is defaults["steps"].default
+    steps = DEFAULT_STEPS
     every, patience = defaults["eval_every"].default, defaults["patience"].default
     assert steps == 2000 and steps > patience * every
     for values in (lambda i: 10.0 / (1 + i), lambda i: 0.5 - 0.05 * i):  # (energy losses go below 0)

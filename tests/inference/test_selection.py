@@ -317,7 +317,7 @@ def test_continue_fit_restarts_from_the_kept_state_and_merges_the_history(sim):
     from functools import partial
 
     import perturbax.inference.fitting as fitting
-    from perturbax.inference.fitting import continue_fit
+    from perturbax.inference.selection import continue_fit
 
     cfg = _config(sim)
     run = fitting._trainer("additive_shift", fitting.BUILTIN_MODELS["additive_shift"][0], cfg, sim, (),

@@ -469,10 +469,10 @@ def fit(data, perturbation_key, control, out, overwrite, objective, likelihood, 
         )
     from perturbax.inference.fitting import DEFAULT_STEPS
 
-    limit = steps if steps is not None else DEFAULT_STEPS * int(info.get("cycles", 1))
-    lines.append(f"Steps run: {info.get('steps_run')} of {limit}"
-                 + (f" ({info['cycles']} cycles of {DEFAULT_STEPS}, chosen by the CV)" if info.get("cycles", 1) > 1 else "")
-                 + f"; stop reason: {info.get('stop_reason')}")
+    cycles = int(info.get("cycles", 1))
+    limit = steps if steps is not None else DEFAULT_STEPS * cycles
+    chosen = f" ({cycles} cycles of {DEFAULT_STEPS}, chosen by the CV)" if cycles > 1 else ""
+    lines.append(f"Steps run: {info.get('steps_run')} of {limit}{chosen}; stop reason: {info.get('stop_reason')}")
     lines.append(f"Final loss: {final}")
     val = np.asarray(result.history.get("val_loss", []))
     if val.size and info.get("best_val_loss") is not None:

@@ -40,7 +40,7 @@ from perturbax.models.dynamics.config import mask_variant
 from perturbax.models.registry import BUILTIN_MODELS, uses_time
 
 __all__ = ["fit", "BUILTIN_MODELS", "DeviceData", "training_times", "data_start", "EarlyStopping", "track_held_out",
-           "default_objective", "default_learning_rate", "DEFAULT_LEARNING_RATE", "DEFAULT_STEPS", "continue_fit"]
+           "default_objective", "default_learning_rate", "DEFAULT_LEARNING_RATE", "DEFAULT_STEPS"]
 
 OBJECTIVES = ("elbo", "energy")
 #: Optimiser steps of ``fit`` given no ``steps`` (of one cycle, when the nested estimator chooses the
@@ -557,34 +557,6 @@ def fit(
 
         return fit_with_selection(trainer, data, seed=seed, max_cycles=MAX_CYCLES if length_chosen else 1)
     return trainer()()
-
-
-def continue_fit(run: Callable[..., FitResult], previous: FitResult, cycle: int, exclude=()) -> FitResult:
-    """One more cycle of ``run`` (a compiled fit, :func:`_trainer`) warm-started from ``previous``:
-    its parameters, a fresh optimiser state and cosine schedule, other draws (``cycle``). The result
-    carries both cycles' histories (held-out steps counted from the first cycle's start) and
-    ``info["cycles"]``; ``info["best_step"]`` and ``info["steps_run"]`` count all cycles' steps."""
-    import dataclasses
-
-    nxt = run(exclude, init_params=previous, cycle=cycle)
-    done = int(previous.info["steps_run"])
-    h0, h1 = previous.history, nxt.history
-    history = {
-        "loss": np.concatenate([h0["loss"], h1["loss"]]),
-        # the second cycle's step 0 is the first's kept state, already scored
-        "val_step": np.concatenate([h0["val_step"], h1["val_step"][1:] + done]),
-        "val_loss": np.concatenate([h0["val_loss"], h1["val_loss"][1:]]),
-    }
-    info = {
-        **nxt.info,
-        "steps_run": done + int(nxt.info["steps_run"]),
-        "best_step": None if nxt.info["best_step"] is None else done + int(nxt.info["best_step"]),
-        "fit_seconds": float(previous.info["fit_seconds"]) + float(nxt.info["fit_seconds"]),
-        "cycles": int(previous.info.get("cycles", 1)) + 1,
-        "warm_started": previous.info.get("warm_started", []),
-        "data_init": previous.info.get("data_init", []),
-    }
-    return dataclasses.replace(nxt, history=history, info=info)
 
 
 def _trainer(

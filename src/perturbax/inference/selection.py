@@ -51,6 +51,7 @@ training conditions of the CV folds; without held-out conditions ``q`` is the no
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -64,6 +65,7 @@ from perturbax.baselines.linear import LinearBaseline, ridge_solve
 from perturbax.data.core import PerturbationData
 from perturbax.data.io import prediction_cells
 from perturbax.inference.nested import CELL_MODES, REPORTED_LEVELS, interval_factor, nested_columns
+from perturbax.inference.result import FitResult
 from perturbax.theory.holdouts import in_span_holdouts, label_leverage
 
 __all__ = [
@@ -71,6 +73,7 @@ __all__ = [
     "MAX_CYCLES",
     "CALIBRATION_GENES",
     "in_span_folds",
+    "continue_fit",
     "nested_path",
     "fit_with_selection",
     "one_standard_error_choice",
@@ -262,6 +265,33 @@ def _cv_scores(fits: list, held_names: list[list[str]], data: PerturbationData, 
     return scores, calib
 
 
+def continue_fit(run: Callable[..., FitResult], previous: FitResult, cycle: int, exclude=()) -> FitResult:
+    """One more cycle of ``run`` (a compiled fit, ``perturbax.inference.fitting._trainer``; what
+    :func:`fit_with_selection` is given) warm-started from ``previous``:
+    its parameters, a fresh optimiser state and cosine schedule, other draws (``cycle``). The result
+    carries both cycles' histories (held-out steps counted from the first cycle's start) and
+    ``info["cycles"]``; ``info["best_step"]`` and ``info["steps_run"]`` count all cycles' steps."""
+    nxt = run(exclude, init_params=previous, cycle=cycle)
+    done = int(previous.info["steps_run"])
+    h0, h1 = previous.history, nxt.history
+    history = {
+        "loss": np.concatenate([h0["loss"], h1["loss"]]),
+        # the second cycle's step 0 is the first's kept state, already scored
+        "val_step": np.concatenate([h0["val_step"], h1["val_step"][1:] + done]),
+        "val_loss": np.concatenate([h0["val_loss"], h1["val_loss"][1:]]),
+    }
+    info = {
+        **nxt.info,
+        "steps_run": done + int(nxt.info["steps_run"]),
+        "best_step": None if nxt.info["best_step"] is None else done + int(nxt.info["best_step"]),
+        "fit_seconds": float(previous.info["fit_seconds"]) + float(nxt.info["fit_seconds"]),
+        "cycles": int(previous.info.get("cycles", 1)) + 1,
+        "warm_started": previous.info.get("warm_started", []),
+        "data_init": previous.info.get("data_init", []),
+    }
+    return dataclasses.replace(nxt, history=history, info=info)
+
+
 def _uses_model(setting: tuple[float, str]) -> bool:
     """Whether a setting's prediction depends on the fitted model (not the ridge mean with control
     cells)."""
@@ -281,17 +311,13 @@ def fit_with_selection(trainer: Callable[..., Callable[..., Any]], data: Perturb
     the calibration in ``info["selection"]``.
 
     **Length.** A cycle is one run of the trainer's steps; a further cycle warm-restarts the
-    schedule from the last one's kept parameters (:func:`~perturbax.inference.fitting.continue_fit`).
+    schedule from the last one's kept parameters (:func:`continue_fit`).
     While fewer than ``max_cycles`` cycles have run and the setting chosen after the last one uses
     the model (``lambda > 0`` or generated cells: otherwise more fitting cannot change the
     prediction), the fold fits run one more cycle, and it is kept when the CV score of its chosen
     setting (mean over the held-out conditions) is lower than the last cycle's; the final fit runs
     the kept number of cycles.
     """
-    import dataclasses
-
-    from perturbax.inference.fitting import continue_fit
-
     if max_cycles < 1:
         raise ValueError(f"max_cycles must be >= 1, got {max_cycles}.")
     t0 = time.perf_counter()
@@ -308,8 +334,8 @@ def fit_with_selection(trainer: Callable[..., Callable[..., Any]], data: Perturb
             res = None
         fits.append(res)
     scores, calib = _cv_scores(fits, held_names, data, seed)
+    all_held = held_names  # aligned with fits (a skipped fold's is None), so each fold keeps its seed
     folds = [f for f, labels in zip(folds, held_names) if labels not in skipped]
-    fits = [r for r in fits if r is not None]
     held_names = [labels for labels in held_names if labels not in skipped]
     cycles, length_log = 1, []
     if folds:
@@ -317,11 +343,11 @@ def fit_with_selection(trainer: Callable[..., Callable[..., Any]], data: Perturb
         length_log.append({"cycles": 1, "lambda": float(lam), "cells": mode,
                            "energy": float(np.mean(scores[(lam, mode)]))})
         while cycles < max_cycles and _uses_model((lam, mode)):
-            more = [continue_fit(run, res, cycles, labels) for res, labels in zip(fits, held_names)]
-            if any(r.info.get("stop_reason") == "nan" for r in more):
+            more = [None if r is None else continue_fit(run, r, cycles, labels) for r, labels in zip(fits, all_held)]
+            if any(r is not None and r.info.get("stop_reason") == "nan" for r in more):
                 length_log.append({"cycles": cycles + 1, "diverged": True})
                 break
-            new_scores, new_calib = _cv_scores(more, held_names, data, seed)
+            new_scores, new_calib = _cv_scores(more, all_held, data, seed)
             new_lam, new_mode = one_standard_error_choice(new_scores)
             energy = float(np.mean(new_scores[(new_lam, new_mode)]))
             length_log.append({"cycles": cycles + 1, "lambda": float(new_lam), "cells": new_mode, "energy": energy})
