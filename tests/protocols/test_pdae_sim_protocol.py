@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from perturbax.data import prediction_intervals
 from perturbax.models import additive_shift_model
 from perturbax.protocols import run_pdae_sim
 
@@ -24,6 +25,14 @@ def test_run_pdae_sim_fits_a_user_model_on_the_same_protocol():
     assert set(model.condition) == set(baseline.condition) and len(model) >= 5
     assert res.refused and not set(res.refused) & set(model.condition)
     assert model.coverage.between(0, 1).all() and np.isfinite(model.energy_pca).all()
+    assert model.coverage_observed.between(0, 1).all() and baseline.coverage_observed.isna().all()
+    # the observed means of the held-out cells: what the calibrated intervals aim at
+    obs = res.split.test.cells_by_condition()
+    pred = res.predictions["model_energy"]
+    for lab, got in zip(model.condition, model.coverage_observed):
+        _, lo, hi = prediction_intervals(pred, lab)
+        mean = np.asarray(obs[lab], dtype=np.float64).mean(0)
+        assert got == np.mean((lo <= mean) & (mean <= hi))
 
 
 def test_run_pdae_sim_without_steps_fits_with_the_package_defaults(monkeypatch):
@@ -64,6 +73,7 @@ def _fake_result(model_energy, coverage):
         for c, g, e in zip(conds, groups, energies):
             rows.append({"method": method, "condition": c, "group": g, "energy_pca": e, "pearson_delta": 0.9,
                          "sd_ratio": 1.0, "coverage": coverage if method == "model_energy" else np.nan,
+                         "coverage_observed": coverage - 0.1 if method == "model_energy" else np.nan,
                          "interval_width": 0.1 if method == "model_energy" else np.nan})
     return PDAESimResult(
         table=pd.DataFrame(rows), fits={}, predictions={}, refused={"C": "never seen"}, population_means={},
@@ -83,6 +93,7 @@ def test_report_reading_paragraph_is_generated_from_the_numbers(tmp_path):
     assert "closer to the real cells than the additive baseline on 2 of 3" in good
     assert "Its median energy distance is 0.01, against 0.02 for the noise floor, 0.2 for the additive" in good
     assert "80% credible intervals" in good and "78% of the genes" in good and "about right" in good
+    assert "Against the observed mean of the held-out cells" in good and "they contained 68%." in good
     assert "(A:2: extrapolation) its median energy distance is 0.5, inside -0.005" in good
     assert "It refused C" in good and "model_energy's." in good
     bad = reading_paragraph(_fake_result([0.9, 0.8, 0.7], 0.4))
