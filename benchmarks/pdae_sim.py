@@ -349,7 +349,7 @@ def section(folder: Path) -> str:
         "of the mean contains the true population mean (20,000 simulated cells); coverage_obs_90: the same "
         "against the observed mean of the 200 held-out cells, which is what the calibrated intervals state they "
         "cover (the observed mean of as many cells as a training condition has: 200), so against the population "
-        "mean they cover more than 90% by construction. sd_ratio = per-gene SD of "
+        "mean they are expected to cover more than 90%. sd_ratio = per-gene SD of "
         "predicted / observed cells.",
         "",
         f"### On how many of the {len(seeds)} seeds each target holds",
