@@ -358,7 +358,7 @@ def fit_file(
                    "implicit: noise fed to the decoder (energy only).")
 @click.option("--steps", default=None, type=click.IntRange(min=1),
               help="Optimiser steps (--model dynamics recipe: of its first stage; the others are fractions of it) "
-                   "[default: 2000; with the nested estimator of the additive model, up to 3 cycles of 2000 chosen "
+                   "[default: 2000; with the nested estimator of the additive model, up to 5 cycles of 2000 chosen "
                    "by CV over the training conditions; a number fixes the length].")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the fit.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Cells per step.")

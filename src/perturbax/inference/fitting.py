@@ -742,12 +742,15 @@ def _trainer(
 
         return jnp.sum(weights * jax.lax.map(one, (blocks, val_keys, xs))) / jnp.sum(weights) * per_cell
 
-    def run(exclude=(), *, config=config, steps=steps, init_params=init_params, cycle: int = 0) -> FitResult:
+    def run(exclude=(), *, config=config, steps=steps, init_params=init_params, cycle: int = 0,
+            stop_early: bool = True) -> FitResult:
         """A fit leaving out the conditions ``exclude``; ``steps`` and ``init_params`` as in ``fit``
         (default: the trainer's); ``config``: the trainer's, or for the linear latent dynamics one
         that differs from it only in ``causal_mask`` (as many free entries, both acyclic or not).
         ``cycle > 0`` draws other cells and noise than cycle 0 (a warm restart continuing an earlier
-        fit passed as ``init_params`` should not replay its draws)."""
+        fit passed as ``init_params`` should not replay its draws). ``stop_early=False`` runs all
+        ``steps`` and returns the last state (the held-out loss is still recorded): for a length
+        that something else judges, such as the CV cycles of the nested estimator."""
         mask = None
         if varies_mask:
             why = mask_variant(config, trainer_config)
@@ -873,7 +876,7 @@ def _trainer(
                     val_losses.append(v)
                     record = track_held_out(record, v, step, state)
                     bar.set_postfix(loss=f"{np.mean(losses[-max(1, n // 4):]):.4g}", val=f"{v:.4g}")
-                    if record.waited >= patience:
+                    if stop_early and record.waited >= patience:
                         stop_reason = "early_stopping"
                         break
                 else:
@@ -883,7 +886,10 @@ def _trainer(
             if feed is not None:
                 feed.close()
         fit_seconds = time.perf_counter() - t0
-        if record.state is not None and stop_reason != "nan":
+        if not stop_early and stop_reason != "nan":  # the last state, whatever its held-out loss
+            final_state, best_step = state, step
+            best_val = val_losses[-1] if tracking and val_losses and math.isfinite(val_losses[-1]) else None
+        elif record.state is not None and stop_reason != "nan":
             final_state, best_step, best_val = record.state, record.step, record.best
         else:  # no held-out evaluation (patience=None), none finite, or the NaN guard fired
             final_state, best_step, best_val = state, step, None

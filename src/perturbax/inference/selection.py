@@ -34,8 +34,10 @@ dominated by the mean shift, so it also judges ``lambda``.
 
 **Length.** Given no ``steps``, ``fit`` lets the same CV choose how long to fit: up to
 ``MAX_CYCLES`` cycles of its default steps, each a warm restart of the cosine schedule from the
-last cycle's kept parameters. A cycle is added while the chosen setting uses the model and the
-CV score falls (:func:`fit_with_selection`). The held-out *cells* of the training conditions
+last cycle's parameters. A cycle is added while the chosen setting uses the model and the
+CV score falls (:func:`fit_with_selection`). Only the first cycle stops early on held-out cells
+(and keeps its best state); a later one runs all its steps and keeps its last state, so that the
+final fit has the length the CV judged. The held-out *cells* of the training conditions
 cannot tell where a longer fit helps (on pdae-sim and Norman their loss changes by 1-2% after
 2000 steps while the held-out *conditions'* energy halves on some designs), so the length is
 judged on held-out conditions, as ``lambda`` is.
@@ -81,7 +83,7 @@ __all__ = [
 
 LAMBDA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 #: Most cycles of fitting (each ``fit``'s default steps) when the length is chosen by the CV.
-MAX_CYCLES = 3
+MAX_CYCLES = 5
 #: DE genes per held-out condition whose errors calibrate the intervals.
 CALIBRATION_GENES = 50
 #: Without held-out training conditions (no in-span CV possible): the ridge mean with control cells.
@@ -268,10 +270,12 @@ def _cv_scores(fits: list, held_names: list[list[str]], data: PerturbationData, 
 def continue_fit(run: Callable[..., FitResult], previous: FitResult, cycle: int, exclude=()) -> FitResult:
     """One more cycle of ``run`` (a compiled fit, ``perturbax.inference.fitting._trainer``; what
     :func:`fit_with_selection` is given) warm-started from ``previous``:
-    its parameters, a fresh optimiser state and cosine schedule, other draws (``cycle``). The result
-    carries both cycles' histories (held-out steps counted from the first cycle's start) and
-    ``info["cycles"]``; ``info["best_step"]`` and ``info["steps_run"]`` count all cycles' steps."""
-    nxt = run(exclude, init_params=previous, cycle=cycle)
+    its parameters, a fresh optimiser state and cosine schedule, other draws (``cycle``), run to the
+    end of its steps (no early stopping on held-out cells: the CV on held-out conditions judges
+    whether the cycle is kept). The result carries both cycles' histories (held-out steps counted
+    from the first cycle's start) and ``info["cycles"]``; ``info["best_step"]`` and
+    ``info["steps_run"]`` count all cycles' steps."""
+    nxt = run(exclude, init_params=previous, cycle=cycle, stop_early=False)
     done = int(previous.info["steps_run"])
     h0, h1 = previous.history, nxt.history
     history = {
