@@ -352,6 +352,7 @@ def test_length_is_chosen_by_the_cv_in_cycles_of_the_default_steps(sim, selected
     import perturbax.inference.selection as selection
 
     monkeypatch.setattr(fitting, "DEFAULT_STEPS", 20)
+    monkeypatch.setattr(selection, "MAX_CYCLES", 3)  # fewer CV scorings than the default's 5: the same logic
     # a setting that uses the model, whatever the CV says, so that the length loop runs
     monkeypatch.setattr(selection, "one_standard_error_choice", lambda scores: (1.0, "generated"))
     res = fit("additive_shift", sim, config=_config(sim), eval_every=10, progress=False, seed=0, patience=None)
