@@ -290,19 +290,23 @@ def reading(checks: pd.DataFrame, groups: pd.DataFrame, defaults: bool = False,
     length = None
     if chosen is not None and len(chosen):
         from perturbax.inference.fitting import DEFAULT_STEPS
+        from perturbax.inference.selection import MAX_CYCLES
 
         cycles = chosen["cycles"] if "cycles" in chosen else pd.Series(1, index=chosen.index)
-        limit = cycles * DEFAULT_STEPS  # each seed's length: the cycles its CV chose
-        late = int((chosen.best_step >= chosen.steps_run - 0.1 * DEFAULT_STEPS).sum())
-        stopped = int((chosen.steps_run < limit).sum())
         counts = cycles.value_counts().sort_index()
+        capped = int((cycles == MAX_CYCLES).sum())
+        # only the first cycle stops early on held-out cells; later ones run to their end
+        one = chosen[cycles == 1]
+        stopped = int((one.steps_run < DEFAULT_STEPS).sum())
         length = (" The CV on training conditions chose "
                   + ", ".join(f"{int(k)} cycle{'s' if k > 1 else ''} of {DEFAULT_STEPS} steps on {int(v)}"
                               for k, v in counts.items())
-                  + f" of {len(chosen)} seeds; early stopping on held-out cells ended {stopped} of them before "
-                  f"their last cycle's end, and the state kept was from the last tenth of the last cycle on {late} "
-                  f"(median best step {int(chosen.best_step.median())})"
-                  + (": most were still improving when their length ended." if 2 * late > len(chosen) else "."))
+                  + f" of {len(chosen)} seeds"
+                  + (f"; on the {capped} with {MAX_CYCLES}, the most `fit` allows, every cycle lowered the CV energy, "
+                     f"so their length was ended by the cap and not by the CV" if capped else "")
+                  + (f"; early stopping on held-out cells ended {stopped} of the {len(one)} one-cycle fits before "
+                     f"{DEFAULT_STEPS} steps" if len(one) else "")
+                  + ".")
     c = target_flags(checks[checks.method == "model_energy"])
     n, acc, cov, spread = len(c), int(c.accuracy.sum()), int(c.coverage.sum()), int(c.spread.sum())
     g = groups[groups.method == "model_energy"].set_index("group")
