@@ -121,11 +121,23 @@ def test_in_span_folds_do_not_depend_on_rounding_noise_of_the_leverages(monkeypa
     lev = label_leverage(design)
     assert np.ptp(lev[1 + K :]) < 1e-9  # the doubles tie
     expected = in_span_folds(design)
-    assert [f.tolist() for f in expected] == [[5], [6]]  # the first doubles, in row order (one a fold here)
+    assert [f.tolist() for f in expected] == [[5, 6], [7, 8]]  # the first doubles, in row order
     for seed in range(5):
         noise = np.random.default_rng(seed).normal(scale=1e-14, size=lev.size)
         monkeypatch.setattr(selection, "label_leverage", lambda D, n=noise: label_leverage(D) + n)
         assert [f.tolist() for f in in_span_folds(design)] == [f.tolist() for f in expected]
+
+
+def test_in_span_folds_hold_out_two_conditions_a_fold_in_small_designs():
+    """5 singles and 5 doubles: max_fraction (1/6 of 10) alone would hold out one double a fold, so the
+    CV and the interval calibration would rest on two conditions; two a fold when every fold can have two."""
+    K = 5
+    pairs = [np.eye(K)[i] + np.eye(K)[j] for i, j in [(0, 1), (1, 2), (2, 3), (3, 4), (0, 4)]]
+    design = np.vstack([np.zeros((1, K)), np.eye(K), *pairs])
+    assert [f.tolist() for f in in_span_folds(design, min_per_fold=1)] == [[6], [7]]
+    assert [f.tolist() for f in in_span_folds(design)] == [[6, 7], [8, 9]]
+    three = np.vstack([np.zeros((1, K)), np.eye(K), *pairs[:3]])  # 3 candidates: not two for every fold
+    assert [len(f) for f in in_span_folds(three)] == [1, 1]
 
 
 def test_in_span_folds_singles_only_and_fallback(sim):

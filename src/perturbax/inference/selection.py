@@ -96,7 +96,8 @@ LEVERAGE_DECIMALS = 9
 CV_DRAWS, CV_CELLS, CV_PCS = 30, 300, 50
 
 
-def in_span_folds(design: np.ndarray, n_folds: int = 2, max_fraction: float = 1 / 6) -> list[np.ndarray]:
+def in_span_folds(design: np.ndarray, n_folds: int = 2, max_fraction: float = 1 / 6,
+                  min_per_fold: int = 2) -> list[np.ndarray]:
     """Disjoint sets of training conditions (row indices of ``design``) to hold out, one per fold.
 
     Each set stays in the span of the rows left in training when it is held out, so a fold tests
@@ -105,8 +106,11 @@ def in_span_folds(design: np.ndarray, n_folds: int = 2, max_fraction: float = 1 
     entries) only when there are any; they are taken greedily, lowest
     :func:`~perturbax.theory.holdouts.label_leverage` first (the best supported; equal leverages to
     ``LEVERAGE_DECIMALS`` decimals in row order), while the held-out
-    set stays in the span of the rest; at most ``max(1, max_fraction * perturbed rows)`` per
-    fold. Returns fewer (possibly no) folds when there are not enough candidates.
+    set stays in the span of the rest; at most ``max(max_fraction * perturbed rows, m)`` per fold
+    (and no more than an equal share of the candidates), with ``m = min(min_per_fold, candidates //
+    n_folds)``: in a small design ``max_fraction`` alone would hold out one condition a fold, and the
+    CV's choices and the interval calibration would rest on two conditions, whose genes share their
+    errors. Returns fewer (possibly no) folds when there are not enough candidates.
     """
     D = np.asarray(design, dtype=np.float64)
     cand = in_span_holdouts(D)
@@ -120,7 +124,8 @@ def in_span_folds(design: np.ndarray, n_folds: int = 2, max_fraction: float = 1 
     lev = np.round(label_leverage(D), LEVERAGE_DECIMALS)
     order = cand[np.argsort(lev[cand], kind="stable")]
     n_pert = int(np.count_nonzero(np.any(D != 0, axis=1)))
-    cap = max(1, min(int(max_fraction * n_pert), math.ceil(order.size / n_folds)))
+    floor = min(min_per_fold, order.size // n_folds)
+    cap = max(1, floor, min(int(max_fraction * n_pert), math.ceil(order.size / n_folds)))
     used: set[int] = set()
     folds = []
     for _ in range(n_folds):
