@@ -85,6 +85,11 @@ def fmt(x: float, digits: int = 3) -> str:
     return "n/a" if math.isnan(x) else f"{x:.{digits}g}"
 
 
+def fraction(x: float) -> str:
+    """A fraction (coverage) with two decimals: 0.9975 is 1.00, not 1."""
+    return "n/a" if math.isnan(x) else f"{x:.2f}"
+
+
 def ms(x: float) -> str:
     """A time in ms: whole numbers from 10 up, one decimal below."""
     return "n/a" if math.isnan(x) else (f"{x:.0f}" if x >= 10 else f"{x:.1f}")
@@ -168,7 +173,7 @@ def norman(secs):
         "",
         md_table(["method", "energy distance (50 PCs)", "Pearson delta, top-20 genes", "section"], rows),
         "",
-        f"The package's 90% intervals of the per-gene means cover {fmt(cov, 2)} of the 50 most changed genes' true "
+        f"The package's 90% intervals of the per-gene means cover {fraction(cov)} of the 50 most changed genes' true "
         f"means, and its cells spread like the real ones (per-gene SD ratio {fmt(sd, 3)}).",
         "",
         "**What it means:** " + (
@@ -209,8 +214,8 @@ def pdae(secs):
     for grp in groups:
         rows.append([names[grp], str(int(num(val[(grp, "model_energy")]["n"]))), fmt(get(grp, "model_energy")),
                      fmt(get(grp, "linear")), fmt(get(grp, "additive")), fmt(get(grp, "control")),
-                     fmt(get(grp, "noise_floor")), fmt(get(grp, "model_energy", "coverage_mean"), 2),
-                     fmt(get(grp, "model_energy", "coverage_observed_mean"), 2)])
+                     fmt(get(grp, "noise_floor")), fraction(get(grp, "model_energy", "coverage_mean")),
+                     fraction(get(grp, "model_energy", "coverage_observed_mean"))])
     n_seeds = seeds["model_energy"]["accuracy"].split("/")[-1].strip()
     best_name, best = min((("linear", get("double", "linear")), ("additive", get("double", "additive"))), key=lambda t: t[1])
     cov_in, cov_out = get("dose-in-hull", "model_energy", "coverage_mean"), get("dose-outside-hull", "model_energy", "coverage_mean")
@@ -237,8 +242,8 @@ def pdae(secs):
             f"where the design identifies a perturbation the model's cells are {best / get('double', 'model_energy'):.0f} "
             f"times closer to the truth than the best baseline's for held-out doubles "
             f"({fmt(get('double', 'model_energy'))} vs {best_name} {fmt(best)}); its 90% intervals cover "
-            f"{fmt(cov_in, 2)} of the true means inside the hull, {fmt(get('double', 'model_energy', 'coverage_mean'), 2)} "
-            f"for doubles and {fmt(cov_out, 2)} for doses outside the hull"
+            f"{fraction(cov_in)} of the true means inside the hull, {fraction(get('double', 'model_energy', 'coverage_mean'))} "
+            f"for doubles and {fraction(cov_out)} for doses outside the hull"
             + (": identified is not the same as accurate far from the data." if cov_out < cov_in - 0.05 else ".")),
         "",
         "Published anchor: the PDAE paper (von Kügelgen et al., arXiv 2504.18522) evaluates PDAE on simulations of "
