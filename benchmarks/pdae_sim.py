@@ -319,7 +319,7 @@ def band_resolution(table: pd.DataFrame, method: str = "model_energy", level: fl
     t = table[(table.method == method) & table.group.isin(["double", "dose-in-hull", "dose-outside-hull"])]
     n_genes = DEFAULT_SIMULATION["n_genes"]
     num = den = 0.0
-    for (_, _), g in t.groupby(["seed", "group"]):
+    for _, g in t.groupby(["seed", "group"]):
         if len(g) > 1:
             num += g.coverage.var(ddof=1) * (len(g) - 1)
     for _, g in t.groupby("group"):
@@ -362,6 +362,7 @@ def reading(checks: pd.DataFrame, groups: pd.DataFrame, defaults: bool = False,
                   + (f"; early stopping on held-out cells ended {stopped} of the {len(one)} one-cycle fits before "
                      f"{DEFAULT_STEPS} steps" if len(one) else "")
                   + ".")
+    c = target_flags(checks[checks.method == "model_energy"])
     resolution = None
     if table is not None:
         r = band_resolution(table)
@@ -373,9 +374,7 @@ def reading(checks: pd.DataFrame, groups: pd.DataFrame, defaults: bool = False,
             f"probability {r['p_in']:.2f} (standard error {r['se']:.3f}): {r['expected']:.1f} of {r['seeds']} "
             f"seeds on average, and {r['k']} or more with probability {r['p_at_least_k']:.2f}. The target of "
             f"{r['k']} seeds in the band is at the resolution of this protocol; "
-            f"{int(target_flags(checks[checks.method == 'model_energy']).coverage_85_95.sum())} in it is below "
-            f"what exact calibration would give.")
-    c = target_flags(checks[checks.method == "model_energy"])
+            f"{int(c.coverage_85_95.sum())} in it is below what exact calibration would give.")
     n, acc, cov, spread = len(c), int(c.accuracy.sum()), int(c.coverage.sum()), int(c.spread.sum())
     g = groups[groups.method == "model_energy"].set_index("group")
     ratio = float(c.ratio_to_additive.median())
