@@ -191,12 +191,24 @@ def provenance() -> dict[str, str]:
 
 
 def common_provenance(records) -> dict[str, str]:
-    """The provenance shared by several kept results (``unknown`` where any lacks it or they differ)."""
+    """The provenance shared by several kept results (``unknown`` where any lacks it or they differ).
+
+    Results run at different commits of the same library digest (a run split over sessions) get
+    the latest of those commits, when git can order them (each an ancestor of the next)."""
     provs = [r.get("provenance") or {} for r in records]
     out = {}
     for key in ("commit", "worktree", "library"):
         values = {p.get(key, "unknown") for p in provs}
         out[key] = values.pop() if len(values) == 1 else "unknown"
+    commits = sorted({p.get("commit", "unknown") for p in provs})
+    if out["commit"] == "unknown" and out["library"] != "unknown" and "unknown" not in commits:
+        latest = commits[0]
+        for c in commits[1:]:
+            if _git("merge-base", "--is-ancestor", latest, c) is not None:
+                latest = c
+            elif _git("merge-base", "--is-ancestor", c, latest) is None:
+                return out  # unrelated commits
+        out["commit"] = latest
     return out
 
 

@@ -159,7 +159,7 @@ def _headline_row(s: dict, m: str, label: str) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def report(rows: list[dict], command: str, note: str = "") -> str:
+def report(rows: list[dict], command: str, note: str = "", idle: bool = False) -> str:
     rows = sorted(rows, key=lambda r: (r["gene"], r["line"]))
     s = summary(rows)
     n, folds = s["n"], sorted({r["fold"] for r in rows})
@@ -230,8 +230,9 @@ def report(rows: list[dict], command: str, note: str = "") -> str:
         f"mean 90% coverage {s['coverage_mean']:.2f} (in 0.80-0.95 on {s['coverage_in_band']} of {n}). " + verdict,
         "",
         f"Fit time with the defaults (CV fits + final fit): {np.mean(list(fit_s.values())):.0f} s per fit "
-        f"(min {min(fit_s.values()):.0f}, max {max(fit_s.values()):.0f}) on the 2-core CPU machine, **shared** with "
-        "other jobs during the run (wall times inflated). Ridge alpha chosen per fit: "
+        f"(min {min(fit_s.values()):.0f}, max {max(fit_s.values()):.0f}) on the 2-core CPU machine, "
+        + ("otherwise idle during the fits" if idle else "**shared** with other jobs during the run (wall times inflated)")
+        + ". Ridge alpha chosen per fit: "
         + ", ".join(f"{k}: {a:g}" for k, a in sorted({r['fold']: r['ridge_alpha'] for r in rows}.items()))
         + f". Coverage note of a prediction: \"{_first_sentence(rows[0]['coverage_note'])}\"",
         "",
@@ -280,12 +281,13 @@ def main(argv=None) -> int:
     ap.add_argument("--report", nargs="*", default=None, help="JSON result files: write the docs section and plot.")
     ap.add_argument("--command", default=None, help="The command to quote in the section (with --report).")
     ap.add_argument("--note", default="", help="--report: a paragraph added to the section (what the run showed).")
+    ap.add_argument("--idle", action="store_true", help="--report: the fits had the machine to themselves.")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.report is not None:
         rows = [r for f in args.report for r in json.loads(_Path(f).read_text())]
         plot(rows)
-        text = report(rows, args.command or "benchmarks/contexts_mcfaline.py", args.note)
+        text = report(rows, args.command or "benchmarks/contexts_mcfaline.py", args.note, args.idle)
         write_section("contexts-mcfaline", text, sources=[_Path(__file__)], produced=common_provenance(rows))
         print(text)
         return 0
