@@ -190,7 +190,7 @@ def provenance() -> dict[str, str]:
     return {"commit": commit, "worktree": worktree, "library": library_digest()}
 
 
-def common_provenance(records) -> dict[str, str]:
+def common_provenance(records, *, root: Path = ROOT) -> dict[str, str]:
     """The provenance shared by several kept results (``unknown`` where any lacks it or they differ).
 
     Results run at different commits of the same library digest (a run split over sessions) get
@@ -204,9 +204,9 @@ def common_provenance(records) -> dict[str, str]:
     if out["commit"] == "unknown" and out["library"] != "unknown" and "unknown" not in commits:
         latest = commits[0]
         for c in commits[1:]:
-            if _git("merge-base", "--is-ancestor", latest, c) is not None:
+            if _git("merge-base", "--is-ancestor", latest, c, root=root) is not None:
                 latest = c
-            elif _git("merge-base", "--is-ancestor", c, latest) is None:
+            elif _git("merge-base", "--is-ancestor", c, latest, root=root) is None:
                 return out  # unrelated commits
         out["commit"] = latest
     return out

@@ -180,6 +180,25 @@ def test_section_check_catches_a_changed_script(tmp_path):
     assert "has 0 stamps" in _docs.check_sections(bare, root=tmp_path)[0]
 
 
+def test_results_of_one_library_over_several_commits_take_the_latest(tmp_path):
+    """A run split over sessions (same library digest, commits in one line of history) is stamped
+    with its latest commit; commits git cannot order, or other libraries, stay unknown."""
+    git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), *a], capture_output=True, text=True,  # noqa: E731
+                                    check=True).stdout.strip()
+    git("init", "-q")
+    commits = []
+    for i in range(2):
+        (tmp_path / "f.txt").write_text(str(i))
+        git("add", "f.txt")
+        git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", str(i))
+        commits.append(git("rev-parse", "--short=7", "HEAD"))
+    rec = lambda c, lib="L": {"provenance": {"commit": c, "worktree": "clean", "library": lib}}  # noqa: E731
+    both = [rec(commits[1]), rec(commits[0])]
+    assert _docs.common_provenance(both, root=tmp_path)["commit"] == commits[1]
+    assert _docs.common_provenance([rec(commits[0]), rec("0000000")], root=tmp_path)["commit"] == "unknown"
+    assert _docs.common_provenance([rec(commits[0]), rec(commits[1], "M")], root=tmp_path)["commit"] == "unknown"
+
+
 def test_section_check_catches_a_changed_library(tmp_path):
     """A headline's section is older than the code it measures: a change of the code of a library
     module (not of its docstrings or comments, nor of cli/ or plotting/) after the numbers fails the
