@@ -607,7 +607,11 @@ def run_defaults_one(seed: int, multi: bool, args) -> dict:
     out["recovery"] = rec
     r = res.info["recipe"]
     out["recipe"] = {k: v for k, v in r.items() if k != "calibration"}
-    out["recipe"]["calibration_factor_90"] = (r.get("calibration") or {}).get("factor", {}).get("0.9")
+    if r.get("calibration"):
+        from perturbax.inference.dynamics_recipe import calibration_factors
+
+        out["recipe"]["calibration_factor_90"] = calibration_factors(r["calibration"], 0.9)[0]
+        out["recipe"]["calibration_contexts"] = r["calibration"].get("contexts")
     print(f"[h] seed {seed} ({out['design']}): MCC {rec['mcc']:.3f} signs {rec['sign_agreement']:.2f} order "
           f"{r['order'].get('chosen')} energy {r['energy_steps']} ({out['fit_seconds']:.0f} s)", flush=True)
 
@@ -647,6 +651,7 @@ def run_defaults_one(seed: int, multi: bool, args) -> dict:
         lo, hi = np.asarray(pred.varm["pred_lower"])[:, j], np.asarray(pred.varm["pred_upper"])[:, j]
         true_mean = true_cells.mean(0)
         row["coverage90"] = float(np.mean((true_mean >= lo) & (true_mean <= hi)))
+        row["interval_kind"] = (pred.uns["perturbax"].get("calibration") or {}).get("kinds", [None] * len(keys))[j]
         if group == "unseen double":
             row["additive_time_label"] = ed_pair(np.asarray(pred_add.X[alab == canon(time_label(p, t, t0_sim))]),
                                                  true_cells, seed=i, half=N_HALF)
@@ -677,6 +682,12 @@ def run_defaults(args) -> dict:
 
 
 def section_defaults(h: dict, planned_seeds: int = 5) -> list[str]:
+    def _factor_text(f):
+        """The 90% factor of a seed's intervals: one number (runs before the kinds) or one per kind."""
+        if isinstance(f, dict):
+            return ", ".join(f"{k} {_f(v, '.3g')}" for k, v in f.items())
+        return _f(f, ".3g")
+
     runs = h["runs"]
     n = len(runs)
     partial = n < planned_seeds
@@ -744,7 +755,10 @@ def section_defaults(h: dict, planned_seeds: int = 5) -> list[str]:
           f"{'met' if tot['far'][0] == tot['far'][1] else '**not met**'} (read as: all);",
           f"- 90% intervals of per-gene means: mean coverage {np.mean(tot['cov']):.2f} over the evaluated pairs "
           f"(per seed {', '.join(f'{c:.2f}' for c in tot['cov'])}; target 0.85-0.95) -- "
-          f"{'met' if 0.85 <= np.mean(tot['cov']) <= 0.95 else '**not met**'}.", "",
+          f"{'met' if 0.85 <= np.mean(tot['cov']) <= 0.95 else '**not met**'}"
+          + ("; by group of pairs, mean over the seeds: " + ", ".join(
+              f"{g} {np.mean([np.mean([x['coverage90'] for x in r['pairs'] if x['group'] == g]) for r in runs]):.2f}"
+              for g in dict.fromkeys(x["group"] for r in runs for x in r["pairs"])) + ".") , "",
           "Per-seed time (fit, and the whole seed with predictions and the baseline fit): "
           + ", ".join(f"seed {r['seed']}: {r['fit_seconds']:.0f} s / {r['seconds']:.0f} s" for r in runs) + "."
           + (f" The seeds were {h['note_parallel']}." if h.get("note_parallel") else ""), ""]
@@ -752,7 +766,7 @@ def section_defaults(h: dict, planned_seeds: int = 5) -> list[str]:
         o = r["recipe"]["order"]
         L.append(f"Seed {r['seed']}: held-out training contexts {r['recipe']['held_out_contexts']}; order: "
                  f"{o.get('reason')}; energy stage: {r['recipe']['energy_reason']}; 90% interval factor "
-                 f"{_f(r['recipe'].get('calibration_factor_90'), '.3g')}; stages "
+                 f"{_factor_text(r['recipe'].get('calibration_factor_90'))}; stages "
                  + "; ".join(f"{st['stage']} {st['steps_run']} steps ({st['seconds']:.0f} s)" for st in r['recipe']['stages'])
                  + f". Theory check: {r['theory']['status']}; order from the design: {r['order_design_check']['status']} "
                  f"(with the true targets' support: {r['order_design_check_true_targets']}).")

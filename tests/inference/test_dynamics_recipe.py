@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from perturbax.cli import main
 from perturbax.data import from_anndata, prediction_intervals, prediction_trajectory, simulate_latent_dynamics
 from perturbax.inference import FitResult, fit, held_out_contexts, pair_key, predict
-from perturbax.inference.dynamics_recipe import recipe_lines
+from perturbax.inference.dynamics_recipe import _context_cells, recipe_lines
 from perturbax.models import LatentDynamicsConfig
 
 TIMES = (0.5, 1.0, 2.0, 4.0)
@@ -41,13 +41,52 @@ def recipe_fit(sim):
 def test_held_out_contexts_are_interior_times_of_training_perturbations(sim):
     _, _, data = sim
     ctx = held_out_contexts(data)
-    # 4 conditions x 4 times = 16 contexts -> at most 16 // 8 = 2, one per perturbed condition
-    assert len(ctx) == 2
-    assert len({lab for lab, _ in ctx}) == 2 and all(lab != "control" for lab, _ in ctx)
-    assert all(t in (1.0, 2.0) for _, t in ctx)  # never the first or last time of the perturbation
+    # 4 conditions x 4 times = 16 contexts -> at most 16 // 8 = 2 interior ones, one per perturbed condition
+    # (labels in order: P0, P0+P1), never their first or last time; one combination only, so none is
+    # held out whole; the last time of the remaining condition (P1, 4 times) stands for extrapolation
+    assert ctx == [("P0", 1.0), ("P0+P1", 2.0), ("P1", 4.0)]
     # a perturbation measured at two times only cannot be held out at one of them
     two = data.subset(np.flatnonzero(np.isin(np.asarray(data.times), (0.5, 4.0))))
     assert held_out_contexts(two) == []
+
+
+def test_held_out_contexts_stand_in_for_each_kind_of_prediction():
+    """With two or more measured combinations, every time of one of them is held out (an unmeasured
+    combination), and each held-out context is of the kind it stands in for."""
+    from perturbax.inference.dynamics_recipe import context_kind, measured_times
+
+    adata, _ = simulate_latent_dynamics(n_programs=3, n_perturbations=3, times=(0.5, 1.0, 2.0, 4.0), n_cells=5,
+                                        n_genes=4, doubles="all", seed=0)
+    data = from_anndata(adata, "perturbation", "control", time_key="time")
+    ctx = held_out_contexts(data)
+    combos = [lab for lab in data.conditions if lab.count("+") == 1]
+    assert len(combos) == 3
+    whole = [lab for lab in combos if {t for lab2, t in ctx if lab2 == lab} == {0.5, 1.0, 2.0, 4.0}]
+    assert len(whole) == 1  # one combination, at all its times
+    rest = data.subset(np.setdiff1d(np.arange(data.n_cells), _context_cells(data, ctx)))
+    seen = measured_times(rest)
+    kinds = [context_kind(seen, data.L[data.env == data.condition_index(lab)][0], t) for lab, t in ctx]
+    assert kinds.count("unseen") == 4 and kinds.count("beyond") == 1 and kinds.count("interior") >= 1
+    assert all(k == "unseen" for (lab, _), k in zip(ctx, kinds) if lab == whole[0])
+    # context_kind: measured label within / outside its times, a label never measured
+    full = measured_times(data)
+    e0 = data.L[data.env == data.condition_index("P0")][0]
+    assert [context_kind(full, e0, t) for t in (0.75, 4.0, 8.0)] == ["interior", "interior", "beyond"]
+    assert context_kind({k: v for k, v in full.items() if k != tuple(np.round(e0, 9).tolist())}, e0, 1.0) == "unseen"
+
+
+def test_calibration_factors_by_kind_and_the_conservative_fallback():
+    from perturbax.inference.dynamics_recipe import calibration_factors
+
+    cal = {"scores": {"interior": list(np.linspace(0, 1, 99)), "unseen": list(np.linspace(0, 3, 99))}}
+    f, how = calibration_factors(cal, 0.9)
+    assert f["interior"] == pytest.approx(0.9, abs=0.02) and f["unseen"] == pytest.approx(2.7, abs=0.05)
+    assert f["beyond"] == f["unseen"] and "largest" in how["beyond"] and how["interior"].startswith("held-out")
+    # a calibration saved before the kinds (one list of interior scores) calibrates every kind
+    old, _ = calibration_factors({"scores": list(np.linspace(0, 1, 99))}, 0.9)
+    assert old["interior"] == old["beyond"] == old["unseen"] == f["interior"]
+    with pytest.raises(ValueError, match="no scores"):
+        calibration_factors({"scores": {}}, 0.9)
 
 
 @pytest.mark.slow
@@ -68,7 +107,9 @@ def test_default_fit_runs_the_recipe_and_records_its_choices(sim, recipe_fit):
     assert order["chosen"] in order["equally_well"]
     assert np.array_equal(recipe_fit.config.mask[order["chosen"][1], order["chosen"][0]], 1)
     cal = r["calibration"]
-    assert len(cal["scores"]) == len(held) * data.n_genes and cal["factor"]["0.9"] > 0
+    assert sum(len(v) for v in cal["scores"].values()) == len(held) * data.n_genes
+    assert set(cal["scores"]) == {"interior", "beyond"} and all(f["0.9"] > 0 for f in cal["factor"].values())
+    assert sorted(map(tuple, cal["contexts"]["beyond"])) == [("P1", 4.0)]
     text = "\n".join(recipe_lines(r))
     assert "held out" in text and "Energy stage:" in text and "Intervals calibrated" in text
 
@@ -78,14 +119,21 @@ def test_recipe_intervals_are_calibrated_and_trajectories_unpack(recipe_fit, tmp
     pred = predict(recipe_fit, ["P0"], times=[0.5, 2.0, 8.0], n_cells=4, num_samples=10, seed=0)
     meta = pred.uns["perturbax"]
     cal = recipe_fit.info["recipe"]["calibration"]
-    q = meta["calibration"]["interval_factor"]
+    # P0 is measured at 0.5-4: t = 0.5, 2 are interior, t = 8 beyond, each with its kind's factor
+    assert meta["calibration"]["kinds"] == ["interior", "interior", "beyond"]
+    q = np.asarray(meta["calibration"]["interval_factors"])
+    # (the saved scores are rounded to 5 decimals)
+    assert q[0] == q[1] and q[:2] == pytest.approx(cal["factor"]["interior"]["0.9"], rel=1e-5)
+    assert q[2] == pytest.approx(cal["factor"]["beyond"]["0.9"], rel=1e-5)
     draws = np.asarray(pred.uns["mean_draws"], dtype=np.float64)
     sigma = np.sqrt(draws.var(1) + np.asarray(cal["cell_var"]) / cal["n_ref"])
-    np.testing.assert_allclose(np.asarray(pred.varm["pred_upper"]).T, draws.mean(1) + q * sigma, rtol=1e-5, atol=1e-5)
-    # another level rescales by the ratio of the conformal factors
-    mean, lo, hi = prediction_intervals(pred, pair_key("P0", 2.0), level=0.5)
-    q50 = meta["calibration"]["factors"]["0.5"]
-    np.testing.assert_allclose(hi - mean, (np.asarray(pred.varm["pred_upper"])[:, 1] - mean) * q50 / q, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(pred.varm["pred_upper"]).T, draws.mean(1) + q[:, None] * sigma, rtol=1e-5,
+                               atol=1e-5)
+    # another level rescales by the ratio of the conformal factors of the column's kind
+    for j, t in ((1, 2.0), (2, 8.0)):
+        mean, lo, hi = prediction_intervals(pred, pair_key("P0", t), level=0.5)
+        q50 = meta["calibration"]["factors_by_kind"][meta["calibration"]["kinds"][j]]["0.5"]
+        np.testing.assert_allclose(hi - mean, (np.asarray(pred.varm["pred_upper"])[:, j] - mean) * q50 / q[j], rtol=1e-5)
     times, m, lower, upper = prediction_trajectory(pred, "P0")
     np.testing.assert_array_equal(times, [0.5, 2.0, 8.0])
     assert m.shape == lower.shape == (3, pred.n_vars) and np.all(lower <= m) and np.all(m <= upper)
@@ -218,7 +266,6 @@ def test_default_batch_size_fits_small_data_sets(sim, monkeypatch):
     default batch_size: the recipe's ELBO steps draw at most the training cells of its smallest
     stage (the selection run without its held-out contexts) instead of failing (issue 18)."""
     from perturbax.inference import dynamics_recipe
-    from perturbax.inference.dynamics_recipe import _context_cells
 
     data = sim[2].subset(np.arange(0, sim[2].n_cells, 2))  # every other cell: 10 per context
     held = _context_cells(data, held_out_contexts(data))

@@ -313,10 +313,13 @@ def prediction_intervals(adata, label, *, level: float | None = None) -> tuple[n
         raise ValueError(f"level must be in (0, 1), got {level}.")
     nested = meta.get("nested") or meta.get("calibration")  # (calibrated intervals: nested or dynamics recipe)
     if nested is not None:
-        factors = {float(a): float(q) for a, q in dict(nested["factors"]).items()}
+        by_kind = nested.get("factors_by_kind")  # (dynamics recipe: the factors of this column's kind)
+        levels = by_kind[nested["kinds"][j]] if by_kind is not None else nested["factors"]
+        factors = {float(a): float(q) for a, q in dict(levels).items()}
         if float(level) not in factors:
             raise ValueError(f"level={level} is not one this calibrated prediction holds; use one of {sorted(factors)}.")
-        scale = factors[float(level)] / float(nested["interval_factor"])
+        own = nested["interval_factors"][j] if by_kind is not None else nested["interval_factor"]
+        scale = factors[float(level)] / float(own)
         return mean, mean - (mean - lower) * scale, mean + (upper - mean) * scale
     draws = np.asarray(adata.uns["mean_draws"])[j]
     return mean, np.quantile(draws, (1 - level) / 2, axis=0), np.quantile(draws, (1 + level) / 2, axis=0)

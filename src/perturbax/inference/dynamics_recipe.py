@@ -7,18 +7,22 @@ stage by hand):
 0. **Design check before the fit** (:func:`perturbax.theory.check_order_design`): whether the
    training design can identify the causal order of the programs from the total effects ``W``
    (a UserWarning when it cannot).
-1. **Held-out training contexts** (:func:`held_out_contexts`): a few (perturbation, time) pairs
-   of the training data, each a perturbation measured at two or more other times, held out as a
-   whole -- the use case (a perturbation at an unmeasured time) inside the training data. No test
-   pair and no ground truth is looked at.
+1. **Held-out training contexts** (:func:`held_out_contexts`): (perturbation, time) pairs of the
+   training data held out as a whole, of each kind of prediction a user makes (:func:`context_kind`):
+   a measured perturbation at an unmeasured time between its measured ones (``"interior"``) or
+   after them (``"beyond"``), and a combination never measured (``"unseen"``: every time of one
+   training combination whose perturbations are measured otherwise) -- the use cases inside the
+   training data. No test pair and no ground truth is looked at.
 2. **Selection run** on the other contexts, every stage early-stopped on the held-out contexts:
    (a) ELBO on the default causal mask; (b) the program order read from ``W`` and refitted on its
    mask (:func:`~perturbax.inference.refit_in_causal_order`), the orders the posterior of ``W``
    supports refitted too, and the orders whose held-out loss is within noise of the best reported
    as fitting equally well; (c) the energy objective warm-started from (b): its best step on the
    held-out contexts is the **length of the energy stage** (0 when it does not improve on (b)).
-   The generated predictions of the held-out contexts then **calibrate the intervals**
-   (conformal factor of ``|observed mean - predicted mean| / sigma`` over their genes).
+   The generated predictions of the held-out contexts then **calibrate the intervals**, one
+   conformal factor of ``|observed mean - predicted mean| / sigma`` per kind of prediction
+   (:func:`calibration_factors`): extrapolation in time and unmeasured combinations err more than
+   interpolation, and a prediction gets the factor of its own kind.
 3. **Final fit on all training cells**: ELBO on the chosen order's mask, warm-started from (b)
    (``FINAL_ELBO_FRACTION`` of ``steps``, early stopping on held-out cells), then the energy
    stage for the chosen length.
@@ -47,15 +51,21 @@ __all__ = [
     "MAX_HELD_CONTEXTS",
     "ENERGY_FRACTION",
     "FINAL_ELBO_FRACTION",
+    "CONTEXT_KINDS",
     "held_out_contexts",
+    "context_kind",
+    "measured_times",
+    "calibration_factors",
     "stage_batch_size",
     "order_candidates",
     "fit_dynamics_recipe",
     "recipe_lines",
 ]
 
-#: Most (perturbation, time) contexts held out for the selection run (at most 1 in 8 contexts).
+#: Most interior (perturbation, time) contexts held out for the selection run (at most 1 in 8 contexts).
 MAX_HELD_CONTEXTS = 4
+#: Kinds of prediction, each calibrated on held-out training contexts of its kind (:func:`context_kind`).
+CONTEXT_KINDS = ("interior", "beyond", "unseen")
 #: Steps of each order refit, as a fraction of ``steps``; most refits of the order read.
 ORDER_FRACTION, MAX_ORDER_ROUNDS = 0.5, 2
 #: Longest energy stage of the selection run, as a fraction of ``steps``.
@@ -72,35 +82,82 @@ ALTERNATIVE_SHARE = 0.1
 ORDER_DRAWS, CALIBRATION_DRAWS = 200, 50
 
 
-def held_out_contexts(data: PerturbationData, max_contexts: int = MAX_HELD_CONTEXTS) -> list[tuple[str, float]]:
-    """(perturbation, time) contexts of ``data`` to hold out for the selection run.
+def _condition_times(data: PerturbationData) -> dict[str, np.ndarray]:
+    """Distinct times of each perturbed condition of ``data`` (label -> ascending times)."""
+    env, t = np.asarray(data.env), np.asarray(data.times, dtype=np.float64)
+    return {data.conditions[e]: np.unique(t[env == e]) for e in np.unique(env) if e != data.control_index}
 
-    Candidates are the *interior* times of each perturbed condition measured at three or more
-    times (the perturbation stays measured before and after the held-out time: interpolation by
-    the dynamics, as for an unmeasured time point). One context per condition, conditions in
-    label order, the held-out time rotating over each condition's interior times; at most
-    ``min(max_contexts, n_contexts // 8)`` (at least 1 when there is a candidate). Empty when no
-    condition has three times.
+
+def held_out_contexts(data: PerturbationData, max_contexts: int = MAX_HELD_CONTEXTS) -> list[tuple[str, float]]:
+    """(perturbation, time) contexts of ``data`` to hold out for the selection run, one or more of
+    each kind of prediction (:data:`CONTEXT_KINDS`) the data can stand in for.
+
+    - ``"unseen"``: every time of one *combination* (two or more perturbations), when at least two
+      are measured and its label stays in the span of the other conditions' -- an unmeasured
+      combination of measured perturbations; the one of lowest
+      :func:`~perturbax.theory.holdouts.label_leverage` (best supported; ties in label order).
+    - ``"interior"``: an interior time of each of the other conditions measured at three or more
+      times (measured before and after it: an unmeasured time point), conditions in label order,
+      the time rotating over each condition's interior times; at most
+      ``min(max_contexts, n_contexts // 8)`` (at least 1 when there is a candidate).
+    - ``"beyond"``: the last time of one further condition measured at four or more times (the
+      dynamics extrapolated past the measured times), the first in label order.
+
+    Empty when no condition has three times (the recipe then early-stops on held-out cells).
     """
+    from perturbax.theory.holdouts import in_span_holdouts, label_leverage
+
     if data.times is None or data.control_index is None:
         return []
-    env, t = np.asarray(data.env), np.asarray(data.times, dtype=np.float64)
-    per_cond = {}
-    for e in np.unique(env):
-        if e == data.control_index:
-            continue
-        ts = np.unique(t[env == e])
-        if ts.size >= 3:
-            per_cond[data.conditions[e]] = ts[1:-1]
-    n_contexts = np.unique(np.stack([env.astype(np.float64), t], 1), axis=0).shape[0]
+    times = _condition_times(data)
+    if not any(ts.size >= 3 for ts in times.values()):
+        return []
+    env = np.asarray(data.env)
+    n_contexts = np.unique(np.stack([env.astype(np.float64), np.asarray(data.times, dtype=np.float64)], 1),
+                           axis=0).shape[0]
+    first = np.unique(env, return_index=True)[1]
+    labels = [data.conditions[e] for e in env[first]]
+    design = np.asarray(data.L, dtype=np.float64)[first]
+    combos = [j for j in range(len(labels)) if np.count_nonzero(design[j]) >= 2]
+    unseen = None
+    if len(combos) >= 2:
+        in_span = set(in_span_holdouts(design).tolist())
+        lev = np.round(label_leverage(design), 9)
+        ok = sorted((lev[j], labels[j]) for j in combos if j in in_span)
+        unseen = ok[0][1] if ok else None
+    out = [] if unseen is None else [(unseen, float(t)) for t in times[unseen]]
     cap = max(1, min(max_contexts, n_contexts // 8))
-    out = []
-    for i, lab in enumerate(sorted(per_cond)):
-        if len(out) >= cap:
-            break
-        interior = per_cond[lab]
-        out.append((lab, float(interior[i % interior.size])))
+    used = {unseen}
+    interior = [lab for lab in sorted(times) if lab not in used and times[lab].size >= 3]
+    for i, lab in enumerate(interior[:cap]):
+        inner = times[lab][1:-1]
+        out.append((lab, float(inner[i % inner.size])))
+        used.add(lab)
+    beyond = next((lab for lab in sorted(times) if lab not in used and times[lab].size >= 4), None)
+    if beyond is not None:
+        out.append((beyond, float(times[beyond][-1])))
     return out
+
+
+def context_kind(measured: dict[tuple[float, ...], np.ndarray], vector, t: float) -> str:
+    """The kind of prediction a (label vector, time) is for training data that measured each label
+    vector ``measured`` at its times: ``"unseen"`` (the label was never measured), ``"beyond"`` (it
+    was, but ``t`` lies outside its measured times) or ``"interior"`` (within them)."""
+    key = tuple(np.round(np.asarray(vector, dtype=np.float64), 9).tolist())
+    ts = measured.get(key)
+    if ts is None or len(ts) == 0:
+        return "unseen"
+    return "interior" if float(np.min(ts)) - 1e-9 <= float(t) <= float(np.max(ts)) + 1e-9 else "beyond"
+
+
+def measured_times(data: PerturbationData) -> dict[tuple[float, ...], np.ndarray]:
+    """Times at which ``data`` measured each perturbed label vector (the keys of :func:`context_kind`)."""
+    env = np.asarray(data.env)
+    first = np.unique(env, return_index=True)[1]
+    times = _condition_times(data)
+    L = np.asarray(data.L, dtype=np.float64)
+    return {tuple(np.round(L[i], 9).tolist()): times[data.conditions[env[i]]] for i in first
+            if env[i] != data.control_index}
 
 
 def _context_cells(data: PerturbationData, contexts: list[tuple[str, float]]) -> np.ndarray:
@@ -178,10 +235,13 @@ def _cell_variance(data: PerturbationData) -> tuple[np.ndarray, float]:
 
 def _calibration(res, data: PerturbationData, contexts, held: np.ndarray, seed: int) -> dict[str, Any]:
     """Conformal scores ``|observed - predicted mean| / sigma`` of every gene of the held-out
-    contexts, ``sigma^2`` = posterior variance of the mean + pooled cell variance / ``n_ref``."""
+    contexts, by kind of prediction (:func:`context_kind` against the selection run's data),
+    ``sigma^2`` = posterior variance of the mean + pooled cell variance / ``n_ref``."""
     from perturbax.inference.prediction import pair_key, predict
 
-    cell_var, n_ref = _cell_variance(data.subset(np.setdiff1d(np.arange(data.n_cells), held)))
+    rest = data.subset(np.setdiff1d(np.arange(data.n_cells), held))
+    cell_var, n_ref = _cell_variance(rest)
+    seen = measured_times(rest)
     labels = list(dict.fromkeys(lab for lab, _ in contexts))
     times = sorted({t for _, t in contexts})
     with warnings.catch_warnings():
@@ -189,22 +249,49 @@ def _calibration(res, data: PerturbationData, contexts, held: np.ndarray, seed: 
         pr = predict(res, labels, times=times, n_cells=1, num_samples=CALIBRATION_DRAWS, seed=seed + 7)
     keys = list(pr.uns["perturbax"]["labels"])
     draws = np.asarray(pr.uns["mean_draws"], dtype=np.float64)
-    scores = []
+    scores: dict[str, list[float]] = {}
+    held_by_kind: dict[str, list[list]] = {}
     for lab, t in contexts:
         j = keys.index(pair_key(lab, t))
+        kind = context_kind(seen, data.L[data.env == data.condition_index(lab)][0], t)
         obs = data.dense(_context_cells(data, [(lab, t)])).astype(np.float64).mean(0)
         sigma = np.sqrt(draws[j].var(0) + cell_var / n_ref)
-        scores.extend((np.abs(obs - draws[j].mean(0)) / np.maximum(sigma, 1e-12)).tolist())
-    scores = np.sort(np.asarray(scores))
+        scores.setdefault(kind, []).extend((np.abs(obs - draws[j].mean(0)) / np.maximum(sigma, 1e-12)).tolist())
+        held_by_kind.setdefault(kind, []).append([lab, t])
+    by_kind = {k: np.sort(np.asarray(scores[k])) for k in CONTEXT_KINDS if k in scores}
     return {
-        "scores": scores.round(5).tolist(),
+        "scores": {k: v.round(5).tolist() for k, v in by_kind.items()},
+        "contexts": {k: held_by_kind[k] for k in by_kind},
+        "measured": [[list(v), [float(x) for x in ts]] for v, ts in measured_times(data).items()],
         "cell_var": cell_var.astype(np.float32).tolist(),
         "n_ref": n_ref,
-        "factor": {str(a): conformal_quantile(scores, a) for a in REPORTED_LEVELS},
+        "factor": {k: {str(a): conformal_quantile(v, a) for a in REPORTED_LEVELS} for k, v in by_kind.items()},
         "covers": f"the observed mean of {n_ref:g} cells (median cells per perturbed training context)",
-        "how": f"conformal quantile of |observed - predicted mean| / sigma over the {scores.size} gene means of "
-               f"the {len(contexts)} held-out training contexts",
+        "how": "conformal quantile of |observed - predicted mean| / sigma over the gene means of the held-out "
+               "training contexts of the same kind (" + "; ".join(
+                   f"{k}: {len(held_by_kind[k])} context(s)" for k in by_kind) + ")",
     }
+
+
+def calibration_factors(calibration: dict, level: float) -> tuple[dict[str, float], dict[str, str]]:
+    """The conformal factor at ``level`` of each kind of prediction (:data:`CONTEXT_KINDS`), and how
+    each was obtained: from the held-out contexts of its kind, or -- for a kind none of them was --
+    the largest factor of the kinds that were (the conservative choice). A calibration saved
+    before the kinds existed (one list of scores from interior contexts) calibrates every kind."""
+    raw = calibration["scores"]
+    scores = {k: np.asarray(v, dtype=np.float64) for k, v in (raw.items() if isinstance(raw, dict)
+                                                                 else [("interior", raw)])}
+    own = {k: conformal_quantile(v, level) for k, v in scores.items() if v.size}
+    if not own:
+        raise ValueError("The calibration holds no scores; refit with the default recipe.")
+    worst = max(own, key=own.get)
+    factors, how = {}, {}
+    for k in CONTEXT_KINDS:
+        if k in own:
+            factors[k], how[k] = own[k], "held-out training contexts of this kind"
+        else:
+            factors[k], how[k] = own[worst], f"none held out; the largest factor of the others ({worst})"
+    return factors, how
 
 
 def fit_dynamics_recipe(
@@ -377,8 +464,9 @@ def fit_dynamics_recipe(
     recipe = {
         "held_out_contexts": [[lab, t] for lab, t in contexts],
         "held_out_cells": int(held.size),
-        "contexts_note": ("interior times of perturbations measured at >= 3 times, one per perturbation, held out as "
-                          "whole contexts; no test pair or ground truth used") if contexts else
+        "contexts_note": ("whole contexts held out by kind: every time of one measured combination (unseen), an "
+                          "interior time of perturbations measured at >= 3 times (interior), the last time of one "
+                          "measured at >= 4 (beyond); no test pair or ground truth used") if contexts else
                          "none: no perturbation measured at three or more times; stages early-stopped on held-out cells",
         "order": order_info,
         "energy_steps": energy_steps,
@@ -412,8 +500,10 @@ def recipe_lines(recipe: dict | None) -> list[str]:
     out.append(f"Energy stage: {recipe.get('energy_reason')}")
     cal = recipe.get("calibration")
     if cal:
-        out.append(f"Intervals calibrated ({cal['how']}); 90% factor {cal['factor']['0.9']:.3g}; they cover "
-                   f"{cal['covers']}")
+        factors, how = calibration_factors(cal, 0.9)
+        out.append(f"Intervals calibrated ({cal['how']}); 90% factor by kind of prediction: "
+                   + ", ".join(f"{k} {factors[k]:.3g}" + ("" if how[k].startswith("held-out") else f" ({how[k]})")
+                               for k in CONTEXT_KINDS) + f"; they cover {cal['covers']}")
     else:
         out.append("Intervals not calibrated (no held-out training contexts)")
     out.append("Stages: " + "; ".join(f"{s['stage']}: {s['steps_run']} steps (best {s['best_step']}), "

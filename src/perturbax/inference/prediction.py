@@ -72,8 +72,10 @@ perturbation-major (all times of the first perturbation first). Then
 Latent dynamics fits made by the default recipe (:mod:`perturbax.inference.dynamics_recipe`)
 carry a calibration from held-out training contexts: their intervals are ``mean +- q sigma``
 (``sigma^2`` = posterior variance of the mean + pooled cell variance / ``n_ref``, ``q`` the
-conformal factor at ``interval``), aimed at the observed mean of ``n_ref`` cells of a context;
-``uns["perturbax"]["calibration"]`` says so. Not applied to ``source=<observed cells>``.
+conformal factor at ``interval`` of the column's kind of prediction: a measured perturbation
+between or beyond its measured times, or an unmeasured combination), aimed at the observed mean of
+``n_ref`` cells of a context; ``uns["perturbax"]["calibration"]`` says so (``kinds`` and
+``interval_factors`` per column). Not applied to ``source=<observed cells>``.
 
 Use :func:`perturbax.data.prediction_summary` for a tidy table and :func:`to_arviz` for ArviZ.
 """
@@ -445,21 +447,29 @@ def _time_notes(fit: FitResult, times: list[float]) -> tuple[list[bool], list[st
     return in_range, messages
 
 
-def _calibrated_bounds(calibration: dict, mean_draws: np.ndarray, interval: float):
+def _calibrated_bounds(calibration: dict, mean_draws: np.ndarray, interval: float, vecs: np.ndarray, columns):
     """Intervals ``mean +- q sigma`` of a dynamics fit calibrated by its recipe: ``sigma^2`` = the
     posterior variance of each column's mean + the pooled cell variance / ``n_ref``, ``q`` the
-    conformal quantile of the held-out training contexts' scores at ``interval``. Returns
-    ``(lower (C, G), upper (C, G), notes)``."""
-    from perturbax.inference.nested import REPORTED_LEVELS, conformal_quantile
+    conformal factor at ``interval`` of the column's kind of prediction
+    (:func:`~perturbax.inference.dynamics_recipe.context_kind` against the training data: interior
+    time, beyond the measured times, unseen combination). Returns ``(lower (C, G), upper (C, G), notes)``."""
+    from perturbax.inference.dynamics_recipe import CONTEXT_KINDS, calibration_factors, context_kind
+    from perturbax.inference.nested import REPORTED_LEVELS
 
-    scores = np.asarray(calibration["scores"], dtype=np.float64)
+    measured = {tuple(v): np.asarray(ts, dtype=np.float64) for v, ts in calibration.get("measured", [])}
+    # (a calibration saved before the kinds: every column is calibrated by the one set of scores)
+    kinds = [context_kind(measured, vecs[i], t) if measured else "interior" for i, _lab, t in columns]
+    factors, how = calibration_factors(calibration, interval)
+    q = np.array([factors[k] for k in kinds])[:, None]
     sigma = np.sqrt(mean_draws.var(1) + np.asarray(calibration["cell_var"], dtype=np.float64) / float(calibration["n_ref"]))
-    q = conformal_quantile(scores, interval)
     mean = mean_draws.mean(1)
+    levels = sorted(set(REPORTED_LEVELS) | {interval})
     notes = {
-        "interval_factor": q,
         "calibrated": True,
-        "factors": {str(a): conformal_quantile(scores, a) for a in REPORTED_LEVELS} | {str(interval): q},
+        "kinds": kinds,
+        "interval_factors": [float(v) for v in q[:, 0]],
+        "factors_by_kind": {k: {str(a): calibration_factors(calibration, a)[0][k] for a in levels} for k in CONTEXT_KINDS},
+        "factor_source": how,
         "covers": calibration["covers"],
         "how": calibration["how"],
     }
@@ -603,7 +613,7 @@ def predict(
         bounds = (lower.T, upper.T)
     calibration = (fit.info.get("recipe") or {}).get("calibration") if timed and not moved else None
     if calibration:  # intervals calibrated on held-out training contexts (perturbax.inference.dynamics_recipe)
-        lower, upper, calibration_notes = _calibrated_bounds(calibration, mean_draws, interval)
+        lower, upper, calibration_notes = _calibrated_bounds(calibration, mean_draws, interval, vecs, columns)
         bounds = (lower.T, upper.T)
     chunk = output_chunk_cells(G) if streamed else None
 
