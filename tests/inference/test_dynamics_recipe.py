@@ -143,6 +143,15 @@ def test_recipe_intervals_are_calibrated_and_trajectories_unpack(recipe_fit, tmp
     recipe_fit.save(tmp_path / "fit")
     again = predict(FitResult.load(tmp_path / "fit"), ["P0"], times=[0.5, 2.0, 8.0], n_cells=4, num_samples=10, seed=0)
     np.testing.assert_allclose(again.varm["pred_upper"], pred.varm["pred_upper"], rtol=1e-5, atol=1e-5)
+    # the CLI says which kind of prediction each column is and its factor, and writes the notes
+    out = CliRunner().invoke(main, ["predict", str(tmp_path / "fit"), "-p", "P0", "--times", "2,8", "--n-cells", "4",
+                                    "--num-samples", "10", "--out", str(tmp_path / "p.h5ad")], catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    assert f"interior: 1 column(s), factor {q[0]:.3g}" in out.output and f"beyond: 1 column(s), factor {q[2]:.3g}" in out.output
+    import anndata as ad
+
+    back = ad.read_h5ad(tmp_path / "p.h5ad")
+    assert list(back.uns["perturbax"]["calibration"]["kinds"]) == ["interior", "beyond"]
 
 
 def test_recipe_off_by_hand_and_refused_with_a_stage_setting(sim):

@@ -313,6 +313,14 @@ def predict(model_dir, perturbations, out, summary, n_cells, num_samples, seed, 
         if widened:
             click.echo(f"Not identified by the training design: {', '.join(map(str, widened))}; "
                        f"{nested['unidentified_note']}.")
+    cal = meta.get("calibration")
+    if cal is not None:  # (latent dynamics fitted by the recipe: a conformal factor per kind of prediction)
+        kinds = list(np.asarray(cal["kinds"]).reshape(-1))
+        factors = [float(q) for q in np.asarray(cal["interval_factors"]).reshape(-1)]
+        per_kind = {k: factors[kinds.index(k)] for k in dict.fromkeys(kinds)}
+        click.echo("Intervals: calibrated on held-out training contexts of the same kind of prediction ("
+                   + ", ".join(f"{k}: {kinds.count(k)} column(s), factor {q:.3g}" for k, q in per_kind.items())
+                   + f"); they cover {cal['covers']}.")
     if fit_result.info.get("cli"):
         click.echo(f"Expression space: {space} of the training data.")
     click.echo(f"Wrote {out}")
