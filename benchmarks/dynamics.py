@@ -789,14 +789,14 @@ def load_real(name: str):
         ref = t_h.min()
         label = np.where(np.isclose(t_h, ref), "control", "LPS")
         return {"X": X.astype(np.float32), "genes": list(map(str, a.var_names)), "t_h": t_h, "t": t_h - ref,
-                "label": label, "time_scale": 1.0, "unit": "h", "ref": f"{ref:g} h cells = control at t = 0",
+                "label": label, "unit": "h", "ref": f"{ref:g} h cells = control at t = 0",
                 "file": "lps_dc_timecourse_pseudotimede.h5ad (layers['logcounts'])"}
     a = ad.read_h5ad(DATA_DIR / "hsmm_myoblast_timecourse.h5ad")
     X = a.X.toarray() if sp.issparse(a.X) else np.asarray(a.X)
     t_h = a.obs["time_h"].to_numpy(dtype=np.float64)
     label = np.where(np.isclose(t_h, 0.0), "control", "DM")
     return {"X": np.log1p(X).astype(np.float32), "genes": list(map(str, a.var_names)), "t_h": t_h, "t": t_h,
-            "label": label, "time_scale": 24.0, "unit": "h", "ref": "0 h (growth medium) = control",
+            "label": label, "unit": "h", "ref": "0 h (growth medium) = control",
             "file": "hsmm_myoblast_timecourse.h5ad (log1p FPKM)"}
 
 
@@ -836,9 +836,9 @@ def run_real_one(name: str, held_t_h: float, args) -> dict:
     steps = 300 if args.quick else args.real_steps
     from perturbax.models import LatentDynamicsConfig
 
-    # package defaults (the staged recipe of fit), with the number of programs and the time unit set, as
-    # `perturbax fit --model dynamics --latent-dim 4 --time-scale ...` would
-    cfg = LatentDynamicsConfig(n_genes=data.n_genes, n_perturbations=data.K, latent_dim=4, time_scale=d["time_scale"])
+    # package defaults (the staged recipe of fit; the time scale set by fit from the training times), with
+    # the number of programs set, as `perturbax fit --model dynamics --latent-dim 4` would
+    cfg = LatentDynamicsConfig(n_genes=data.n_genes, n_perturbations=data.K, latent_dim=4)
     t0 = time.perf_counter()
     kw = {} if steps is None else {"steps": steps}
     with warnings.catch_warnings():
@@ -846,6 +846,7 @@ def run_real_one(name: str, held_t_h: float, args) -> dict:
         res = fit("latent_dynamics", data, config=cfg, seed=0, progress=False, **kw)
     out["fit_seconds"] = time.perf_counter() - t0
     out["stop"] = res.info["stop_reason"]
+    out["time_scale"] = float(res.config.time_scale)
     out["recipe"] = {k: v for k, v in res.info["recipe"].items() if k != "calibration"}
     truth = X[held]
     pert = str(d["label"][held][0])
@@ -1212,12 +1213,15 @@ def section(results: dict, cmd: str, name: str = "dynamics") -> str:
               "`ratio` to the split-half floor of the held-out cells as in b); `mean L2` and `Pearson delta` (of "
               "the mean change from the t = 0 reference, all genes) on expression. Model: the package defaults "
               "(`fit('latent_dynamics', ...)`: the staged recipe, settings chosen on held-out training contexts) "
-              "with `LatentDynamicsConfig(latent_dim=4, time_scale=1 h for LPS, 24 h for HSMM)`, i.e. `perturbax "
-              "fit --model dynamics --latent-dim 4 --time-scale ...`.", ""]
+              "with `LatentDynamicsConfig(latent_dim=4)`, i.e. `perturbax fit --model dynamics --latent-dim 4`; "
+              "the time scale is `fit`'s default, the median of the distinct positive training times (given per "
+              "case; runs before 2026-12-05 set it by hand: 1 h for LPS, 24 h for HSMM).", ""]
         for r in (v for v in real.values() if isinstance(v, dict) and "dataset" in v):
             L += [f"**{r['file']}** — reference: {r['reference']}; {r['n_genes']} genes; cells per time (h): "
                   f"{r['cells_per_time']}. Held out {r['held_out_time_h']:g} h (t = {r['held_out_t']:g}), trained on "
-                  f"{r['train_times_h']} h ({r['n_train']} cells); fit {r['fit_seconds']:.0f} s"
+                  f"{r['train_times_h']} h ({r['n_train']} cells)"
+                  + (f"; time scale {r['time_scale']:g} h" if "time_scale" in r else "")
+                  + f"; fit {r['fit_seconds']:.0f} s"
                   + (f" (+ {r['energy_stage_seconds']:.0f} s energy stage)" if "energy_stage_seconds" in r else "")
                   + f". Context check "
                   f"(`count_contexts`, l = 2): {r['contexts_l2']['status']} ({r['contexts_l2']['n_contexts']} contexts); "

@@ -123,6 +123,24 @@ def test_guide_amortises_state_and_keeps_diffusion_noise_at_prior(sim):
 LAYOUT = dict(times=[1.0, 3.0, 40.0], n_cells=10, num_samples=12, seed=0)
 
 
+def test_time_scale_is_set_from_the_training_times_whatever_their_unit(sim, dyn_fit):
+    """``time_scale=None`` (the default): ``fit`` sets it to the median of the distinct positive
+    training times, so the same cells timed in hours or in days give the same fit."""
+    from perturbax.inference import default_time_scale
+
+    _, _, data = sim
+    assert dyn_fit.config.time_scale == default_time_scale(TIMES) == float(np.median(TIMES))
+    assert default_time_scale([0.0, 0.0]) == 1.0
+    kw = dict(objective="elbo", steps=30, batch_size=128, eval_every=10, progress=False, seed=1)
+    hours = fit("latent_dynamics", data, config=_config(data), **kw)
+    days = dataclasses.replace(data, times=np.asarray(data.times) / 24.0)
+    in_days = fit("latent_dynamics", days, config=_config(days), **kw)
+    assert in_days.config.time_scale == pytest.approx(hours.config.time_scale / 24.0)
+    np.testing.assert_allclose(in_days.history["loss"], hours.history["loss"], rtol=1e-4)
+    # a time scale given by the user is kept
+    assert fit("latent_dynamics", data, config=_config(data, time_scale=2.0), **{**kw, "steps": 2}).config.time_scale == 2.0
+
+
 @pytest.fixture(scope="module")
 def layout_pred(dyn_fit):
     return predict(dyn_fit, ["P0", "P0+P1"], **LAYOUT)
@@ -279,6 +297,7 @@ def test_cli_fit_dynamics_and_predict_times(sim, tmp_path):
     res = run([*base, "--time-key", "time_h", "--out", tmp_path / "m"])
     assert res.exit_code == 0, res.output
     assert "Times (time_h): 0.5, 1, 2, 4" in res.output
+    assert "Time scale: 1.5 time_h units" in res.output and "median of the distinct positive" in res.output
     out, summary = tmp_path / "p.h5ad", tmp_path / "s.csv"
     res = run(["predict", tmp_path / "m", "-p", "P0,P0+P1", "--times", "2,8", "--n-cells", "5", "--num-samples",
                "4", "--out", out, "--summary", summary])

@@ -201,7 +201,7 @@ def fit_file(
     progress: bool = True,
     model: str = "additive",
     time_key: str | None = None,
-    time_scale: float = 1.0,
+    time_scale: float | None = None,
     mean_weight: float = 0.0,
     overwrite: bool = False,
     where: Sequence[str] = (),
@@ -213,7 +213,8 @@ def fit_file(
     """Read ``data_path`` (h5ad), drop the ``holdout`` conditions, fit the additive shift model
     (``model="additive"``) or the latent dynamics model (``model="dynamics"``, which needs the
     ``time_key`` column of times since the perturbation; ``time_scale`` is the time over which the
-    programs relax, in the units of that column) and save it to the folder ``out``.
+    programs relax, in the units of that column, ``None``: the median of the distinct positive
+    training times, as :func:`~perturbax.inference.fit` chooses) and save it to the folder ``out``.
     ``mean_weight`` is :class:`~perturbax.inference.EnergyOptions` ``mean_weight`` (energy
     objective only). ``objective``, ``learning_rate`` and ``select`` ``None``: the defaults of
     :func:`perturbax.inference.fit` (the CLI and Python share them; for the dynamics model
@@ -321,7 +322,7 @@ def fit_file(
         "latent_dim": result.config.latent_dim,
         "model": model,
         "time_key": time_key,
-        "time_scale": time_scale,
+        "time_scale": getattr(result.config, "time_scale", None),
         "mean_weight": mean_weight,
         "where": list(where),
         "data_plan": plan,
@@ -382,8 +383,9 @@ def fit_file(
               help="additive: additive latent shift model; dynamics: latent dynamical causal programs over "
                    "time (needs --time-key).")
 @click.option("--time-key", default=None, help="Numeric obs column of time since the perturbation (--model dynamics).")
-@click.option("--time-scale", default=1.0, show_default=True, type=FiniteFloat(min=0, min_open=True),
-              help="Time over which the latent programs relax, in the units of --time-key (--model dynamics).")
+@click.option("--time-scale", default=None, type=FiniteFloat(min=0, min_open=True),
+              help="Time over which the latent programs relax, in the units of --time-key (--model dynamics). "
+                   "Default: the median of the distinct positive training times.")
 @click.option("--mean-weight", default=0.0, show_default=True, type=FiniteFloat(min=0),
               help="Energy objective: weight of the squared distance between simulated and real condition means "
                    "added to the energy score (experts; no benchmark supports a value other than 0).")
@@ -467,6 +469,11 @@ def fit(data, perturbation_key, control, out, overwrite, objective, likelihood, 
             f"Times ({time_key}): {', '.join(f'{t:g}' for t in info['times'])}"
             + (f"; {ctx.get('n_contexts')} (condition, time) contexts, check {ctx.get('status')}" if ctx else "")
         )
+        scale = getattr(result.config, "time_scale", None)
+        if scale is not None:
+            lines.append(f"Time scale: {scale:g} {time_key} units (the programs relax over about this long; "
+                         + ("set by --time-scale)" if time_scale is not None else
+                            "the median of the distinct positive training times; set it with --time-scale)"))
     from perturbax.inference.fitting import DEFAULT_STEPS
 
     cycles = int(info.get("cycles", 1))

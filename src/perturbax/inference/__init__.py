@@ -21,7 +21,7 @@ from perturbax.inference.prediction import (
     to_arviz,
 )
 from perturbax.inference.result import FitResult
-from perturbax.inference.times import training_times
+from perturbax.inference.times import default_time_scale, training_times
 from perturbax.models.registry import BUILTIN_MODELS, uses_time
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "GLOBAL_GUIDES",
     "UnseenPerturbationError",
     "data_start",
+    "default_time_scale",
     "energy_score_groups",
     "fit",
     "fit_identifiability",

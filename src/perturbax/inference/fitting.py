@@ -7,6 +7,7 @@ evaluates the held-out loss for early stopping, and updates the progress bar.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import time
@@ -34,7 +35,7 @@ from perturbax.inference.energy import EnergyOptions, EnergyScore
 from perturbax.inference.guides import hide_cells, make_guide
 from perturbax.inference.result import FitResult
 from perturbax.inference.sharding import make_mesh, put_cells, replicate, shard_cells
-from perturbax.inference.times import training_times
+from perturbax.inference.times import default_time_scale, training_times
 from perturbax.models.batch import Batch
 from perturbax.models.dynamics.config import mask_variant
 from perturbax.models.registry import BUILTIN_MODELS, uses_time
@@ -170,6 +171,14 @@ def _validation_split(
         val.append(perm[:n_val])
         train.append(perm[n_val:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def _with_time_scale(config, data: PerturbationData):
+    """``config`` with a ``time_scale`` of ``None`` set from the training times
+    (:func:`~perturbax.inference.default_time_scale`); other configs unchanged."""
+    if uses_time(config) and getattr(config, "time_scale", 0.0) is None and data.times is not None:
+        return dataclasses.replace(config, time_scale=default_time_scale(data.times))
+    return config
 
 
 def _resolve_model(model, config, data: PerturbationData):
@@ -500,6 +509,7 @@ def fit(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}.")
     name, model_fn, config = _resolve_model(model, config, data)
+    config = _with_time_scale(config, data)
     likelihood = getattr(config, "likelihood", "gaussian")
     if likelihood == "negative_binomial":
         check_counts(data.X, "the training expression")
@@ -574,6 +584,7 @@ def _trainer(
     the device but are never drawn); the objective's cell count (the ELBO's scale and the
     generalised-Bayes weight of the energy score) is the training cells of ``data`` in every run.
     """
+    config = _with_time_scale(config, data)
     trainer_config = config
     timed = uses_time(config)
     likelihood = getattr(config, "likelihood", "gaussian")
@@ -751,6 +762,7 @@ def _trainer(
         fit passed as ``init_params`` should not replay its draws). ``stop_early=False`` runs all
         ``steps`` and returns the last state (the held-out loss is still recorded): for a length
         that something else judges, such as the CV cycles of the nested estimator."""
+        config = _with_time_scale(config, data)
         mask = None
         if varies_mask:
             why = mask_variant(config, trainer_config)

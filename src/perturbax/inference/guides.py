@@ -41,7 +41,7 @@ AMORTIZED_LOCALS = ("z_base", "s")
 def time_features(t: jax.Array, config: Any) -> jax.Array:
     """What the encoder sees of a cell's time: ``[log1p(t'), exp(-t')]`` with ``t' = t / time_scale``
     (relaxing programs fade like ``e^{-t'}``; the log keeps long time courses in range)."""
-    ts = jnp.asarray(t, dtype=jnp.float32) / float(getattr(config, "time_scale", 1.0))
+    ts = jnp.asarray(t, dtype=jnp.float32) / float(getattr(config, "time_unit", 1.0))
     return jnp.stack([jnp.log1p(ts), jnp.exp(-ts)], axis=-1)
 
 

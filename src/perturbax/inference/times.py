@@ -10,7 +10,7 @@ import numpy as np
 from perturbax.data.core import PerturbationData
 from perturbax.models.dynamics import check_times
 
-__all__ = ["training_times"]
+__all__ = ["training_times", "default_time_scale"]
 
 
 def training_times(data: PerturbationData, model_name: str = "latent_dynamics") -> np.ndarray:
@@ -52,3 +52,16 @@ def training_times(data: PerturbationData, model_name: str = "latent_dynamics") 
                 stacklevel=3,
             )
     return uniq
+
+
+def default_time_scale(times) -> float:
+    """The time scale a latent dynamics fit uses when none is given: the median of the distinct
+    positive times of the training cells (1 if there are none). The programs then relax over the
+    span of the measured times, whatever unit the times are given in (hours, days).
+
+    >>> default_time_scale([0, 0, 24, 48, 72])
+    48.0
+    """
+    t = np.unique(np.asarray(times, dtype=np.float64))
+    t = t[t > 0]
+    return float(np.median(t)) if t.size else 1.0

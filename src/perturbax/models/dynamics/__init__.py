@@ -66,7 +66,8 @@ diffusion would need an SDE solve and is not implemented; the config refuses it.
 Covariates ``c`` (batch, cell line) shift the control steady state: ``a = mu + V c``.
 Time: the model sees ``t_eff = t * rate / time_scale`` (``rate`` a global site when
 ``learn_rate=True``, else 1), so the programs relax at rate ~1 per ``time_scale`` units of
-``batch.t``.
+``batch.t``. ``fit`` sets a ``time_scale`` of ``None`` (the default) to the median of the distinct
+positive training times, so a fit does not depend on the unit of the times.
 
 Sites of :func:`latent_dynamics_model` (``n`` cells in the minibatch, ``l = latent_dim``):
 

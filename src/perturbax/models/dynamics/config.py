@@ -92,7 +92,11 @@ class LatentDynamicsConfig:
         ``sigma ~ HalfNormal(diffusion_scale)``.
     learn_rate, time_scale
         Time seen by the dynamics is ``t * rate / time_scale``; ``rate ~ LogNormal(0, 1)`` if
-        ``learn_rate`` else 1. Set ``time_scale`` to the time unit over which programs relax.
+        ``learn_rate`` else 1: the programs relax over about ``time_scale`` units of time.
+        ``None`` (default): ``fit`` sets it from the training data, to the median of their distinct
+        positive times (:func:`~perturbax.inference.default_time_scale`), so that a fit does not
+        depend on the unit the times are given in; the model run outside ``fit`` reads ``None``
+        as 1 (:attr:`time_unit`).
     state_dim
         Width of the invariant per-cell state ``s ~ N(0, I)`` fed to the decoder next to
         ``z(t)`` (0: off).
@@ -131,7 +135,7 @@ class LatentDynamicsConfig:
     diffusion: bool = False
     diffusion_scale: float = 0.3
     learn_rate: bool = False
-    time_scale: float = 1.0
+    time_scale: float | None = None
     state_dim: int = 0
     drift_hidden: tuple[int, ...] = (32,)
     decoder_hidden: tuple[int, ...] = (128, 128)
@@ -177,7 +181,8 @@ class LatentDynamicsConfig:
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}.")
-        if not (math.isfinite(self.time_scale) and self.time_scale > 0):
+        if self.time_scale is not None and not (isinstance(self.time_scale, int | float)
+                                                and math.isfinite(self.time_scale) and self.time_scale > 0):
             raise ValueError(
                 f"time_scale must be a finite number > 0, got {self.time_scale!r}: time_scale <= 0 would "
                 f"run the dynamics backwards in time, where the relaxing drift is unstable."
@@ -243,6 +248,12 @@ class LatentDynamicsConfig:
     @property
     def n_programs(self) -> int:
         return self.latent_dim
+
+    @property
+    def time_unit(self) -> float:
+        """The ``time_scale`` the model divides times by (1 while ``time_scale`` is ``None``,
+        before ``fit`` has set it from the training times)."""
+        return 1.0 if self.time_scale is None else float(self.time_scale)
 
     @property
     def mask(self) -> np.ndarray:

@@ -45,7 +45,7 @@ def _cell_times(batch: Batch, config: LatentDynamicsConfig) -> Array:
         check_times(t)
         if np.shape(t) != (batch.size,):
             raise ValueError(f"batch.t must have one time per cell, shape ({batch.size},), got {np.shape(t)}.")
-    return jnp.asarray(t, dtype=jnp.result_type(float)) / config.time_scale
+    return jnp.asarray(t, dtype=jnp.result_type(float)) / config.time_unit
 
 
 def latent_dynamics_model(batch: Batch, *, config: LatentDynamicsConfig, n_cells: int,
