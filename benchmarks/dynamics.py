@@ -608,7 +608,7 @@ def run_defaults_one(seed: int, multi: bool, args) -> dict:
     r = res.info["recipe"]
     out["recipe"] = {k: v for k, v in r.items() if k != "calibration"}
     if r.get("calibration"):
-        from perturbax.inference.dynamics_recipe import calibration_factors
+        from perturbax.inference.context_kinds import calibration_factors
 
         out["recipe"]["calibration_factor_90"] = calibration_factors(r["calibration"], 0.9)[0]
         out["recipe"]["calibration_contexts"] = r["calibration"].get("contexts")

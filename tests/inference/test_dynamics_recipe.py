@@ -53,7 +53,7 @@ def test_held_out_contexts_are_interior_times_of_training_perturbations(sim):
 def test_held_out_contexts_stand_in_for_each_kind_of_prediction():
     """With two or more measured combinations, every time of one of them is held out (an unmeasured
     combination), and each held-out context is of the kind it stands in for."""
-    from perturbax.inference.dynamics_recipe import context_kind, measured_times
+    from perturbax.inference.context_kinds import context_kind, measured_times
 
     adata, _ = simulate_latent_dynamics(n_programs=3, n_perturbations=3, times=(0.5, 1.0, 2.0, 4.0), n_cells=5,
                                         n_genes=4, doubles="all", seed=0)
@@ -76,7 +76,7 @@ def test_held_out_contexts_stand_in_for_each_kind_of_prediction():
 
 
 def test_calibration_factors_by_kind_and_the_conservative_fallback():
-    from perturbax.inference.dynamics_recipe import calibration_factors
+    from perturbax.inference.context_kinds import calibration_factors
 
     cal = {"scores": {"interior": list(np.linspace(0, 1, 99)), "unseen": list(np.linspace(0, 3, 99))}}
     f, how = calibration_factors(cal, 0.9)

@@ -8,11 +8,12 @@ stage by hand):
    training design can identify the causal order of the programs from the total effects ``W``
    (a UserWarning when it cannot).
 1. **Held-out training contexts** (:func:`held_out_contexts`): (perturbation, time) pairs of the
-   training data held out as a whole, of each kind of prediction a user makes (:func:`context_kind`):
-   a measured perturbation at an unmeasured time between its measured ones (``"interior"``) or
-   after them (``"beyond"``), and a combination never measured (``"unseen"``: every time of one
-   training combination whose perturbations are measured otherwise) -- the use cases inside the
-   training data. No test pair and no ground truth is looked at.
+   training data held out as a whole, of each kind of prediction a user makes
+   (:mod:`perturbax.inference.context_kinds`): a measured perturbation at an unmeasured time
+   between its measured ones (``"interior"``) or after them (``"beyond"``), and a combination
+   never measured (``"unseen"``: every time of one training combination whose perturbations are
+   measured otherwise) -- the use cases inside the training data. No test pair and no ground
+   truth is looked at.
 2. **Selection run** on the other contexts, every stage early-stopped on the held-out contexts:
    (a) ELBO on the default causal mask; (b) the program order read from ``W`` and refitted on its
    mask (:func:`~perturbax.inference.refit_in_causal_order`), the orders the posterior of ``W``
@@ -21,8 +22,9 @@ stage by hand):
    held-out contexts is the **length of the energy stage** (0 when it does not improve on (b)).
    The generated predictions of the held-out contexts then **calibrate the intervals**, one
    conformal factor of ``|observed mean - predicted mean| / sigma`` per kind of prediction
-   (:func:`calibration_factors`): extrapolation in time and unmeasured combinations err more than
-   interpolation, and a prediction gets the factor of its own kind.
+   (:func:`~perturbax.inference.context_kinds.calibration_factors`): extrapolation in time and
+   unmeasured combinations err more than interpolation, and a prediction gets the factor of its
+   own kind.
 3. **Final fit on all training cells**: ELBO on the chosen order's mask, warm-started from (b)
    (``FINAL_ELBO_FRACTION`` of ``steps``, early stopping on held-out cells), then the energy
    stage for the chosen length.
@@ -45,17 +47,20 @@ import numpy as np
 
 from perturbax.data.core import PerturbationData
 from perturbax.inference.energy import EnergyOptions
+from perturbax.inference.context_kinds import (
+    CONTEXT_KINDS,
+    calibration_factors,
+    condition_times,
+    context_kind,
+    measured_times,
+)
 from perturbax.inference.nested import REPORTED_LEVELS, conformal_quantile
 
 __all__ = [
     "MAX_HELD_CONTEXTS",
     "ENERGY_FRACTION",
     "FINAL_ELBO_FRACTION",
-    "CONTEXT_KINDS",
     "held_out_contexts",
-    "context_kind",
-    "measured_times",
-    "calibration_factors",
     "stage_batch_size",
     "order_candidates",
     "fit_dynamics_recipe",
@@ -64,8 +69,6 @@ __all__ = [
 
 #: Most interior (perturbation, time) contexts held out for the selection run (at most 1 in 8 contexts).
 MAX_HELD_CONTEXTS = 4
-#: Kinds of prediction, each calibrated on held-out training contexts of its kind (:func:`context_kind`).
-CONTEXT_KINDS = ("interior", "beyond", "unseen")
 #: Steps of each order refit, as a fraction of ``steps``; most refits of the order read.
 ORDER_FRACTION, MAX_ORDER_ROUNDS = 0.5, 2
 #: Longest energy stage of the selection run, as a fraction of ``steps``.
@@ -82,15 +85,10 @@ ALTERNATIVE_SHARE = 0.1
 ORDER_DRAWS, CALIBRATION_DRAWS = 200, 50
 
 
-def _condition_times(data: PerturbationData) -> dict[str, np.ndarray]:
-    """Distinct times of each perturbed condition of ``data`` (label -> ascending times)."""
-    env, t = np.asarray(data.env), np.asarray(data.times, dtype=np.float64)
-    return {data.conditions[e]: np.unique(t[env == e]) for e in np.unique(env) if e != data.control_index}
-
-
 def held_out_contexts(data: PerturbationData, max_contexts: int = MAX_HELD_CONTEXTS) -> list[tuple[str, float]]:
     """(perturbation, time) contexts of ``data`` to hold out for the selection run, one or more of
-    each kind of prediction (:data:`CONTEXT_KINDS`) the data can stand in for.
+    each kind of prediction (:data:`~perturbax.inference.context_kinds.CONTEXT_KINDS`) the data can
+    stand in for.
 
     - ``"unseen"``: every time of one *combination* (two or more perturbations), when at least two
       are measured and its label stays in the span of the other conditions' -- an unmeasured
@@ -109,7 +107,7 @@ def held_out_contexts(data: PerturbationData, max_contexts: int = MAX_HELD_CONTE
 
     if data.times is None or data.control_index is None:
         return []
-    times = _condition_times(data)
+    times = condition_times(data)
     if not any(ts.size >= 3 for ts in times.values()):
         return []
     env = np.asarray(data.env)
@@ -137,27 +135,6 @@ def held_out_contexts(data: PerturbationData, max_contexts: int = MAX_HELD_CONTE
     if beyond is not None:
         out.append((beyond, float(times[beyond][-1])))
     return out
-
-
-def context_kind(measured: dict[tuple[float, ...], np.ndarray], vector, t: float) -> str:
-    """The kind of prediction a (label vector, time) is for training data that measured each label
-    vector ``measured`` at its times: ``"unseen"`` (the label was never measured), ``"beyond"`` (it
-    was, but ``t`` lies outside its measured times) or ``"interior"`` (within them)."""
-    key = tuple(np.round(np.asarray(vector, dtype=np.float64), 9).tolist())
-    ts = measured.get(key)
-    if ts is None or len(ts) == 0:
-        return "unseen"
-    return "interior" if float(np.min(ts)) - 1e-9 <= float(t) <= float(np.max(ts)) + 1e-9 else "beyond"
-
-
-def measured_times(data: PerturbationData) -> dict[tuple[float, ...], np.ndarray]:
-    """Times at which ``data`` measured each perturbed label vector (the keys of :func:`context_kind`)."""
-    env = np.asarray(data.env)
-    first = np.unique(env, return_index=True)[1]
-    times = _condition_times(data)
-    L = np.asarray(data.L, dtype=np.float64)
-    return {tuple(np.round(L[i], 9).tolist()): times[data.conditions[env[i]]] for i in first
-            if env[i] != data.control_index}
 
 
 def _context_cells(data: PerturbationData, contexts: list[tuple[str, float]]) -> np.ndarray:
@@ -235,7 +212,8 @@ def _cell_variance(data: PerturbationData) -> tuple[np.ndarray, float]:
 
 def _calibration(res, data: PerturbationData, contexts, held: np.ndarray, seed: int) -> dict[str, Any]:
     """Conformal scores ``|observed - predicted mean| / sigma`` of every gene of the held-out
-    contexts, by kind of prediction (:func:`context_kind` against the selection run's data),
+    contexts, by kind of prediction (:func:`~perturbax.inference.context_kinds.context_kind` against
+    the selection run's data),
     ``sigma^2`` = posterior variance of the mean + pooled cell variance / ``n_ref``."""
     from perturbax.inference.prediction import pair_key, predict
 
@@ -271,27 +249,6 @@ def _calibration(res, data: PerturbationData, contexts, held: np.ndarray, seed: 
                "training contexts of the same kind (" + "; ".join(
                    f"{k}: {len(held_by_kind[k])} context(s)" for k in by_kind) + ")",
     }
-
-
-def calibration_factors(calibration: dict, level: float) -> tuple[dict[str, float], dict[str, str]]:
-    """The conformal factor at ``level`` of each kind of prediction (:data:`CONTEXT_KINDS`), and how
-    each was obtained: from the held-out contexts of its kind, or -- for a kind none of them was --
-    the largest factor of the kinds that were (the conservative choice). A calibration saved
-    before the kinds existed (one list of scores from interior contexts) calibrates every kind."""
-    raw = calibration["scores"]
-    scores = {k: np.asarray(v, dtype=np.float64) for k, v in (raw.items() if isinstance(raw, dict)
-                                                                 else [("interior", raw)])}
-    own = {k: conformal_quantile(v, level) for k, v in scores.items() if v.size}
-    if not own:
-        raise ValueError("The calibration holds no scores; refit with the default recipe.")
-    worst = max(own, key=own.get)
-    factors, how = {}, {}
-    for k in CONTEXT_KINDS:
-        if k in own:
-            factors[k], how[k] = own[k], "held-out training contexts of this kind"
-        else:
-            factors[k], how[k] = own[worst], f"none held out; the largest factor of the others ({worst})"
-    return factors, how
 
 
 def fit_dynamics_recipe(

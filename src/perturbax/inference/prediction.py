@@ -451,9 +451,9 @@ def _calibrated_bounds(calibration: dict, mean_draws: np.ndarray, interval: floa
     """Intervals ``mean +- q sigma`` of a dynamics fit calibrated by its recipe: ``sigma^2`` = the
     posterior variance of each column's mean + the pooled cell variance / ``n_ref``, ``q`` the
     conformal factor at ``interval`` of the column's kind of prediction
-    (:func:`~perturbax.inference.dynamics_recipe.context_kind` against the training data: interior
+    (:func:`~perturbax.inference.context_kinds.context_kind` against the training data: interior
     time, beyond the measured times, unseen combination). Returns ``(lower (C, G), upper (C, G), notes)``."""
-    from perturbax.inference.dynamics_recipe import CONTEXT_KINDS, calibration_factors, context_kind
+    from perturbax.inference.context_kinds import CONTEXT_KINDS, calibration_factors, context_kind
     from perturbax.inference.nested import REPORTED_LEVELS
 
     measured = {tuple(v): np.asarray(ts, dtype=np.float64) for v, ts in calibration.get("measured", [])}
