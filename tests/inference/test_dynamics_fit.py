@@ -20,7 +20,7 @@ from perturbax.inference import (
     fitted_causal_order,
     make_guide,
     pair_key,
-    posterior_globals,
+    posterior_draws,
     predict,
     refit_in_causal_order,
     to_arviz,
@@ -55,7 +55,7 @@ def _config(data, **kw):
 @pytest.fixture(scope="module")
 def dyn_fit(sim):
     _, _, data = sim
-    return fit("latent_dynamics", data, config=_config(data), objective="elbo", steps=200, batch_size=128,
+    return fit("latent_dynamics", data, config=_config(data), objective="elbo", steps=300, batch_size=128,
                eval_every=100, progress=False, seed=1)
 
 
@@ -66,7 +66,8 @@ def test_fit_records_times_contexts_and_learns(dyn_fit):
     assert dyn_fit.info["time_key"] == "time"
     # 4 conditions x 4 times = 16 (condition, time) contexts >= 2l + 1 = 5
     assert dyn_fit.info["contexts"]["n_contexts"] == 16 and dyn_fit.info["contexts"]["status"] == "ok"
-    assert set(dyn_fit.global_names) >= {"B_free", "S", "mu", "basal_sd"}
+    # S under the default horseshoe prior: raw entries, global and local scales
+    assert set(dyn_fit.global_names) >= {"B_free", "S_raw", "S_tau", "S_lambda", "mu", "basal_sd"}
     loss = dyn_fit.history["loss"]
     assert np.all(np.isfinite(loss)) and loss[-50:].mean() < loss[:50].mean() - 0.1 * abs(loss[:50].mean())
     assert dyn_fit.basal["z"].shape == (dyn_fit.basal["library"].shape[0], 2)
@@ -212,8 +213,9 @@ def test_long_time_limit_is_the_additive_shift_with_equilibrium_w(dyn_fit):
     lat = pred.uns["latent_mean_draws"][0::2]  # (labels, draws, d) at t = 1e4
     xm = pred.uns["mean_draws"][0::2]  # (labels, draws, G)
     # the same limit from the posterior over (B, S, mu), with many more draws
-    g = posterior_globals(dyn_fit, 2000, seed=7)
-    W = jax.vmap(equilibrium_shift)(_B_of(dyn_fit, g), g["S"])  # (draws, d, K)
+    g = posterior_draws(dyn_fit, 2000, seed=7)  # B and S are deterministic sites (B_free; S_raw, S_tau, S_lambda)
+    assert np.all(np.triu(np.asarray(g["B"])) == 0)
+    W = jax.vmap(equilibrium_shift)(g["B"], g["S"])  # (draws, d, K)
     L = np.stack([dyn_fit.registry.encode(lab) for lab in labels]).astype(np.float32)
     z_inf = np.asarray(g["mu"])[:, None, :] + np.einsum("sdk,pk->spd", np.asarray(W), L)  # (draws, P, d)
     # per draw, the dynamics' latent mean is exactly z_inf: compare the posterior distributions
@@ -245,13 +247,6 @@ def test_long_time_limit_is_the_additive_shift_with_equilibrium_w(dyn_fit):
     sd = wl.std(0) + 1e-3
     np.testing.assert_array_less(np.abs(shift.mean(1) - wl.mean(0)), 5 * sd / np.sqrt(n_draws) + 1e-3)
     np.testing.assert_allclose(shift.std(1), wl.std(0), rtol=0.3, atol=2e-3)
-
-
-def _B_of(fit_result, g):
-    """Deterministic B from its free entries (strictly lower-triangular mask, row-major)."""
-    d = fit_result.config.latent_dim
-    rows, cols = np.nonzero(fit_result.config.mask)
-    return jnp.zeros((g["B_free"].shape[0], d, d)).at[:, rows, cols].set(g["B_free"])
 
 
 def test_arviz_export_has_b_s_and_equilibrium_w(dyn_fit):

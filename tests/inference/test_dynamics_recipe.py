@@ -87,6 +87,12 @@ def test_calibration_factors_by_kind_and_the_conservative_fallback():
     assert old["interior"] == old["beyond"] == old["unseen"] == f["interior"]
     with pytest.raises(ValueError, match="no scores"):
         calibration_factors({"scores": {}}, 0.9)
+    # an extrapolating kind is never calibrated narrower than interpolation
+    low = {"scores": {"interior": list(np.linspace(0, 2, 99)), "unseen": list(np.linspace(0, 1, 99)),
+                      "beyond": list(np.linspace(0, 4, 99))}}
+    f, how = calibration_factors(low, 0.9)
+    assert f["unseen"] == f["interior"] == pytest.approx(1.8, abs=0.04) and "interior factor" in how["unseen"]
+    assert f["beyond"] == pytest.approx(3.6, abs=0.08) and how["beyond"].startswith("held-out")
 
 
 @pytest.mark.slow

@@ -39,6 +39,8 @@ from perturbax.models.dynamics import (
 from perturbax.theory import w_to_bs
 
 SMALL = dict(decoder_hidden=(8,), drift_hidden=(8,))
+#: Tests that set ``S`` to a value: a sample site under the normal prior (deterministic under the default horseshoe).
+GIVEN_S = dict(s_prior="normal")
 TIMES = np.array([0.0, 0.0, 0.4, 1.0, 2.0, 3.0, 6.0, 12.0], np.float32)
 
 
@@ -296,7 +298,7 @@ def test_model_ode_solver_matches_closed_form():
     out = {}
     for solver in ("closed_form", "ode"):
         cfg = LatentDynamicsConfig(
-            n_genes=G, n_perturbations=K, latent_dim=ell, drift="mechanism", solver=solver, **SMALL
+            n_genes=G, n_perturbations=K, latent_dim=ell, drift="mechanism", solver=solver, **SMALL, **GIVEN_S
         )
         v, _ = _run(cfg, batch, data)
         out[solver] = v
@@ -340,7 +342,7 @@ def _numpy_causal_mlp(g, mask):
 def test_model_neural_drift_matches_reference_solver():
     ell, K, G = 4, 2, 5
     batch = _batch(n=4, G=G, K=K, t=np.array([0.0, 0.7, 2.0, 5.0]))
-    cfg = LatentDynamicsConfig(n_genes=G, n_perturbations=K, latent_dim=ell, drift="neural", **SMALL)
+    cfg = LatentDynamicsConfig(n_genes=G, n_perturbations=K, latent_dim=ell, drift="neural", **SMALL, **GIVEN_S)
     assert cfg.solver == "ode"
     rng = np.random.default_rng(6)
     S = rng.normal(size=(ell, K))
@@ -399,6 +401,7 @@ def test_model_reproduces_simulator(heterogeneity, solver):
         heterogeneity=heterogeneity,
         solver=solver,
         **SMALL,
+        **GIVEN_S,
     )
     sites = _truth_sites(truth)
     # Each cell from its true basal state: the model's z(t) is the simulator's z(t).
@@ -422,7 +425,7 @@ def test_model_mean_over_cells_matches_simulator_population():
     labels = jnp.tile(jnp.asarray(truth.label_vector(label), jnp.float32), (n, 1))
     batch = Batch(x=None, l=labels, t=jnp.full((n,), t))
     cfg = LatentDynamicsConfig(
-        n_genes=4, n_perturbations=2, latent_dim=3, likelihood="implicit", diffusion=True, **SMALL
+        n_genes=4, n_perturbations=2, latent_dim=3, likelihood="implicit", diffusion=True, **SMALL, **GIVEN_S
     )
     v, _ = _run(cfg, batch, {**_truth_sites(truth), "diffusion": 0.4}, n_cells=n, seed=1)
     z = np.asarray(v["z"], np.float64)

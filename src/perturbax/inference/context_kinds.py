@@ -17,7 +17,7 @@ import numpy as np
 from perturbax.data.core import PerturbationData
 from perturbax.inference.nested import conformal_quantile
 
-__all__ = ["CONTEXT_KINDS", "condition_times", "measured_times", "context_kind", "calibration_factors"]
+__all__ = ["CONTEXT_KINDS", "EXTRAPOLATING_KINDS", "condition_times", "measured_times", "context_kind", "calibration_factors"]
 
 #: Kinds of prediction, each calibrated on held-out training contexts of its kind (:func:`context_kind`).
 CONTEXT_KINDS = ("interior", "beyond", "unseen")
@@ -50,11 +50,21 @@ def context_kind(measured: dict[tuple[float, ...], np.ndarray], vector, t: float
     return "interior" if float(np.min(ts)) - 1e-9 <= float(t) <= float(np.max(ts)) + 1e-9 else "beyond"
 
 
+#: Kinds that extrapolate (in time, or to a combination never measured); never calibrated narrower
+#: than ``"interior"`` (:func:`calibration_factors`).
+EXTRAPOLATING_KINDS = ("beyond", "unseen")
+
+
 def calibration_factors(calibration: dict, level: float) -> tuple[dict[str, float], dict[str, str]]:
     """The conformal factor at ``level`` of each kind of prediction (:data:`CONTEXT_KINDS`), and how
     each was obtained: from the held-out contexts of its kind, or -- for a kind none of them was --
-    the largest factor of the kinds that were (the conservative choice). A calibration saved
-    before the kinds existed (one list of scores from interior contexts) calibrates every kind."""
+    the largest factor of the kinds that were (the conservative choice).
+
+    An extrapolating kind (:data:`EXTRAPOLATING_KINDS`) gets at least the ``"interior"`` factor:
+    the recipe holds out one combination and one perturbation's last time for them, against up to
+    four interior contexts, so their own factor is the noisier estimate, and a prediction farther
+    from the data is not given a narrower interval than interpolation. A calibration saved before
+    the kinds existed (one list of scores from interior contexts) calibrates every kind."""
     raw = calibration["scores"]
     scores = {k: np.asarray(v, dtype=np.float64) for k, v in (raw.items() if isinstance(raw, dict)
                                                                  else [("interior", raw)])}
@@ -68,4 +78,7 @@ def calibration_factors(calibration: dict, level: float) -> tuple[dict[str, floa
             factors[k], how[k] = own[k], "held-out training contexts of this kind"
         else:
             factors[k], how[k] = own[worst], f"none held out; the largest factor of the others ({worst})"
+        if k in EXTRAPOLATING_KINDS and k in own and "interior" in own and own["interior"] > own[k]:
+            factors[k] = own["interior"]
+            how[k] = "the interior factor (larger than this kind's own, from fewer held-out contexts)"
     return factors, how

@@ -69,7 +69,13 @@ class LatentDynamicsConfig:
         ``"horseshoe"`` (global scale ``b_scale``) for a sparse graph. Both have median 0, so the
         usual ``init_to_median`` starts at ``B = 0``.
     s_prior, s_scale
-        Prior of the targets ``S`` (``"normal"`` or ``"horseshoe"``).
+        Prior of the direct targets ``S``: ``"horseshoe"`` (default; global scale ``s_scale``), a
+        sparsity prior, or ``"normal"`` with scale ``s_scale``. The programs are identified when
+        each perturbation directly targets few of them (one per program suffices in the linear
+        setting); the horseshoe says so, where a normal prior lets a rotation of the programs
+        spread every effect over all of them. On the development seeds of
+        ``benchmarks/dynamics.py`` (10-12, not the reported ones) it raised the latent MCC from
+        0.74/0.81/0.83 to 0.92/0.87/0.87.
     target_mask
         ``l x K`` 0/1 matrix, ``target_mask[i, k] = 1`` lets perturbation ``k`` shift program
         ``i`` directly (``None``: every program). Every column needs a 1. It stops the fit from
@@ -123,7 +129,7 @@ class LatentDynamicsConfig:
     acyclicity: float = 0.0
     b_prior: Literal["normal", "horseshoe"] = "normal"
     b_scale: float = 0.5
-    s_prior: Literal["normal", "horseshoe"] = "normal"
+    s_prior: Literal["normal", "horseshoe"] = "horseshoe"
     s_scale: float = 1.0
     target_mask: tuple[tuple[int, ...], ...] | None = None
     mechanism_targets: tuple[tuple[int, ...], ...] | None = None
