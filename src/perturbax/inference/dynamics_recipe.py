@@ -54,7 +54,7 @@ from perturbax.inference.context_kinds import (
     context_kind,
     measured_times,
 )
-from perturbax.inference.nested import REPORTED_LEVELS, conformal_quantile
+from perturbax.inference.nested import REPORTED_LEVELS
 
 __all__ = [
     "MAX_HELD_CONTEXTS",
@@ -237,18 +237,21 @@ def _calibration(res, data: PerturbationData, contexts, held: np.ndarray, seed: 
         scores.setdefault(kind, []).extend((np.abs(obs - draws[j].mean(0)) / np.maximum(sigma, 1e-12)).tolist())
         held_by_kind.setdefault(kind, []).append([lab, t])
     by_kind = {k: np.sort(np.asarray(scores[k])) for k in CONTEXT_KINDS if k in scores}
-    return {
+    cal = {
         "scores": {k: v.round(5).tolist() for k, v in by_kind.items()},
         "contexts": {k: held_by_kind[k] for k in by_kind},
         "measured": [[list(v), [float(x) for x in ts]] for v, ts in measured_times(data).items()],
         "cell_var": cell_var.astype(np.float32).tolist(),
         "n_ref": n_ref,
-        "factor": {k: {str(a): conformal_quantile(v, a) for a in REPORTED_LEVELS} for k, v in by_kind.items()},
         "covers": f"the observed mean of {n_ref:g} cells (median cells per perturbed training context)",
         "how": "conformal quantile of |observed - predicted mean| / sigma over the gene means of the held-out "
                "training contexts of the same kind (" + "; ".join(
                    f"{k}: {len(held_by_kind[k])} context(s)" for k in by_kind) + ")",
     }
+    # the factors predict uses (calibration_factors: fallback and floor included), per reported level
+    per_level = {a: calibration_factors(cal, a)[0] for a in REPORTED_LEVELS}
+    cal["factor"] = {k: {str(a): f[k] for a, f in per_level.items()} for k in CONTEXT_KINDS}
+    return cal
 
 
 def fit_dynamics_recipe(

@@ -459,16 +459,17 @@ def _calibrated_bounds(calibration: dict, mean_draws: np.ndarray, interval: floa
     measured = {tuple(v): np.asarray(ts, dtype=np.float64) for v, ts in calibration.get("measured", [])}
     # (a calibration saved before the kinds: every column is calibrated by the one set of scores)
     kinds = [context_kind(measured, vecs[i], t) if measured else "interior" for i, _lab, t in columns]
-    factors, how = calibration_factors(calibration, interval)
+    levels = sorted(set(REPORTED_LEVELS) | {interval})
+    per_level = {a: calibration_factors(calibration, a) for a in levels}  # (factors, how) at each level
+    factors, how = per_level[interval]
     q = np.array([factors[k] for k in kinds])[:, None]
     sigma = np.sqrt(mean_draws.var(1) + np.asarray(calibration["cell_var"], dtype=np.float64) / float(calibration["n_ref"]))
     mean = mean_draws.mean(1)
-    levels = sorted(set(REPORTED_LEVELS) | {interval})
     notes = {
         "calibrated": True,
         "kinds": kinds,
         "interval_factors": [float(v) for v in q[:, 0]],
-        "factors_by_kind": {k: {str(a): calibration_factors(calibration, a)[0][k] for a in levels} for k in CONTEXT_KINDS},
+        "factors_by_kind": {k: {str(a): per_level[a][0][k] for a in levels} for k in CONTEXT_KINDS},
         "factor_source": how,
         "covers": calibration["covers"],
         "how": calibration["how"],

@@ -78,8 +78,9 @@ Global (outside the plate):
   ``B_free_tau``, ``B_free_lambda`` are sampled. ``B`` ``(l, l)``: deterministic, zero outside
   the mask (linear and mechanism drifts).
 - ``S`` ``(l, K)``: via :func:`perturbation_effects`: deterministic, from ``S_raw``, ``S_tau``,
-  ``S_lambda`` under the default horseshoe prior; a sample site under ``s_prior="normal"``; with ``target_mask`` it is built like ``B``: deterministic, zero outside the mask,
-  with the allowed entries in ``S_free`` ``(mask.sum(),)``.
+  ``S_lambda`` under the default horseshoe prior; a sample site under ``s_prior="normal"``; with
+  ``target_mask`` it is built like ``B``: deterministic, zero outside the mask, with the allowed
+  entries in ``S_free`` ``(mask.sum(),)``.
 - ``B_delta_free`` ``(m,)`` and deterministic ``B_delta`` ``(K, l, l)``: mechanism drift only.
 - ``acyclicity``: a factor ``-rho * h(B)`` (NOTEARS, :func:`acyclicity_measure`), only with
   ``acyclicity=rho > 0`` on a cyclic mask.
