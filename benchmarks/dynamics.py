@@ -178,14 +178,15 @@ def latent_geometry(z_hat, z_true, perm, sign, data, truth) -> list[dict]:
     fitted SD ratio below the true one, with a smaller shift, is a latent space compressed away
     from the control cells: a nonlinear warp of the true programs that the MCC and the ``B`` read
     in it inherit."""
+    from perturbax.models.linear_scm import sole_targets
+
     env, t = np.asarray(data.env), np.asarray(data.times, dtype=np.float64)
     ctrl = env == data.control_index
     rows = []
-    for j in range(truth.n_programs):
-        sole = [k for k in range(truth.S.shape[1]) if np.flatnonzero(truth.S[:, k]).tolist() == [j]]
-        if not sole:
+    for j, k in enumerate(sole_targets(truth.S)):
+        if k < 0:
             continue
-        lab = truth.names[sole[0]]
+        lab = truth.names[k]
         if lab not in data.conditions:
             continue
         in_lab = env == data.condition_index(lab)
