@@ -12,7 +12,7 @@ from perturbax.cli import main
 from perturbax.data import from_anndata, prediction_intervals, prediction_trajectory, simulate_latent_dynamics
 from perturbax.inference import FitResult, fit, held_out_contexts, pair_key, predict
 from perturbax.inference.dynamics_recipe import _context_cells, recipe_lines
-from perturbax.models import LatentDynamicsConfig
+from perturbax.models import LatentDynamicsConfig, sole_target_mask
 
 TIMES = (0.5, 1.0, 2.0, 4.0)
 TINY = dict(latent_dim=2, decoder_hidden=(8,), encoder_hidden=(8,))
@@ -112,6 +112,15 @@ def test_default_fit_runs_the_recipe_and_records_its_choices(sim, recipe_fit):
     assert sorted(order["chosen"]) == [0, 1] and order["identified_by_design"] is False
     assert order["chosen"] in order["equally_well"]
     assert np.array_equal(recipe_fit.config.mask[order["chosen"][1], order["chosen"][0]], 1)
+    # the order searched by the held-out energy score, every order of the 2 programs, under the
+    # sole-target mask read from W, which the final fit keeps
+    search = order["search"]
+    assert sorted(search["scores"]) == ["[0, 1]", "[1, 0]"] and sorted(search["targets"]) == [0, 1]
+    assert search["chosen"] == order["chosen"] and str(order["chosen"]) == min(search["scores"],
+                                                                               key=search["scores"].get)
+    assert all(np.isfinite(v) for v in search["scores"].values()) and search["steps_each"] == 10
+    assert np.array_equal(recipe_fit.config.target_mask, sole_target_mask(search["targets"], data.K))
+    assert any(n.startswith("2 energy, order search (2 orders)") for n in names)
     cal = r["calibration"]
     assert sum(len(v) for v in cal["scores"].values()) == len(held) * data.n_genes
     assert set(cal["scores"]) == {"interior", "beyond"} and all(f["0.9"] > 0 for f in cal["factor"].values())
@@ -294,3 +303,56 @@ def test_default_batch_size_fits_small_data_sets(sim, monkeypatch):
     monkeypatch.setattr(dynamics_recipe, "fit_dynamics_recipe", fake)
     res = fit("latent_dynamics", data, config=_config(data), steps=3, progress=False)
     assert seen == [data.n_cells - held.size] and res.info["batch_size"] == seen[0]
+
+
+def test_energy_order_search_scores_every_order_or_searches_locally(monkeypatch):
+    """The order search of the recipe (_energy_order_search), with a stand-in trainer whose held-out
+    energy grows with the number of pairs an order puts against [2, 0, 1]: all 6 orders of 3 programs
+    scored, or (above SEARCH_ALL_UP_TO) a local search over adjacent swaps that walks from [0, 1, 2]
+    to [2, 0, 1]; the sole-target mask read from W (P2 on z0, P0 on z1, P1 on z2) is every run's."""
+    import itertools
+
+    from perturbax.inference import dynamics_recipe, prediction
+    from perturbax.models.dynamics import equilibrium_shift
+
+    B = np.zeros((3, 3))
+    B[0, 2], B[1, 0], B[1, 2] = 0.8, -0.6, 0.5  # order 2 -> 0 -> 1
+    S = np.zeros((3, 3))
+    S[1, 0], S[2, 1], S[0, 2] = 1.0, -1.5, 2.0
+    W = equilibrium_shift(B, S)
+    monkeypatch.setattr(prediction, "posterior_draws", lambda res, n, seed=0: {"W": np.repeat(W[None], 4, 0)})
+    cfg = LatentDynamicsConfig(n_genes=4, n_perturbations=3, latent_dim=3)
+
+    @dataclasses.dataclass(frozen=True)
+    class Run:
+        config: LatentDynamicsConfig
+        history: dict
+        info: dict
+
+    runs = []
+
+    def trainer_fn(data, *, config, objective, steps, energy, **kw):
+        assert objective == "energy" and steps == 5
+
+        def run(*, config, steps, init_params, stop_early):
+            order = [int(i) for i in np.argsort(config.mask.sum(1))]  # causes first: fewest parents
+            pos = {p: i for i, p in enumerate([2, 0, 1])}
+            bad = sum(pos[a] > pos[b] for a, b in itertools.combinations(order, 2))
+            runs.append(config)
+            return Run(config, {"val_loss": [1.0 + bad] * 6}, {})
+
+        return run
+
+    kw = dict(steps=10, energy=None, sel_kw={}, seed=0)
+    start = Run(cfg, {}, {})
+    full = dynamics_recipe._energy_order_search(trainer_fn, None, start, [0, 1, 2], **kw)
+    assert len(full["scores"]) == 6 and full["chosen"] == [2, 0, 1] and full["targets"] == [2, 0, 1]
+    assert full["equally_well"] == [[2, 0, 1]] and full["fit"].info["causal_order"] == [2, 0, 1]
+    assert all(np.array_equal(c.target_mask, sole_target_mask([2, 0, 1], 3)) for c in runs)
+    runs.clear()
+    monkeypatch.setattr(dynamics_recipe, "SEARCH_ALL_UP_TO", 2)
+    local = dynamics_recipe._energy_order_search(trainer_fn, None, start, [0, 1, 2], **kw)
+    assert local["chosen"] == [2, 0, 1] and local["start"] == [0, 1, 2]
+    # [0, 1, 2] -> [0, 2, 1] -> [2, 0, 1], whose untried neighbour [2, 1, 0] is worse
+    assert set(local["scores"]) == {"[0, 1, 2]", "[1, 0, 2]", "[0, 2, 1]", "[2, 0, 1]", "[2, 1, 0]"}
+    assert len(runs) == 5

@@ -33,6 +33,7 @@ from perturbax.models.dynamics import (
     order_from_effects,
     order_mask,
     ou_noise_cov,
+    sole_target_mask,
     stationary_noise_cov,
     transition_matrix,
 )
@@ -570,6 +571,16 @@ def test_order_from_effects_recovers_the_order_of_relabelled_programs(seed):
     np.testing.assert_allclose(b_hat, truth.B[np.ix_(perm, perm)], atol=1e-8)
     with pytest.raises(ValueError, match="K >= l"):
         order_from_effects(W[:, :3])
+    # the perturbation matched to each fitted program is the one that targets its true program alone
+    again, _, targets = order_from_effects(W[perm], return_targets=True)
+    assert again == order
+    assert all(np.flatnonzero(truth.S[:, k]).tolist() == [perm[i]] for i, k in enumerate(targets))
+    mask = sole_target_mask(targets, W.shape[1])
+    assert mask.shape == W.shape and np.array_equal(mask[:, targets], np.eye(4, dtype=np.int64))
+    others = np.setdiff1d(np.arange(W.shape[1]), targets)
+    assert mask[:, others].all()
+    with pytest.raises(ValueError, match="distinct perturbation columns"):
+        sole_target_mask([0, 0, 1, 2], W.shape[1])
 
 
 def _dense_case(seed=0, ell=3):
@@ -589,6 +600,22 @@ def test_order_from_effects_warns_when_dense_targets_leave_the_order_unidentifie
     with pytest.warns(UserWarning, match="NOT identified"):
         order, b_hat = order_from_effects(W, targets=S != 0)
     assert np.abs(b_hat - B).max() > 0.1  # the order/B read is one of many consistent with W
+
+
+def test_order_from_effects_without_targets_skips_a_multi_target_perturbation():
+    """Without the targets' support, the l perturbations read as sole targets are those whose B_hat
+    is acyclic: a perturbation of two programs that QR with column pivoting picks (B_hat then 7%
+    cyclic, a warning before) is passed over, and the order and B are exact."""
+    _, truth = simulate_latent_dynamics(n_programs=4, n_perturbations=4, edge_prob=1.0, n_cells=2, n_genes=3, seed=3)
+    multi = np.zeros((4, 1))
+    multi[[0, 2], 0] = [-3.5, 4.0]
+    S = np.hstack([multi, truth.S])
+    W = equilibrium_shift(truth.B, S)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        order, b_hat, targets = order_from_effects(W, return_targets=True)
+    assert order == causal_order(truth.B) and targets == [1, 2, 3, 4]
+    np.testing.assert_allclose(b_hat, truth.B, atol=1e-8)
 
 
 def test_order_from_effects_uses_the_sole_target_perturbations():

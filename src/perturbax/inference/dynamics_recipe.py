@@ -17,15 +17,20 @@ stage by hand):
 2. **Selection run** on the other contexts, every stage early-stopped on the held-out contexts:
    (a) ELBO on the default causal mask; (b) the program order read from ``W`` and refitted on its
    mask (:func:`~perturbax.inference.refit_in_causal_order`), the orders the posterior of ``W``
-   supports refitted too, and the orders whose held-out loss is within noise of the best reported
-   as fitting equally well; (c) the energy objective warm-started from (b): its best step on the
+   supports refitted too; (b') the **order searched by the energy score**
+   (:func:`_energy_order_search`): the ELBO fits every order about as well, so under the
+   sole-target mask read from ``W`` the candidate orders (all of them for up to
+   ``SEARCH_ALL_UP_TO`` programs, else a local search from (b)'s) are each fitted briefly by the
+   energy objective from (b), the one whose generated cells best match the held-out contexts is
+   kept, and those within noise of it are reported as fitting equally well; (c) the energy
+   objective warm-started from (b'): its best step on the
    held-out contexts is the **length of the energy stage** (0 when it does not improve on (b)).
    The generated predictions of the held-out contexts then **calibrate the intervals**, one
    conformal factor of ``|observed mean - predicted mean| / sigma`` per kind of prediction
    (:func:`~perturbax.inference.context_kinds.calibration_factors`): extrapolation in time and
    unmeasured combinations err more than interpolation, and a prediction gets the factor of its
    own kind.
-3. **Final fit on all training cells**: ELBO on the chosen order's mask, warm-started from (b)
+3. **Final fit on all training cells**: ELBO on the chosen order's mask, warm-started from (b')
    (``FINAL_ELBO_FRACTION`` of ``steps``, early stopping on held-out cells), then the energy
    stage for the chosen length.
 
@@ -81,6 +86,10 @@ EVALS_PER_STAGE, RECIPE_PATIENCE = 20, 8
 CELLS_PER_CONTEXT = 64
 #: Posterior share an order read from draws of ``W`` needs to be refitted as an alternative.
 ALTERNATIVE_SHARE = 0.1
+#: The order search by the energy score (:func:`_energy_order_search`): on/off, steps of each
+#: candidate as a fraction of ``steps``, held-out evaluations averaged into its score, every order
+#: scored up to this many programs, else at most this many moves of the local search.
+ORDER_SEARCH, SEARCH_FRACTION, SEARCH_TAIL, SEARCH_ALL_UP_TO, SEARCH_ROUNDS = True, 0.5, 5, 4, 6
 #: Posterior draws used to read orders and to calibrate the intervals.
 ORDER_DRAWS, CALIBRATION_DRAWS = 200, 50
 
@@ -171,6 +180,71 @@ def order_candidates(result, *, num_samples: int = ORDER_DRAWS, seed: int = 0) -
                 continue
     total = max(sum(counts.values()), 1)
     return [(list(o), c / total) for o, c in counts.most_common()]
+
+
+def _tail_loss(res, key: str = "val_loss", last: int = SEARCH_TAIL) -> float:
+    v = np.asarray(res.history.get(key, ()), dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return float(v[-last:].mean()) if v.size else math.inf
+
+
+def _energy_order_search(trainer_fn, data: PerturbationData, start_fit, start: list[int], *, steps: int,
+                         energy: EnergyOptions, sel_kw: dict, seed: int) -> dict[str, Any]:
+    """Search the program order by the energy score under the sole-target mask read from ``W``.
+
+    The ELBO fits every order about as well (the encoder and decoder absorb the transients), so
+    the orders are compared by how well the cells they generate match held-out training contexts.
+    The perturbation matched to each program when the order is read from ``W``
+    (:func:`~perturbax.models.order_from_effects`) is taken to target it alone
+    (:func:`~perturbax.models.sole_target_mask`): that fixes the programs' labels, so that orders
+    differ. Each candidate order is an energy fit of ``SEARCH_FRACTION * steps`` steps from the
+    same start (``start_fit``), all runs of one compiled trainer; its score is the mean held-out
+    energy of its last ``SEARCH_TAIL`` evaluations. Candidates: every order for
+    ``l <= SEARCH_ALL_UP_TO`` programs, else a local search over swaps of adjacent programs from
+    ``start`` (at most ``SEARCH_ROUNDS`` moves)."""
+    import itertools
+
+    from perturbax.inference.prediction import posterior_draws
+    from perturbax.models.dynamics import order_from_effects, order_mask, sole_target_mask
+
+    cfg = start_fit.config
+    W = np.asarray(posterior_draws(start_fit, ORDER_DRAWS, seed=seed)["W"], dtype=np.float64).mean(0)
+    targets = order_from_effects(W, targets=cfg.target_mask, return_targets=True)[2]
+    tm = sole_target_mask(targets, cfg.n_perturbations) if cfg.target_mask is None else np.asarray(cfg.target_mask)
+    base = dataclasses.replace(cfg, target_mask=tm, causal_mask=order_mask(start), allow_cycles=False, acyclicity=0.0)
+    n = max(1, int(SEARCH_FRACTION * steps))
+    run = trainer_fn(data, config=base, objective="energy", steps=n, energy=energy, **sel_kw)
+    fits: dict[tuple[int, ...], Any] = {}
+
+    def score(order) -> float:
+        o = tuple(int(i) for i in order)
+        if o not in fits:
+            fits[o] = run(config=dataclasses.replace(base, causal_mask=order_mask(o)), steps=n, init_params=start_fit,
+                          stop_early=False)
+        return _tail_loss(fits[o])
+
+    ell = len(start)
+    if ell <= SEARCH_ALL_UP_TO:
+        for o in itertools.permutations(range(ell)):
+            score(o)
+    else:
+        best = tuple(start)
+        for _ in range(SEARCH_ROUNDS):
+            nbrs = [best[:i] + (best[i + 1], best[i]) + best[i + 2:] for i in range(ell - 1)]
+            cand = min(nbrs, key=score)
+            if score(cand) >= score(best):
+                break
+            best = cand
+    scores = {o: _tail_loss(f) for o, f in fits.items()}
+    best = min(scores, key=scores.get)
+    noise = max(_loss_noise(f) for f in fits.values())
+    tol = max(noise, 1e-3 * abs(scores[best]))
+    equal = [list(o) for o, v in sorted(scores.items(), key=lambda kv: kv[1]) if v - scores[best] <= tol]
+    chosen = fits[best]
+    return {"fit": dataclasses.replace(chosen, info={**chosen.info, "causal_order": list(best)}),
+            "chosen": list(best), "start": list(start), "targets": targets, "steps_each": n,
+            "scores": {str(list(o)): round(v, 5) for o, v in sorted(scores.items(), key=lambda kv: kv[1])},
+            "tolerance": tol, "equally_well": equal}
 
 
 def _held_loss(res) -> float:
@@ -366,6 +440,18 @@ def fit_dynamics_recipe(
         equal = [list(o) for o, v in sorted(tried.items(), key=lambda kv: kv[1][0]) if v[0] - best_loss <= tol]
         current = best_fit
         chosen = list(current.info.get("causal_order", s2.info["causal_order"]))
+        search = None
+        if ORDER_SEARCH and contexts and trainer_fn is not None and config.drift == "linear" and \
+                config.likelihood != "negative_binomial":
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                search = _energy_order_search(trainer_fn, data, current, chosen, steps=steps, energy=opts,
+                                              sel_kw=sel_kw, seed=seed)
+            stages.append(_stage(f"2 energy, order search ({len(search['scores'])} orders)", search["fit"],
+                                 time.perf_counter() - t0, sel_note))
+            current = search.pop("fit")
+            chosen = list(search["chosen"])
         order_info.update(
             chosen=chosen, rounds=s2.info["order_rounds"],
             posterior_orders=[{"order": o, "share": round(s, 3)} for o, s in cands[:5]],
@@ -374,6 +460,13 @@ def fit_dynamics_recipe(
                     f"held-out loss on {'held-out contexts' if contexts else 'held-out cells'}"
                     + (f"; {len(equal)} fit equally well (within {tol:.3g}): {equal}" if len(equal) > 1 else "")),
         )
+        if search is not None:
+            order_info.update(chosen=chosen, search=search, equally_well=search["equally_well"], reason=(
+                f"searched by the held-out energy score under the sole-target mask read from W (perturbation "
+                f"{search['targets']} alone on program 0..{config.latent_dim - 1}): {len(search['scores'])} order(s) "
+                f"scored, starting from {search['start']} (the ELBO's choice)"
+                + (f"; {len(search['equally_well'])} within noise ({search['tolerance']:.3g}): {search['equally_well']}"
+                   if len(search["equally_well"]) > 1 else "")))
     else:
         order_info.update(chosen=None, equally_well=None, reason=(
             "no causal weights (neural drift)" if not has_b else

@@ -483,7 +483,8 @@ def fit(
     draws as in memory (the same seed gives the same fit).
     recipe
         The staged fitting of the latent dynamics model (:mod:`perturbax.inference.dynamics_recipe`):
-        ELBO, program order read from ``W`` and refitted, an energy stage whose length (possibly 0)
+        ELBO, program order read from ``W`` and refitted, then searched by the held-out energy score
+        under the sole-target mask read from ``W``, an energy stage whose length (possibly 0)
         is chosen on held-out *training* contexts, then the final stages on all cells; interval
         calibration on the held-out contexts. ``steps`` is the length of the first stage.
         ``info["recipe"]`` says what was chosen and why. ``None`` (default): on for

@@ -122,6 +122,7 @@ from perturbax.models.dynamics.ordering import (
     order_from_effects,
     order_mask,
     order_violation,
+    sole_target_mask,
 )
 
 __all__ = [
@@ -145,6 +146,7 @@ __all__ = [
     "causal_order",
     "order_from_effects",
     "order_violation",
+    "sole_target_mask",
     "acyclicity_measure",
     "is_acyclic",
     "check_times",

@@ -3,6 +3,8 @@ read from the total effects ``W``, and acyclicity."""
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,10 +21,15 @@ __all__ = [
     "order_mask",
     "causal_order",
     "order_from_effects",
+    "sole_target_mask",
     "order_violation",
     "acyclicity_measure",
     "is_acyclic",
 ]
+
+
+#: Most subsets of ``l`` perturbations :func:`order_from_effects` compares to find the sole-target ones.
+MAX_TARGET_SUBSETS = 256
 
 
 def lower_triangular_mask(n: int) -> np.ndarray:
@@ -69,10 +76,12 @@ def causal_order(B: Any) -> list[int]:
 
 
 def order_from_effects(
-    W: Any, targets: Any = None, *, cycle_tol: float = 0.05
-) -> tuple[list[int], np.ndarray]:
+    W: Any, targets: Any = None, *, cycle_tol: float = 0.05, return_targets: bool = False
+) -> tuple[list[int], np.ndarray] | tuple[list[int], np.ndarray, list[int]]:
     """A causal order of the programs read from the total effects ``W = (I - B)^{-1} S``
-    (``l x K``, one column per elementary perturbation, ``K >= l``). Returns ``(order, B_hat)``.
+    (``l x K``, one column per elementary perturbation, ``K >= l``). Returns ``(order, B_hat)``,
+    and with ``return_targets=True`` also the perturbation (column of ``W``) matched to each
+    program as its sole direct target (:func:`sole_target_mask` makes the mask of that reading).
 
     Identified only when every program is the SOLE direct target of some perturbation
     (:func:`perturbax.theory.check_order_from_effects`); targeting every program is not enough:
@@ -88,9 +97,11 @@ def order_from_effects(
     ``targets`` (``l x K``, the support of ``S`` in the same program labelling, e.g. a fit's
     ``target_mask``): the condition is checked, and the columns of sole-target perturbations are
     used; a ``UserWarning`` says when the condition fails (the result is then one of many orders
-    consistent with ``W``). Without ``targets`` the condition cannot be checked from ``W``: ``l``
-    perturbations with linearly independent columns are used (QR with column pivoting) and a
-    ``UserWarning`` is raised only when ``B_hat`` shows the condition fails -- more than
+    consistent with ``W``). Without ``targets`` the condition cannot be checked from ``W``: the ``l``
+    perturbations whose ``B_hat`` is closest to acyclic are used (every subset of ``l`` columns with
+    linearly independent effects, up to ``MAX_TARGET_SUBSETS`` of them, else the ``l`` of QR with
+    column pivoting; a perturbation that targets several programs, read as a sole target, makes
+    ``B_hat`` cyclic) and a ``UserWarning`` is raised only when ``B_hat`` shows the condition fails -- more than
     ``cycle_tol`` of its squared weight points against the order read (exactly 0 when the chosen
     perturbations each target one program). Dense targets can still give an acyclic, wrong
     ``B_hat`` without a warning.
@@ -98,7 +109,6 @@ def order_from_effects(
     import warnings
 
     import scipy.linalg as sla
-    from scipy.optimize import linear_sum_assignment
 
     w = np.asarray(W, dtype=np.float64)
     if w.ndim != 2 or w.shape[1] < w.shape[0]:
@@ -126,20 +136,23 @@ def order_from_effects(
                 stacklevel=2,
             )
     if cols_used is None:
-        # l perturbations with linearly independent effects (QR with column pivoting; two
-        # perturbations with the same target have parallel columns), then W_sub^-1 = S_sub^-1 (I - B).
-        cols_used = np.sort(sla.qr(w, mode="r", pivoting=True)[1][:ell])
-    m = np.linalg.inv(w[:, cols_used])  # (l, l): rows = the chosen perturbations
-    # programs -> perturbations minimising sum 1/|m| (ICA-LiNGAM): m is triangular up to
-    # permutations, and the diagonal is the only matching that avoids its zeros.
-    rows, cols = linear_sum_assignment(1.0 / np.maximum(np.abs(m.T), 1e-12))
-    matched = m[cols[np.argsort(rows)]]
-    diag = np.diag(matched)
-    if np.any(np.abs(diag) < 1e-12):
-        raise ValueError("A program has no perturbation with a direct effect on it; the order is not identified.")
-    b_hat = np.eye(ell) - matched / diag[:, None]
-    order = causal_order(b_hat)
-    backward = order_violation(b_hat, order)
+        # l perturbations with linearly independent effects whose B_hat is closest to acyclic (exactly
+        # acyclic when each targets one program): every subset of l columns when there are at most
+        # MAX_TARGET_SUBSETS, else QR with column pivoting (two perturbations with the same target have
+        # parallel columns)
+        subsets = [np.sort(sla.qr(w, mode="r", pivoting=True)[1][:ell])]
+        if w.shape[1] > ell and math.comb(w.shape[1], ell) <= MAX_TARGET_SUBSETS:
+            subsets += [np.asarray(c) for c in itertools.combinations(range(w.shape[1]), ell)]
+        reads = [r for r in (_read_subset(w, c) for c in subsets) if r is not None]
+        if not reads:
+            raise ValueError("No l perturbations have linearly independent effects in W; the order is not identified.")
+        order, b_hat, cols_used, backward = min(reads, key=lambda r: r[3])  # (ties: the QR choice)
+    else:
+        read = _read_subset(w, np.asarray(cols_used))
+        if read is None:
+            raise ValueError("The sole-target perturbations' effects in W are linearly dependent; the order is not "
+                             "identified.")
+        order, b_hat, cols_used, backward = read
     if targets is None and backward > cycle_tol:
         warnings.warn(
             f"order_from_effects: {backward:.0%} of the squared weight of B_hat read from W points against the "
@@ -149,7 +162,44 @@ def order_from_effects(
             UserWarning,
             stacklevel=2,
         )
+    if return_targets:
+        return order, b_hat, cols_used
     return order, b_hat
+
+
+def _read_subset(w: np.ndarray, cols: np.ndarray) -> tuple[list[int], np.ndarray, list[int], float] | None:
+    """``(order, B_hat, matched perturbation per program, order_violation)`` read from the columns
+    ``cols`` of ``W`` taken as one sole-target perturbation per program (None if they are singular)."""
+    from scipy.optimize import linear_sum_assignment
+
+    ell = w.shape[0]
+    sub = w[:, cols]
+    if np.linalg.cond(sub) > 1e8:
+        return None
+    m = np.linalg.inv(sub)  # (l, l): rows = the chosen perturbations, W_sub^-1 = S_sub^-1 (I - B)
+    # programs -> perturbations minimising sum 1/|m| (ICA-LiNGAM): m is triangular up to
+    # permutations, and the diagonal is the only matching that avoids its zeros.
+    rows, assigned = linear_sum_assignment(1.0 / np.maximum(np.abs(m.T), 1e-12))
+    match = assigned[np.argsort(rows)]
+    matched = m[match]
+    diag = np.diag(matched)
+    if np.any(np.abs(diag) < 1e-12):
+        return None
+    b_hat = np.eye(ell) - matched / diag[:, None]
+    order = causal_order(b_hat)
+    return order, b_hat, [int(k) for k in np.asarray(cols)[match]], order_violation(b_hat, order)
+
+
+def sole_target_mask(targets: Sequence[int], n_perturbations: int) -> np.ndarray:
+    """``l x K`` 0/1 target mask in which perturbation ``targets[i]`` shifts program ``i`` alone and
+    every other perturbation may shift any program (e.g. the matching of
+    ``order_from_effects(W, return_targets=True)``, which reads the order under that assumption)."""
+    t = [int(k) for k in targets]
+    if len(set(t)) != len(t) or any(k < 0 or k >= n_perturbations for k in t):
+        raise ValueError(f"targets must be distinct perturbation columns in 0..{n_perturbations - 1}, got {t}.")
+    mask = np.ones((len(t), n_perturbations), dtype=np.int64)
+    mask[:, t] = np.eye(len(t), dtype=np.int64)
+    return mask
 
 
 def order_violation(B: Any, order: Sequence[int]) -> float:
