@@ -100,7 +100,7 @@ def order_from_effects(
     consistent with ``W``). Without ``targets`` the condition cannot be checked from ``W``: the ``l``
     perturbations whose ``B_hat`` is closest to acyclic are used (every subset of ``l`` columns with
     linearly independent effects, up to ``MAX_TARGET_SUBSETS`` of them, else the ``l`` of QR with
-    column pivoting; a perturbation that targets several programs, read as a sole target, makes
+    column pivoting; a perturbation that targets several programs, read as a sole target, can make
     ``B_hat`` cyclic) and a ``UserWarning`` is raised only when ``B_hat`` shows the condition fails -- more than
     ``cycle_tol`` of its squared weight points against the order read (exactly 0 when the chosen
     perturbations each target one program). Dense targets can still give an acyclic, wrong
