@@ -121,6 +121,13 @@ def test_default_fit_runs_the_recipe_and_records_its_choices(sim, recipe_fit):
     assert all(np.isfinite(v) for v in search["scores"].values()) and search["steps_each"] == 10
     assert np.array_equal(recipe_fit.config.target_mask, sole_target_mask(search["targets"], data.K))
     assert any(n.startswith("2 energy, order search (2 orders)") for n in names)
+    # the final fit follows the selection path: ELBO from the ELBO state the search started from (never
+    # from an energy fit), then the search's energy steps plus the energy stage's best step
+    final_elbo = next(s for s in r["stages"] if s["stage"].startswith("4 elbo"))
+    assert final_elbo["warm_start"].startswith("2 elbo")
+    third = next(s for s in r["stages"] if s["stage"].startswith("3 energy"))
+    assert r["energy_steps"] == search["steps_each"] + third["best_step"] and names[-1].startswith("5 energy")
+    assert r["stages"][-1]["steps_run"] == r["energy_steps"] and "order search's 10" in r["energy_reason"]
     cal = r["calibration"]
     assert sum(len(v) for v in cal["scores"].values()) == len(held) * data.n_genes
     assert set(cal["scores"]) == {"interior", "beyond"} and all(f["0.9"] > 0 for f in cal["factor"].values())
@@ -312,7 +319,7 @@ def test_energy_order_search_scores_every_order_or_searches_locally(monkeypatch)
     to [2, 0, 1]; the sole-target mask read from W (P2 on z0, P0 on z1, P1 on z2) is every run's."""
     import itertools
 
-    from perturbax.inference import dynamics_recipe, prediction
+    from perturbax.inference import dynamics_recipe, order_refit
     from perturbax.models.dynamics import equilibrium_shift
 
     B = np.zeros((3, 3))
@@ -320,7 +327,7 @@ def test_energy_order_search_scores_every_order_or_searches_locally(monkeypatch)
     S = np.zeros((3, 3))
     S[1, 0], S[2, 1], S[0, 2] = 1.0, -1.5, 2.0
     W = equilibrium_shift(B, S)
-    monkeypatch.setattr(prediction, "posterior_draws", lambda res, n, seed=0: {"W": np.repeat(W[None], 4, 0)})
+    monkeypatch.setattr(order_refit, "posterior_draws", lambda res, n, seed=0: {"W": np.repeat(W[None], 4, 0)})
     cfg = LatentDynamicsConfig(n_genes=4, n_perturbations=3, latent_dim=3)
 
     @dataclasses.dataclass(frozen=True)

@@ -23,16 +23,19 @@ stage by hand):
    ``SEARCH_ALL_UP_TO`` programs, else a local search from (b)'s) are each fitted briefly by the
    energy objective from (b), the one whose generated cells best match the held-out contexts is
    kept, and those within noise of it are reported as fitting equally well; (c) the energy
-   objective warm-started from (b'): its best step on the
-   held-out contexts is the **length of the energy stage** (0 when it does not improve on (b)).
+   objective warm-started from (b') (or from (b) when no search runs): the **length of the energy
+   stage** is the search's steps plus this stage's best step on the held-out contexts (0 when it
+   does not improve on where it started).
    The generated predictions of the held-out contexts then **calibrate the intervals**, one
    conformal factor of ``|observed mean - predicted mean| / sigma`` per kind of prediction
    (:func:`~perturbax.inference.context_kinds.calibration_factors`): extrapolation in time and
    unmeasured combinations err more than interpolation, and a prediction gets the factor of its
    own kind.
-3. **Final fit on all training cells**: ELBO on the chosen order's mask, warm-started from (b')
-   (``FINAL_ELBO_FRACTION`` of ``steps``, early stopping on held-out cells), then the energy
-   stage for the chosen length.
+3. **Final fit on all training cells**, the selection run's path again: ELBO on the chosen
+   order's mask (``FINAL_ELBO_FRACTION`` of ``steps``, early stopping on held-out cells),
+   warm-started from the ELBO state of (b) -- never from an energy fit: the ELBO moved from an
+   energy optimum can collapse the spread of the generated cells -- then the energy stage for the
+   chosen length.
 
 What was chosen and why is in ``FitResult.info["recipe"]`` (printed by ``perturbax fit``);
 :func:`recipe_lines` renders it.
@@ -182,9 +185,14 @@ def order_candidates(result, *, num_samples: int = ORDER_DRAWS, seed: int = 0) -
     return [(list(o), c / total) for o, c in counts.most_common()]
 
 
-def _tail_loss(res, key: str = "val_loss", last: int = SEARCH_TAIL) -> float:
-    v = np.asarray(res.history.get(key, ()), dtype=np.float64)
-    v = v[np.isfinite(v)]
+def _held_losses(res) -> np.ndarray:
+    """The finite held-out losses of a stage, in the order they were evaluated."""
+    v = np.asarray(res.history.get("val_loss", ()), dtype=np.float64)
+    return v[np.isfinite(v)]
+
+
+def _tail_loss(res, last: int = SEARCH_TAIL) -> float:
+    v = _held_losses(res)
     return float(v[-last:].mean()) if v.size else math.inf
 
 
@@ -204,12 +212,11 @@ def _energy_order_search(trainer_fn, data: PerturbationData, start_fit, start: l
     ``start`` (at most ``SEARCH_ROUNDS`` moves)."""
     import itertools
 
-    from perturbax.inference.prediction import posterior_draws
-    from perturbax.models.dynamics import order_from_effects, order_mask, sole_target_mask
+    from perturbax.inference.order_refit import fitted_causal_order
+    from perturbax.models.dynamics import order_mask, sole_target_mask
 
     cfg = start_fit.config
-    W = np.asarray(posterior_draws(start_fit, ORDER_DRAWS, seed=seed)["W"], dtype=np.float64).mean(0)
-    targets = order_from_effects(W, targets=cfg.target_mask, return_targets=True)[2]
+    targets = fitted_causal_order(start_fit, num_samples=ORDER_DRAWS, seed=seed, return_targets=True)[2]
     tm = sole_target_mask(targets, cfg.n_perturbations) if cfg.target_mask is None else np.asarray(cfg.target_mask)
     base = dataclasses.replace(cfg, target_mask=tm, causal_mask=order_mask(start), allow_cycles=False, acyclicity=0.0)
     n = max(1, int(SEARCH_FRACTION * steps))
@@ -248,16 +255,14 @@ def _energy_order_search(trainer_fn, data: PerturbationData, start_fit, start: l
 
 
 def _held_loss(res) -> float:
-    v = np.asarray(res.history.get("val_loss", ()), dtype=np.float64)
-    v = v[np.isfinite(v)]
+    v = _held_losses(res)
     return float(v.min()) if v.size else math.inf
 
 
 def _loss_noise(res, last: int = 6) -> float:
     """How much a stage's held-out loss moves from one evaluation to the next at the end of the fit:
     the SD of the differences of its last evaluations over sqrt(2) (differences remove a trend)."""
-    v = np.asarray(res.history.get("val_loss", ()), dtype=np.float64)
-    d = np.diff(v[np.isfinite(v)][-last:])
+    d = np.diff(_held_losses(res)[-last:])
     return float(d.std(ddof=1) / math.sqrt(2)) if d.size > 1 else 0.0
 
 
@@ -406,7 +411,9 @@ def fit_dynamics_recipe(
     s1 = sel_fit(data, config=config, objective="elbo", steps=steps, **sel_kw)
     stages.append(_stage("1 elbo, default mask", s1, time.perf_counter() - t0,
                          sel_note if contexts else "all training cells (no held-out contexts)"))
-    current = s1
+    current = elbo_state = s1
+    elbo_name = stages[-1]["stage"]
+    search = None
     order_info: dict[str, Any] = {"identified_by_design": None if order_check is None else order_check.identified,
                                   "design_check": None if order_check is None else order_check.message}
     # 2b. order from W, refits
@@ -422,7 +429,7 @@ def fit_dynamics_recipe(
         tried = {tuple(s2.info["causal_order"]): (_held_loss(s2), _loss_noise(s2))}
         tried.setdefault(tuple(causal_order(s1.config.mask)), (_held_loss(s1), _loss_noise(s1)))
         cands = order_candidates(s2, seed=seed)
-        best_fit = s2
+        best_fit, elbo_name = s2, stages[-1]["stage"]
         alt = next((o for o, share in cands if share >= ALTERNATIVE_SHARE and tuple(order_mask(o).ravel())
                     not in {tuple(order_mask(list(k)).ravel()) for k in tried}), None)
         if alt is not None:  # the posterior of W supports another order: fit it too, keep the better one
@@ -435,12 +442,12 @@ def fit_dynamics_recipe(
             tried[tuple(alt)] = (_held_loss(s_alt), _loss_noise(s_alt))
             if _held_loss(s_alt) < _held_loss(s2):
                 best_fit = dataclasses.replace(s_alt, info={**s_alt.info, "causal_order": list(alt)})
+                elbo_name = stages[-1]["stage"]
         best_loss = min(v[0] for v in tried.values())
         tol = max(max(v[1] for v in tried.values()), 1e-3 * abs(best_loss))
         equal = [list(o) for o, v in sorted(tried.items(), key=lambda kv: kv[1][0]) if v[0] - best_loss <= tol]
-        current = best_fit
+        current = elbo_state = best_fit
         chosen = list(current.info.get("causal_order", s2.info["causal_order"]))
-        search = None
         if ORDER_SEARCH and contexts and trainer_fn is not None and config.drift == "linear" and \
                 config.likelihood != "negative_binomial":
             t0 = time.perf_counter()
@@ -475,8 +482,9 @@ def fit_dynamics_recipe(
             f"every order fits W equally" if s1.info.get("stop_reason") != "nan" else
             "not read: the first stage diverged"))
 
-    # 2c. energy stage: its length chosen on the held-out contexts
-    energy_steps, energy_reason = 0, ""
+    # 2c. energy stage: its length chosen on the held-out contexts (the search's steps, then this stage's)
+    searched = 0 if search is None else int(search["steps_each"])
+    energy_steps, energy_reason, best = 0, "", 0
     if config.likelihood == "negative_binomial":
         energy_reason = "none: the negative binomial cannot be sampled differentiably, so the energy objective is off"
         s3 = None
@@ -490,23 +498,31 @@ def fit_dynamics_recipe(
         s3 = fit_fn(data, config=current.config, objective="energy", steps=max(1, int(ENERGY_FRACTION * steps)),
                     init_params=current, energy=opts, **sel_kw)
         stages.append(_stage("3 energy", s3, time.perf_counter() - t0, sel_note))
-        energy_steps = int(s3.info["best_step"]) if s3.info.get("stop_reason") != "nan" else 0
-        energy_reason = (f"{energy_steps} steps: the best held-out energy score on the held-out contexts of the "
-                         f"selection run (step 0 is the ELBO state; {s3.info['steps_run']} steps tried)")
-        if energy_steps == 0:
+        best = int(s3.info["best_step"]) if s3.info.get("stop_reason") != "nan" else 0
+        energy_steps = searched + best
+        if searched:
+            energy_reason = (f"{energy_steps} steps: the order search's {searched} from the ELBO state, then {best} "
+                             f"more, the best held-out energy score of the energy stage on the held-out contexts of "
+                             f"the selection run ({s3.info['steps_run']} steps tried; its step 0 is the search's "
+                             f"end state)")
+        elif energy_steps:
+            energy_reason = (f"{energy_steps} steps: the best held-out energy score on the held-out contexts of the "
+                             f"selection run (step 0 is the ELBO state; {s3.info['steps_run']} steps tried)")
+        else:
             energy_reason = "none: the energy objective did not improve the held-out contexts over the ELBO stages"
-    sel_fit = s3 if (s3 is not None and energy_steps > 0) else current
+    sel_fit = s3 if (s3 is not None and best > 0) else current
     calibration = None
     if contexts and sel_fit.info.get("stop_reason") != "nan":
         calibration = _calibration(sel_fit, data, contexts, held, seed)
     chosen_config = current.config
 
-    # 3. final fit on every training cell
+    # 3. final fit on every training cell: ELBO from the ELBO state (never from an energy fit), then energy
     t0 = time.perf_counter()
-    warm = current.params
+    warm = elbo_state.params
     final = fit_fn(data, config=chosen_config, objective="elbo", steps=max(1, int(FINAL_ELBO_FRACTION * steps)),
                    init_params=warm, patience=pat, **common)
-    stages.append(_stage("4 elbo, all cells, chosen order", final, time.perf_counter() - t0, "all training cells"))
+    stages.append({**_stage("4 elbo, all cells, chosen order", final, time.perf_counter() - t0, "all training cells"),
+                   "warm_start": elbo_name})
     if energy_steps > 0 and final.info.get("stop_reason") != "nan":
         t0 = time.perf_counter()
         last = fit_fn(data, config=chosen_config, objective="energy", steps=energy_steps, init_params=final,

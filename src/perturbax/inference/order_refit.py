@@ -18,11 +18,13 @@ from perturbax.models.dynamics import LatentDynamicsConfig, causal_order, order_
 
 __all__ = ["fitted_causal_order", "refit_orders"]
 
-def fitted_causal_order(result: FitResult, *, num_samples: int = 200, seed: int = 0) -> tuple[list[int], np.ndarray]:
+def fitted_causal_order(result: FitResult, *, num_samples: int = 200, seed: int = 0,
+                        return_targets: bool = False) -> tuple:
     """``(order, B_hat)`` from the posterior-mean total effects ``W`` of a linear or mechanism
     latent dynamics fit (:func:`~perturbax.models.order_from_effects`, with the config's
     ``target_mask`` as the targets' support when it has one; needs at least as many elementary
-    perturbations as programs). Warns when the order is not identified (module docstring)."""
+    perturbations as programs), and with ``return_targets=True`` the perturbation matched to each
+    program too. Warns when the order is not identified (module docstring)."""
     cfg = result.config
     if not isinstance(cfg, LatentDynamicsConfig) or cfg.drift == "neural":
         raise ValueError(
@@ -32,7 +34,7 @@ def fitted_causal_order(result: FitResult, *, num_samples: int = 200, seed: int 
         )
     draws = posterior_draws(result, num_samples, seed=seed)
     W = np.asarray(draws["W"], dtype=np.float64).mean(0)
-    return order_from_effects(W, targets=cfg.target_mask)
+    return order_from_effects(W, targets=cfg.target_mask, return_targets=return_targets)
 
 
 def refit_orders(
