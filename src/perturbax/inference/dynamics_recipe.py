@@ -31,11 +31,12 @@ stage by hand):
    (:func:`~perturbax.inference.context_kinds.calibration_factors`): extrapolation in time and
    unmeasured combinations err more than interpolation, and a prediction gets the factor of its
    own kind.
-3. **Final fit on all training cells**, the selection run's path again: ELBO on the chosen
-   order's mask (``FINAL_ELBO_FRACTION`` of ``steps``, early stopping on held-out cells),
-   warm-started from the ELBO state of (b) -- never from an energy fit: the ELBO moved from an
-   energy optimum can collapse the spread of the generated cells -- then the energy stage for the
-   chosen length.
+3. **Final fit on all training cells**, the selected path again from the ELBO state of (b): after
+   an order search, the energy objective in the chosen order for the search's steps and then the
+   energy stage's (what the held-out contexts scored); without one, ELBO on the chosen order's
+   mask (``FINAL_ELBO_FRACTION`` of ``steps``, early stopping on held-out cells), then the energy
+   stage for the chosen length. Never an ELBO stage after an energy one: the ELBO moved from an
+   energy optimum can collapse the spread of the generated cells.
 
 What was chosen and why is in ``FitResult.info["recipe"]`` (printed by ``perturbax fit``);
 :func:`recipe_lines` renders it.
@@ -81,7 +82,7 @@ MAX_HELD_CONTEXTS = 4
 ORDER_FRACTION, MAX_ORDER_ROUNDS = 0.5, 2
 #: Longest energy stage of the selection run, as a fraction of ``steps``.
 ENERGY_FRACTION = 4 / 3
-#: ELBO steps of the final fit (warm-started), as a fraction of ``steps``.
+#: ELBO steps of the final fit without an order search (warm-started), as a fraction of ``steps``.
 FINAL_ELBO_FRACTION = 0.5
 #: Evaluations of the held-out loss per stage, and how many in a row without improvement stop it.
 EVALS_PER_STAGE, RECIPE_PATIENCE = 20, 8
@@ -516,16 +517,24 @@ def fit_dynamics_recipe(
         calibration = _calibration(sel_fit, data, contexts, held, seed)
     chosen_config = current.config
 
-    # 3. final fit on every training cell: ELBO from the ELBO state (never from an energy fit), then energy
+    # 3. final fit on every training cell: the selected path again from the ELBO state (never an ELBO
+    # stage after an energy one)
     t0 = time.perf_counter()
-    warm = elbo_state.params
-    final = fit_fn(data, config=chosen_config, objective="elbo", steps=max(1, int(FINAL_ELBO_FRACTION * steps)),
-                   init_params=warm, patience=pat, **common)
-    stages.append({**_stage("4 elbo, all cells, chosen order", final, time.perf_counter() - t0, "all training cells"),
-                   "warm_start": elbo_name})
-    if energy_steps > 0 and final.info.get("stop_reason") != "nan":
+    if search is not None:  # the search's energy steps in the chosen order, then the energy stage's
+        final = fit_fn(data, config=chosen_config, objective="energy", steps=searched, init_params=elbo_state,
+                       energy=opts, patience=None, **common)
+        stages.append({**_stage("4 energy, all cells, chosen order (the search's steps)", final,
+                                time.perf_counter() - t0, "all training cells"), "warm_start": elbo_name})
+        more = best
+    else:
+        final = fit_fn(data, config=chosen_config, objective="elbo", steps=max(1, int(FINAL_ELBO_FRACTION * steps)),
+                       init_params=elbo_state.params, patience=pat, **common)
+        stages.append({**_stage("4 elbo, all cells, chosen order", final, time.perf_counter() - t0,
+                                "all training cells"), "warm_start": elbo_name})
+        more = energy_steps
+    if more > 0 and final.info.get("stop_reason") != "nan":
         t0 = time.perf_counter()
-        last = fit_fn(data, config=chosen_config, objective="energy", steps=energy_steps, init_params=final,
+        last = fit_fn(data, config=chosen_config, objective="energy", steps=more, init_params=final,
                       energy=opts, patience=None, **common)
         stages.append(_stage("5 energy, all cells", last, time.perf_counter() - t0, "all training cells"))
         if last.info.get("stop_reason") != "nan":
