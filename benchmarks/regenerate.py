@@ -34,6 +34,8 @@ RUNS: dict[str, tuple[str, ...]] = {
     "pdae-sim": ("python benchmarks/pdae_sim.py --defaults --seeds 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19",),
     "theory-coverage": ("python benchmarks/theory_coverage.py --steps 4000 --seed 0",),
     "dynamics": ("python benchmarks/dynamics.py --parts h --seeds 0,1,2,3,4",),
+    "dynamics-order-transients": ("python benchmarks/dynamics_order_transients.py --seeds 0,1,2,3,4 --multi-seeds 4 "
+                                  "--bootstrap 10 --headline /tmp/perturbax_bench_dynamics/defaults.json",),
     "dynamics-real": ("python benchmarks/dynamics.py --parts c",),
     "dynamics-speed": ("python benchmarks/dynamics.py --parts d --speed default",),
     "speed-additive": ("python benchmarks/speed_additive.py",),
