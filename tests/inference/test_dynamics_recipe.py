@@ -351,13 +351,12 @@ def test_energy_order_search_scores_every_order_or_searches_locally(monkeypatch)
 
         return run
 
-    kw = dict(steps=10, energy=None, sel_kw={}, seed=0, narrow=False)
+    kw = dict(steps=10, energy=None, sel_kw={}, seed=0)
     start = Run(cfg, {}, {})
     full = dynamics_recipe._energy_order_search(trainer_fn, None, start, [0, 1, 2], **kw)
     assert len(full["scores"]) == 6 and full["chosen"] == [2, 0, 1] and full["targets"] == [2, 0, 1]
     assert full["equally_well"] == [[2, 0, 1]] and full["fit"].info["causal_order"] == [2, 0, 1]
     assert all(np.array_equal(c.target_mask, sole_target_mask([2, 0, 1], 3)) for c in runs)
-    assert "transients" not in full
     runs.clear()
     monkeypatch.setattr(dynamics_recipe, "SEARCH_ALL_UP_TO", 2)
     local = dynamics_recipe._energy_order_search(trainer_fn, None, start, [0, 1, 2], **kw)
@@ -365,30 +364,3 @@ def test_energy_order_search_scores_every_order_or_searches_locally(monkeypatch)
     # [0, 1, 2] -> [0, 2, 1] -> [2, 0, 1], whose untried neighbour [2, 1, 0] is worse
     assert set(local["scores"]) == {"[0, 1, 2]", "[1, 0, 2]", "[0, 2, 1]", "[2, 0, 1]", "[2, 1, 0]"}
     assert len(runs) == 5
-
-    # narrowed by the transients: program i is perturbation targets[i] = [2, 0, 1][i], so the order
-    # [0, 2, 1] of programs is the hypothesis (2, 1, 0) of perturbations
-    monkeypatch.setattr(dynamics_recipe, "SEARCH_ALL_UP_TO", 4)
-    seen = {}
-
-    def reading(data, hyps, *, latent_dim, time_unit, seed):
-        seen.update(n=len(hyps), latent_dim=latent_dim)
-        return {"residual": {h: (0.0 if h == (2, 1, 0) else 1.0) for h in hyps}, "first": [(2, 1, 0), (1, 2, 0)],
-                "bootstrap": 10}
-
-    from perturbax.inference import transients
-
-    monkeypatch.setattr(transients, "transient_scores", reading)
-    narrowed = dynamics_recipe._energy_order_search(trainer_fn, None, start, [0, 1, 2], **{**kw, "narrow": True})
-    assert seen == {"n": 6, "latent_dim": 3}
-    # of the two orders the transients allow (hypotheses (2, 1, 0) and (1, 2, 0): orders [0, 2, 1] and
-    # [2, 0, 1]), the energy prefers [2, 0, 1], which puts no pair against the stand-in's truth
-    assert narrowed["chosen"] == [2, 0, 1] and narrowed["transients"]["allowed"] == [[2, 0, 1], [0, 2, 1]]
-    assert narrowed["equally_well"] == [[2, 0, 1]] and len(narrowed["scores"]) == 6
-
-    def reading_other(data, hyps, **kw):  # the transients allow only an order the energy likes less
-        return {"residual": {h: 0.0 for h in hyps}, "first": [(2, 1, 0)], "bootstrap": 10}
-
-    monkeypatch.setattr(transients, "transient_scores", reading_other)
-    other = dynamics_recipe._energy_order_search(trainer_fn, None, start, [0, 1, 2], **{**kw, "narrow": True})
-    assert other["chosen"] == [0, 2, 1] and other["equally_well"] == [[0, 2, 1]]

@@ -22,7 +22,6 @@ from perturbax.inference.prediction import (
 )
 from perturbax.inference.result import FitResult
 from perturbax.inference.times import default_time_scale, training_times
-from perturbax.inference.transients import transient_scores
 from perturbax.models.registry import BUILTIN_MODELS, uses_time
 
 __all__ = [
@@ -53,6 +52,5 @@ __all__ = [
     "refit_in_causal_order",
     "to_arviz",
     "training_times",
-    "transient_scores",
     "uses_time",
 ]

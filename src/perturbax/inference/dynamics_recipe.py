@@ -21,11 +21,8 @@ stage by hand):
    (:func:`_energy_order_search`): the ELBO fits every order about as well, so under the
    sole-target mask read from ``W`` the candidate orders (all of them for up to
    ``SEARCH_ALL_UP_TO`` programs, else a local search from (b)'s) are each fitted briefly by the
-   energy objective from (b), and the one whose generated cells best match the held-out contexts is
-   kept -- among the orders that the transients of the training condition means cannot tell apart
-   (:mod:`perturbax.inference.transients`, a least-squares reading with a bootstrap; all orders
-   when none of those was scored) -- and those within noise of it are reported as fitting equally
-   well; (c) the energy
+   energy objective from (b), the one whose generated cells best match the held-out contexts is
+   kept, and those within noise of it are reported as fitting equally well; (c) the energy
    objective warm-started from (b') (or from (b) when no search runs): the **length of the energy
    stage** is the search's steps plus this stage's best step on the held-out contexts (0 when it
    does not improve on where it started).
@@ -97,10 +94,6 @@ ALTERNATIVE_SHARE = 0.1
 #: candidate as a fraction of ``steps``, held-out evaluations averaged into its score, every order
 #: scored up to this many programs, else at most this many moves of the local search.
 ORDER_SEARCH, SEARCH_FRACTION, SEARCH_TAIL, SEARCH_ALL_UP_TO, SEARCH_ROUNDS = True, 0.5, 5, 4, 6
-#: The search chooses among the orders the transients of the condition means cannot tell apart
-#: (:func:`~perturbax.inference.transients.transient_scores`: first in the point reading or in a
-#: bootstrap replicate), when any of them was scored.
-TRANSIENT_NARROWING = True
 #: Posterior draws used to read orders and to calibrate the intervals.
 ORDER_DRAWS, CALIBRATION_DRAWS = 200, 50
 
@@ -205,8 +198,7 @@ def _tail_loss(res, last: int = SEARCH_TAIL) -> float:
 
 
 def _energy_order_search(trainer_fn, data: PerturbationData, start_fit, start: list[int], *, steps: int,
-                         energy: EnergyOptions, sel_kw: dict, seed: int,
-                         narrow: bool = TRANSIENT_NARROWING) -> dict[str, Any]:
+                         energy: EnergyOptions, sel_kw: dict, seed: int) -> dict[str, Any]:
     """Search the program order by the energy score under the sole-target mask read from ``W``.
 
     The ELBO fits every order about as well (the encoder and decoder absorb the transients), so
@@ -218,13 +210,7 @@ def _energy_order_search(trainer_fn, data: PerturbationData, start_fit, start: l
     same start (``start_fit``), all runs of one compiled trainer; its score is the mean held-out
     energy of its last ``SEARCH_TAIL`` evaluations. Candidates: every order for
     ``l <= SEARCH_ALL_UP_TO`` programs, else a local search over swaps of adjacent programs from
-    ``start`` (at most ``SEARCH_ROUNDS`` moves).
-
-    ``narrow``: the energy score is noisy and can be biased by the shared start, so the choice is
-    made among the scored orders that the transients of the training condition means cannot tell
-    apart (:func:`~perturbax.inference.transients.transient_scores` on the hypotheses "perturbation
-    ``targets[i]`` alone on program ``i``, programs in this order"), the best energy score among
-    them; all scored orders when none of them is among the transients' first."""
+    ``start`` (at most ``SEARCH_ROUNDS`` moves)."""
     import itertools
 
     from perturbax.inference.order_refit import fitted_causal_order
@@ -258,33 +244,15 @@ def _energy_order_search(trainer_fn, data: PerturbationData, start_fit, start: l
                 break
             best = cand
     scores = {o: _tail_loss(f) for o, f in fits.items()}
+    best = min(scores, key=scores.get)
     noise = max(_loss_noise(f) for f in fits.values())
-    tol = max(noise, 1e-3 * abs(min(scores.values())))
-    reading = None
-    allowed = list(scores)
-    if narrow:  # the orders the transients of the condition means cannot tell apart
-        from perturbax.inference.transients import transient_scores
-
-        hyp = {o: tuple(int(targets[i]) for i in o) for o in scores}
-        reading = transient_scores(data, list(hyp.values()), latent_dim=cfg.latent_dim, time_unit=cfg.time_unit,
-                                   seed=seed)
-        first = set(reading["first"])
-        allowed = [o for o in scores if hyp[o] in first] or allowed
-    best = min(allowed, key=scores.get)
-    equal = [list(o) for o, v in sorted(scores.items(), key=lambda kv: kv[1])
-             if o in allowed and v - scores[best] <= tol]
+    tol = max(noise, 1e-3 * abs(scores[best]))
+    equal = [list(o) for o, v in sorted(scores.items(), key=lambda kv: kv[1]) if v - scores[best] <= tol]
     chosen = fits[best]
-    out = {"fit": dataclasses.replace(chosen, info={**chosen.info, "causal_order": list(best)}),
-           "chosen": list(best), "start": list(start), "targets": targets, "steps_each": n,
-           "scores": {str(list(o)): round(v, 5) for o, v in sorted(scores.items(), key=lambda kv: kv[1])},
-           "tolerance": tol, "equally_well": equal}
-    if reading is not None:
-        out["transients"] = {
-            "allowed": [list(o) for o in sorted(allowed, key=scores.get)],
-            "residual": {str(list(o)): round(reading["residual"][hyp[o]], 6)
-                         for o in sorted(scores, key=lambda o: reading["residual"][hyp[o]])},
-            "bootstrap": reading["bootstrap"]}
-    return out
+    return {"fit": dataclasses.replace(chosen, info={**chosen.info, "causal_order": list(best)}),
+            "chosen": list(best), "start": list(start), "targets": targets, "steps_each": n,
+            "scores": {str(list(o)): round(v, 5) for o, v in sorted(scores.items(), key=lambda kv: kv[1])},
+            "tolerance": tol, "equally_well": equal}
 
 
 def _held_loss(res) -> float:
@@ -505,8 +473,6 @@ def fit_dynamics_recipe(
                 f"searched by the held-out energy score under the sole-target mask read from W (perturbation "
                 f"{search['targets']} alone on program 0..{config.latent_dim - 1}): {len(search['scores'])} order(s) "
                 f"scored, starting from {search['start']} (the ELBO's choice)"
-                + (f", chosen among the {len(search['transients']['allowed'])} the transients of the condition "
-                   f"means cannot tell apart" if "transients" in search else "")
                 + (f"; {len(search['equally_well'])} within noise ({search['tolerance']:.3g}): {search['equally_well']}"
                    if len(search["equally_well"]) > 1 else "")))
     else:
