@@ -158,7 +158,8 @@ def norman(secs):
         ["additive baseline (sum of single effects)", fmt(num(b["additive"]["energy_pca"])),
          fmt(num(b["additive"]["pearson_delta_top20"])), "baselines"],
         ["control cells (no effect)", fmt(num(b["control"]["energy_pca"])), "undefined", "baselines"],
-        ["additive-shift model alone (energy objective, `select=False`: no nested ridge path)", fmt(num(m["model_energy"]["energy_pca"])),
+        ["additive-shift model alone (energy objective, `select=False`: no nested ridge path; exploratory, its "
+         "settings were chosen on these folds)", fmt(num(m["model_energy"]["energy_pca"])),
          fmt(num(m["model_energy"]["pearson_delta_top20"])), "norman-models"],
         ["noise floor (half of the real cells vs the other half)", fmt(e_floor),
          fmt(num(b["noise_floor"]["pearson_delta_top20"])), "norman_defaults, baselines"],
