@@ -52,9 +52,10 @@ LIBRARY_EXCLUDE = ("cli/", "plotting/")
 PROTOCOLS: dict[str, tuple[str, tuple[str, ...]]] = {
     "norman-doubles": ("norman-doubles: held-out double knock-downs of Norman et al. (2019)",
                        ("baselines", "norman-models", "norman_defaults", "norman-fold-time")),
-    "pdae-sim": ("pdae-sim: simulated additive latent shifts", ("pdae-sim",)),
+    "pdae-sim": ("pdae-sim: simulated additive latent shifts", ("pdae-sim", "pdae-sim-ceiling")),
     "design-check": ("Design check: does coverage predict which extrapolations work?", ("theory-coverage",)),
-    "dynamics": ("Latent dynamics: simulated and real time courses", ("dynamics", "dynamics-order-transients", "dynamics-real", "dynamics-speed", "dynamics-target-mask")),
+    "dynamics": ("Latent dynamics: simulated and real time courses", ("dynamics", "dynamics-ceiling", "dynamics-order-transients", "dynamics-real", "dynamics-speed",
+                  "dynamics-target-mask")),
     "speed": ("Speed of the additive-shift fits", ("speed-additive",)),
     "scale": ("Scaling: devices and cells streamed from disk", ("scale",)),
     "contexts": ("Contexts: a perturbation predicted in a cell type or line where it was never measured",

@@ -32,8 +32,12 @@ RUNS: dict[str, tuple[str, ...]] = {
     ),
     "norman-fold-time": ("python benchmarks/norman_fold_time.py --fold 0",),
     "pdae-sim": ("python benchmarks/pdae_sim.py --defaults --seeds 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19",),
+    "pdae-sim-ceiling": ("python benchmarks/oracle_ceiling.py --parts pdae "
+                         "--model-pdae /tmp/perturbax_bench_pdae_sim/table.csv",),
     "theory-coverage": ("python benchmarks/theory_coverage.py --steps 4000 --seed 0",),
     "dynamics": ("python benchmarks/dynamics.py --parts h --seeds 0,1,2,3,4",),
+    "dynamics-ceiling": ("python benchmarks/oracle_ceiling.py --parts dynamics "
+                         "--model-dynamics /tmp/perturbax_bench_dynamics/defaults.json",),
     "dynamics-order-transients": ("python benchmarks/dynamics_order_transients.py --seeds 0,1,2,3,4 --multi-seeds 4 "
                                   "--bootstrap 10 --headline /tmp/perturbax_bench_dynamics/defaults.json",),
     "dynamics-real": ("python benchmarks/dynamics.py --parts c",),
