@@ -363,7 +363,7 @@ def main(argv=None) -> None:
     if not args.doc_only:
         res.mkdir(parents=True, exist_ok=True)
         for part in parts:
-            t0 = time.time()
+            t0, prov = time.time(), provenance()  # of the code that runs, before anything can change it
             if part == "pdae":
                 tabs = []
                 for s in _seeds(args.pdae_seeds):
@@ -393,7 +393,7 @@ def main(argv=None) -> None:
                     (res / "dynamics_model.json").write_text(json.dumps(keep))
             run = {"command": ".venv/bin/python " + " ".join(shlex.quote(a) for a in ["benchmarks/oracle_ceiling.py", *(
                            argv if argv is not None else sys.argv[1:])]),
-                   "minutes": (time.time() - t0) / 60, "date": time.strftime("%Y-%m-%d"), "provenance": provenance()}
+                   "minutes": (time.time() - t0) / 60, "date": time.strftime("%Y-%m-%d"), "provenance": prov}
             (res / f"run_{part}.json").write_text(json.dumps(run, indent=1))
     if args.no_doc:
         return
