@@ -255,13 +255,17 @@ def pdae(secs):
     if "pdae-sim-ceiling" in secs:
         m = re.search(r"oracle decoder on (\d+) of (\d+) seeds, median ratio over seeds ([-\d.]+)",
                       secs["pdae-sim-ceiling"]["body"])
+        avg = re.search(r"over (\d+) draws .*? the oracle decoder meets the target on ([\d.]+) seeds on average "
+                        r"\((\d+)-(\d+)\)", secs["pdae-sim-ceiling"]["body"])
         if m:
             used.append("pdae-sim-ceiling")
             text += ["", f"**Oracle ceiling** (not a method; `pdae-sim-ceiling` on the detail page): the model's decoder "
                          f"network fitted to the training cells *given their true latent states* meets the 1/8 target "
-                         f"on {m.group(1)} of {m.group(2)} seeds (median ratio {m.group(3)}). So the decoder can "
-                         "extrapolate to these perturbations from these cells; the model's gap to the target lies in "
-                         "estimating the latent states and shifts."]
+                         f"on {m.group(1)} of {m.group(2)} seeds in one draw of its cells (median ratio {m.group(3)})"
+                         + (f", on {avg.group(2)} on average over {avg.group(1)} draws ({avg.group(3)}-{avg.group(4)})"
+                            if avg else "")
+                         + ". So a decoder of the model's size can extrapolate to these perturbations from these "
+                           "cells; the model's gap to the target lies in estimating the latent states and shifts."]
     meths = {"model": "model_energy", "linear": "linear", "additive": "additive", "noise floor": "noise_floor"}
 
     def draw(path):
