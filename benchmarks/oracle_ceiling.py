@@ -175,6 +175,8 @@ def pdae_per_seed(oracle: pd.DataFrame, model: pd.DataFrame | None) -> pd.DataFr
 
 
 def section_pdae(oracle: pd.DataFrame, model: pd.DataFrame | None, run: dict) -> str:
+    from perturbax.models import AdditiveShiftConfig
+
     per = pdae_per_seed(oracle, model)
     n = len(per)
     counts = seeds_meeting(oracle)
@@ -187,7 +189,8 @@ def section_pdae(oracle: pd.DataFrame, model: pd.DataFrame | None, run: dict) ->
         f"2-core CPU machine, {run['date']}).",
         "",
         "Not a method: a reference that needs the simulation's latent states (`benchmarks/oracle_ceiling.py`, its "
-        "docstring). The models' decoder network (MLP (128, 128), silu) is fitted by least squares to the "
+        f"docstring). The models' decoder network (MLP {tuple(AdditiveShiftConfig.decoder_hidden)}, silu) is fitted by "
+        "least squares to the "
         "training cells given their **true** latent states; a held-out perturbation is predicted from fresh true "
         "latent states of it, decoded, plus residuals of random training cells. Same simulation, split, held-out "
         "cells, 50-PC energy distance and additive baseline as the pdae-sim section. The decoder is then the only "
@@ -290,6 +293,8 @@ def _model_groups(model: dict | None) -> dict[int, dict[str, list[float]]]:
 
 
 def section_dynamics(oracle: list[dict], model: dict | None, run: dict) -> str:
+    from perturbax.models import LatentDynamicsConfig
+
     mg = _model_groups(model)
     lines = [
         "## Oracle ceiling: a decoder given the true latent states (dynamics headline designs)",
@@ -298,7 +303,8 @@ def section_dynamics(oracle: list[dict], model: dict | None, run: dict) -> str:
         f"2-core CPU machine, {run['date']}).",
         "",
         "Not a method: a reference that needs the simulation's latent states (`benchmarks/oracle_ceiling.py`). "
-        "The models' decoder network (MLP (128, 128), silu) is fitted by least squares to the training cells of "
+        f"The models' decoder network (MLP {tuple(LatentDynamicsConfig.decoder_hidden)}, silu) is fitted by least "
+        "squares to the training cells of "
         "the dynamics headline (its held-out pairs removed) given their **true** latent states z(t); each "
         "evaluated (perturbation, time) pair is predicted from fresh true z(t) of it (so the true dynamics, B, S "
         "and basal states, are given), decoded, plus residuals of random training cells, and scored with the "
@@ -396,7 +402,7 @@ def main(argv=None) -> None:
                     per = pdae_per_seed(tabs[-1], None)
                     print(f"[pdae] seed {s}: oracle ratio {per['oracle_ratio'].iloc[0]:.3f}", flush=True)
                 pd.concat(tabs, ignore_index=True).to_csv(res / "pdae.csv", index=False)
-                model = None
+                (res / "pdae_model.csv").unlink(missing_ok=True)  # never a model table of an earlier run
                 if args.model_pdae:
                     model = pd.read_csv(args.model_pdae)
                     model = model[model["seed"].isin(_seeds(args.pdae_seeds))]
@@ -410,6 +416,7 @@ def main(argv=None) -> None:
                         f"{g} {sum(r['ratio_expected'] <= lim for r in runs[-1]['pairs'] if r['group'] == g)}"
                         for g, lim in DYN_TARGETS.items()), flush=True)
                 (res / "dynamics.json").write_text(json.dumps(runs, indent=1))
+                (res / "dynamics_model.json").unlink(missing_ok=True)
                 if args.model_dynamics:
                     model = json.loads(Path(args.model_dynamics).read_text())
                     keep = {"runs": [{"seed": r["seed"], "pairs": r["pairs"]} for r in model["runs"]
