@@ -343,15 +343,21 @@ def section_dynamics(oracle: list[dict], model: dict | None, run: dict) -> str:
               "within 2x on >= half, predictions at 2x the last training time within 3x of the floor.", "",
               "Unseen doubles by time (ratio to the floor, median over the doubles and seeds):", "",
               "| time | oracle decoder |" + (" model (defaults) |" if mg else ""), "|---|---|" + ("---|" if mg else "")]
-    times = sorted({float(r["pair"].split("t=")[1]) for o in oracle for r in o["pairs"] if r["group"] == "unseen double"})
-    for t in times:
-        ov = [r["ratio_expected"] for o in oracle for r in o["pairs"]
-              if r["group"] == "unseen double" and float(r["pair"].split("t=")[1]) == t]
-        row = f"| {t:g} | {np.median(ov):.2f} |"
+
+    def by_time(pairs, ratio):
+        out: dict[float, list[float]] = {}
+        for pr in pairs:
+            if pr["group"] == "unseen double":
+                out.setdefault(float(pr["pair"].split("t=")[1]), []).append(ratio(pr))
+        return out
+
+    ov = by_time([r for o in oracle for r in o["pairs"]], lambda r: r["ratio_expected"])
+    mv = by_time([pr for run in (model or {}).get("runs", []) for pr in run["pairs"]],
+                 lambda pr: pr["dynamics"]["ratio_expected"])
+    for t in sorted(ov):
+        row = f"| {t:g} | {np.median(ov[t]):.2f} |"
         if mg:
-            mv = [pr["dynamics"]["ratio_expected"] for run in model["runs"] for pr in run["pairs"]
-                  if pr["group"] == "unseen double" and float(pr["pair"].split("t=")[1]) == t]
-            row += f" {np.median(mv):.2f} |"
+            row += f" {np.median(mv[t]):.2f} |"
         lines.append(row)
     lines += ["", "<details><summary>Every pair (oracle decoder; ratio to the split-half floor)</summary>", "",
               "| seed | pair | group | oracle | " + ("model |" if mg else ""), "|---|---|---|---|" + ("---|" if mg else "")]
